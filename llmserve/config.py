@@ -1,0 +1,38 @@
+"""EngineConfig: built once at start, frozen, passed down to every part."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULING_POLICIES = ("fcfs", "priority", "deadline")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF folder or .gguf file; None: the embedded default model
+    tokenizer: str | None = None  # defaults to the model's own
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    max_model_len: int | None = None  # None: the model's own context length
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # exact number of KV blocks
+    kv_cache_memory: int | None = None  # or a byte budget for the KV cache
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    wipe_kv_on_free: bool = False
+    max_waiting_requests: int | None = None  # admission bound used by the server (429 beyond it)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from llmserve.errors import InvalidRequestError
+
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {DTYPES}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise InvalidRequestError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidRequestError("num_kv_blocks must be positive")

@@ -1,0 +1,84 @@
+"""Per-request generation parameters, shaped like vLLM's SamplingParams."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmserve.errors import InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
+MAX_N = 16
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None  # top-N logprobs per generated token (the sampled one is always given)
+    prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidRequestError(msg)
+
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            bad(f"n must be an integer in [1, {MAX_N}]")
+        if not 0.0 <= self.temperature <= 100.0:
+            bad("temperature must be in [0, 100]")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k must be -1, 0 or a positive integer")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p must be in [0, 1]")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            bad("presence_penalty must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            bad("frequency_penalty must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty must be in (0, 10]")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens must be a positive integer")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens must be a non-negative integer")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens must not exceed max_tokens")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop strings must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids must be non-negative integers")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed must be an integer")
