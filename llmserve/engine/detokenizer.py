@@ -1,0 +1,73 @@
+"""Incremental detokenization and stop strings.
+
+Text is decoded from a sliding window of ids: the delta is emitted only once the window decodes
+to something that does not end in an incomplete UTF-8 sequence (U+FFFD), so a multi-byte
+character split across tokens never comes out half. Text that could still be the start of a stop
+string is held back until it cannot be.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REPLACEMENT = "\ufffd"
+
+
+@dataclass
+class IncrementalDetokenizer:
+    tokenizer: object
+    prompt_tail: list[int]  # the last few prompt ids: context for decoding the first output tokens
+    stop: list[str]
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    text: str = ""
+    stop_string: str | None = None  # the stop string that ended the text, if any
+    _ids: list[int] = field(default_factory=list)
+    _prefix_offset: int = 0
+    _read_offset: int = 0
+
+    def __post_init__(self) -> None:
+        self._ids = list(self.prompt_tail)
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, token_id: int) -> bool:
+        """Append one generated token. Returns True if a stop string was found."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+            return False
+        old_len = len(self.text)
+        self.text += full[len(prefix):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return self._check_stop(old_len)
+
+    def _check_stop(self, old_len: int) -> bool:
+        if not self.stop:
+            return False
+        search_from = max(0, old_len - self._hold)
+        best = None
+        for s in self.stop:
+            i = self.text.find(s, search_from)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        i, s = best
+        self.text = self.text[:i + len(s)] if self.include_stop_str_in_output else self.text[:i]
+        self.stop_string = s
+        return True
+
+    def visible_text(self, finished: bool) -> str:
+        """Text safe to show now: all of it once finished, otherwise without a possible stop prefix."""
+        if finished or self._hold == 0:
+            return self.text
+        for k in range(min(self._hold, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return self.text[:-k]
+        return self.text

@@ -1,0 +1,102 @@
+"""Per-request block tables over the BlockPool, with automatic prefix caching.
+
+A full block's hash chains its parent's hash, its token ids and the request's cache salt, so a
+block is reused only by a request with the same salt and the same tokens before it.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+from llmserve.engine.block_pool import Block, BlockPool
+from llmserve.engine.request import Request
+
+
+def block_hash(parent: bytes | None, token_ids: list[int], salt: str | None) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent or b"root")
+    h.update(array("q", token_ids).tobytes())
+    h.update(b"\x00salt:" + salt.encode() if salt is not None else b"\x00nosalt")
+    return h.digest()
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, wipe_on_free: bool) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.enable_caching = enable_caching
+        self.wipe_on_free = wipe_on_free
+        self.block_tables: dict[str, list[Block]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # hashes of a request's full blocks, in order
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # tokens found there
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.block_tables.get(request_id, ())]
+
+    def _full_block_hashes(self, req: Request, num_tokens: int) -> list[bytes]:
+        """Hashes of the full blocks among the first num_tokens tokens, extending the memo."""
+        hashes = self._hashes.setdefault(req.request_id, [])
+        bs = self.block_size
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[-1] if hashes else None
+            hashes.append(block_hash(parent, req.token_ids[i * bs:(i + 1) * bs], req.cache_salt))
+        return hashes
+
+    def find_cached_prefix(self, req: Request) -> list[Block]:
+        """The longest run of cached blocks that starts the request. At least one token is always
+        left to compute, because the last position's logits are needed to sample."""
+        if not self.enable_caching:
+            return []
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits: list[Block] = []
+        for h in self._full_block_hashes(req, max_blocks * self.block_size):
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, req: Request, num_new_tokens: int, cached_prefix: list[Block] | None = None) -> bool:
+        """Make room for num_new_tokens more tokens of req (after its computed ones, or after
+        cached_prefix when it is being admitted). False, with nothing changed, if blocks run out."""
+        table = self.block_tables.setdefault(req.request_id, [])
+        cached_prefix = cached_prefix or []
+        num_computed = len(cached_prefix) * self.block_size if cached_prefix else req.num_computed_tokens
+        total = num_computed + num_new_tokens
+        num_needed = -(-total // self.block_size) - len(table) - len(cached_prefix)
+        idle_hits = sum(1 for b in cached_prefix if b.ref_count == 0)  # these come off the free list
+        if num_needed + idle_hits > self.pool.num_free:
+            if not table:
+                del self.block_tables[req.request_id]
+            return False
+        for block in cached_prefix:
+            self.pool.touch(block)
+        table.extend(cached_prefix)
+        table.extend(self.pool.allocate() for _ in range(max(num_needed, 0)))
+        # Register the blocks this step fills; their KV is written by this step's forward pass.
+        if self.enable_caching:
+            hashes = self._full_block_hashes(req, min(total, req.num_tokens))
+            for block, h in zip(table, hashes):
+                self.pool.cache(block, h)
+        return True
+
+    def free(self, req: Request) -> None:
+        """Release all of req's blocks. Tail blocks go first, so they are evicted before the
+        shared prefix that other requests are likelier to hit."""
+        for block in reversed(self.block_tables.pop(req.request_id, [])):
+            self.pool.free(block, wipe=self.wipe_on_free)
+        self._hashes.pop(req.request_id, None)
+
+    def take_blocks_to_wipe(self) -> list[int]:
+        return self.pool.take_blocks_to_wipe()

@@ -1,0 +1,133 @@
+"""One token budget per step (DESIGN principle 1: no prefill or decode phase).
+
+Each request has num_computed_tokens and a target (all its known tokens). A step hands out
+tokens in this order until the budget is spent: running requests first (a decode is simply a
+request one token behind; a partly prefilled prompt continues with the next chunk), then waiting
+requests are admitted with whatever chunk fits. When KV blocks run out, the policy's least
+deserving running request is preempted and recomputed later from its tokens.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from llmserve.engine.kv_cache import KVCacheManager
+from llmserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    start: int  # num_computed_tokens when scheduled: the position of the first new token
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the request's last known token, so a new one is sampled."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, policy: str = "fcfs") -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+
+    # ---- queue management -------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Remove req from the queues and free its blocks at once."""
+        req.status = status
+        req.finished_time = time.monotonic()
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+
+    def _rank(self, req: Request) -> tuple:
+        """Sort key: smaller runs first, larger is preempted first."""
+        if self.policy == "priority":
+            return (req.priority, req.arrival_time)
+        if self.policy == "deadline":
+            return (req.deadline if req.deadline is not None else float("inf"), req.arrival_time)
+        return (req.arrival_time,)
+
+    # ---- the step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        now = time.monotonic()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, n):
+                victim = max(self.running[i:], key=self._rank)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+                budget -= n
+                i += 1
+
+        # Admit waiting requests only when nothing was preempted: memory is short otherwise.
+        if not out.preempted:
+            self.waiting.sort(key=self._rank)
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                req = self.waiting[0]
+                # Prompt logprobs need every prompt position computed, so they skip the cache.
+                prefix = [] if req.params.prompt_logprobs is not None else self.kv.find_cached_prefix(req)
+                num_cached = len(prefix) * self.kv.block_size
+                n = min(req.num_tokens - num_cached, budget)
+                if not self.kv.allocate(req, n, prefix):
+                    break
+                self.waiting.pop(0)
+                req.num_computed_tokens = num_cached
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+                    req.num_cached_tokens = num_cached
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                out.scheduled.append(ScheduledRequest(req, n, num_cached))
+                budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.append(req)  # the sort by rank puts it back in its place in line
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Advance computed tokens of everything that ran this step."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens = s.start + s.num_new_tokens

@@ -1,0 +1,110 @@
+"""From EngineConfig to loaded parts: model folder, tokenizer, model, KV cache size, runner."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmserve.config import EngineConfig
+from llmserve.errors import InvalidRequestError
+from llmserve.model.arch_config import ArchConfig
+from llmserve.model.loader import load_model
+from llmserve.runner import ModelRunner, kv_bytes_per_block
+from llmserve.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB of KV cache on CPU unless told otherwise
+CUDA_KV_FRACTION = 0.85  # of the memory free after loading the weights
+
+
+@dataclass
+class EngineParts:
+    tokenizer: object
+    arch: ArchConfig
+    runner: ModelRunner
+    max_model_len: int
+    num_blocks: int
+    eos_token_ids: tuple[int, ...]
+    device: torch.device
+    model_name: str
+    model_folder: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _model_len(config: EngineConfig, arch: ArchConfig) -> int:
+    limit = arch.max_position_embeddings
+    if arch.rope_scaling is not None and "factor" in arch.rope_scaling and arch.rope_scaling.get(
+            "rope_type", arch.rope_scaling.get("type")) in ("linear", "dynamic"):
+        limit = int(limit * arch.rope_scaling["factor"])
+    if config.max_model_len is not None:
+        if config.max_model_len > limit:
+            raise InvalidRequestError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
+        limit = config.max_model_len
+    if arch.sliding_window is not None and arch.sliding_window < limit:
+        logger.info("context capped at the sliding window of %d tokens", arch.sliding_window)
+        limit = arch.sliding_window
+    return limit
+
+
+def _num_blocks(config: EngineConfig, per_block: int, max_model_len: int, device: torch.device) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * CUDA_KV_FRACTION)
+    else:
+        budget = DEFAULT_CPU_KV_BYTES
+    blocks = budget // per_block
+    if config.kv_cache_memory is None:  # no more than every sequence at full length could use
+        blocks = min(blocks, config.max_num_seqs * -(-max_model_len // config.block_size))
+    if blocks < 1:
+        raise InvalidRequestError(f"the KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+    return int(blocks)
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    from llmserve.model.resolve import resolve_model_folder
+
+    folder = resolve_model_folder(config.model)
+    arch = ArchConfig.from_folder(folder)
+    tokenizer = load_tokenizer(config.tokenizer or folder)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    max_model_len = _model_len(config, arch)
+    model = load_model(folder, max_model_len, dtype, device)
+    per_block = kv_bytes_per_block(model, config.block_size, dtype)
+    num_blocks = _num_blocks(config, per_block, max_model_len, device)
+    if num_blocks * config.block_size < max_model_len:
+        logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
+        max_model_len = num_blocks * config.block_size
+    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device)
+    logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
+                num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
+                str(dtype).removeprefix("torch."), device)
+    name = Path(config.model).name if config.model else _default_name()
+    return EngineParts(tokenizer, arch, runner, max_model_len, num_blocks,
+                       eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder)
+
+
+def _default_name() -> str:
+    from llmserve.model.default_model import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
