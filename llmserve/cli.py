@@ -1,0 +1,113 @@
+"""`llmserve generate | chat | serve | bench`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llmserve.errors import LLMServeError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags shared by every subcommand, named as `vllm serve` names them."""
+    p.add_argument("--model", dest="model_flag", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "deadline"])
+    p.add_argument("--wipe-kv-on-free", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        model=getattr(args, "model", None) or args.model_flag, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
+        wipe_kv_on_free=args.wipe_kv_on_free, seed=args.seed)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--sampling-seed", type=int, default=None)
+
+
+def _sampling(args: argparse.Namespace):
+    from llmserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.sampling_seed)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from llmserve.entrypoints.llm import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    for out in llm.generate(args.prompt, _sampling(args), use_tqdm=False):
+        print(out.outputs[0].text)
+
+
+def _cmd_chat(args: argparse.Namespace) -> None:
+    from llmserve.entrypoints.llm import LLM
+
+    llm = LLM(**engine_kwargs(args))
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.question}]
+    for out in llm.chat(messages, _sampling(args), use_tqdm=False):
+        print(out.outputs[0].text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmserve", description="Serve and run LLMs.")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete a prompt")
+    gen.add_argument("prompt")
+    add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="answer a question with the model's chat template")
+    chat.add_argument("question")
+    chat.add_argument("--system", default=None)
+    add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=_cmd_chat)
+
+    try:
+        from llmserve.server.cli import add_serve_parser
+        add_serve_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from llmserve.bench.cli import add_bench_parser
+        add_bench_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except LLMServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
