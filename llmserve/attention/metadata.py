@@ -22,3 +22,6 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [num_decode, max_context] cache slots of each decode's context
     decode_mask: torch.Tensor | None  # [num_decode, max_context] True where the slot is outside the context
     prefills: list[PrefillSeq]
+    block_size: int = 16
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, max_blocks] int32
+    decode_seq_lens: torch.Tensor | None = None  # [num_decode] int32 context lengths

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmserve.attention.backend import AttentionBackend, TorchAttention
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
 from llmserve.model.arch_config import ArchConfig
@@ -95,13 +97,24 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if num_blocks * config.block_size < max_model_len:
         logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
         max_model_len = num_blocks * config.block_size
-    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device)
+    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, select_attention_backend(device))
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                 str(dtype).removeprefix("torch."), device)
     name = Path(config.model).name if config.model else _default_name()
     return EngineParts(tokenizer, arch, runner, max_model_len, num_blocks,
                        eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder)
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    """The fastest backend that works here; LLMSERVE_ATTENTION=torch forces the reference."""
+    if device.type == "cpu" and os.environ.get("LLMSERVE_ATTENTION", "auto") != "torch":
+        from llmserve.attention.cpu_paged import CpuPagedAttention, load_kernel
+
+        kernel = load_kernel()
+        if kernel is not None:
+            return CpuPagedAttention(kernel)
+    return TorchAttention()
 
 
 def _default_name() -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -12,16 +13,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32, as transformers does, then scale in the model dtype.
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        # One fused op; in float32 it is bit-identical to transformers' LlamaRMSNorm.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widen [T, D/2] cos/sin to [T, 1, D] so that rotation is x * cos + roll(x) * sin.
+
+    transformers computes x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1);
+    roll(x) = (x2, x1) with the sign folded into sin gives the same bits in four ops.
+    """
+    return torch.cat((cos, cos), -1)[:, None, :], torch.cat((-sin, sin), -1)[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D/2]. Rotates the two halves of each head (HF layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    """x: [T, heads, D]; cos/sin from rotary_tables."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin

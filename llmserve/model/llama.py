@@ -1,17 +1,19 @@
 """The Llama family (Llama 2/3, Mistral-style, Qwen2, SmolLM2) over a paged KV cache.
 
-Q/K/V and gate/up are stored fused, so each layer runs two input matmuls instead of five.
+Q/K/V and gate/up are stored fused, so each layer runs two input matmuls instead of five, and
+the rotary embedding turns Q and K in one pass. Every op here runs once per layer per step, so
+the layer is kept to few, large ops.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from llmserve.attention.backend import AttentionBackend
 from llmserve.attention.metadata import AttentionMetadata
 from llmserve.model.arch_config import ArchConfig
-from llmserve.model.layers import RMSNorm, apply_rotary
+from llmserve.model.layers import RMSNorm, apply_rotary, rotary_tables
 from llmserve.model.rope import rope_cos_sin
 
 
@@ -28,11 +30,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        o = backend(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        h, kvh = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
+        qk = apply_rotary(qkv[:, :h + kvh], cos, sin)
+        o = backend(qk[:, :h], qk[:, h:], qkv[:, h + kvh:], kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -44,8 +45,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
 
 
 class DecoderLayer(nn.Module):
@@ -85,8 +86,8 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """input_ids/positions: [T]. Returns the final hidden states [T, hidden] (normed)."""
         h = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(h.dtype)
-        sin = self.rope_sin[positions].to(h.dtype)
+        # transformers rounds cos/sin to the model dtype before rotating; so do we.
+        cos, sin = rotary_tables(self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype))
         for layer, kv in zip(self.layers, kv_caches):
             h = layer(h, cos, sin, kv, meta, backend)
         return self.norm(h)

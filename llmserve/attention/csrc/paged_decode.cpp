@@ -1,0 +1,103 @@
+// Decode attention that reads K/V straight out of the paged cache: no gathered copy of the
+// context is ever made. One task per (sequence, KV head); the query heads of a GQA group are
+// handled together so each K/V row is read once for all of them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                      const int32_t* block_tables, const int32_t* seq_lens, scalar_t* out,
+                      int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                      int64_t max_blocks, int64_t block_size, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t D = head_dim;
+  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), acc(group * D), kv(D), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / num_kv_heads, kh = task % num_kv_heads;
+      const int64_t len = seq_lens[b];
+      const int32_t* table = block_tables + b * max_blocks;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          qf[g * D + d] = static_cast<float>(q[(b * num_heads + kh * group + g) * D + d]) * scale;
+      scores.assign(len * group, 0.f);
+      // Pass 1: scores of every context token for every head of the group.
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+        const scalar_t* kp = k_cache + (slot * num_kv_heads + kh) * D;
+        for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(kp[d]);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * D;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * kv[d];
+          scores[g * len + t] = s;
+        }
+      }
+      // Softmax per head, in float32.
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          sg[t] = std::exp(sg[t] - m);
+          sum += sg[t];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+      }
+      // Pass 2: weighted sum of V rows.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < len; ++t) {
+        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+        const scalar_t* vp = v_cache + (slot * num_kv_heads + kh) * D;
+        for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(vp[d]);
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * len + t];
+          float* ag = acc.data() + g * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * kv[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d)
+          out[(b * num_heads + kh * group + g) * D + d] = static_cast<scalar_t>(acc[g * D + d]);
+    }
+  });
+}
+
+}  // namespace
+
+// q: [B, H, D] (any strides with a contiguous last dim are made contiguous); caches: [slots, KVH, D];
+// block_tables: [B, max_blocks] int32; seq_lens: [B] int32. Returns [B, H, D].
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens,
+                                     int64_t block_size, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on CPU tensors");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_lens.scalar_type() == torch::kInt32,
+              "block tables and sequence lengths must be int32");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  auto out = torch::empty_like(q);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
+  TORCH_CHECK(H % KVH == 0 && k_cache.size(2) == D, "head shapes do not match the cache");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, q.scalar_type(),
+                                  "paged_decode_attention", [&] {
+    decode_attention<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                               block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(),
+                               B, H, KVH, D, block_tables.size(1), block_size, static_cast<float>(scale));
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
+}
