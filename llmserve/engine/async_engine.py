@@ -1,0 +1,316 @@
+"""AsyncLLMEngine: the LLMEngine loop on its own thread, one async stream per request.
+
+The loop thread is the only one that touches the LLMEngine. Everything else talks to it through
+one thread-safe inbox (adds and aborts) and gets answers back on its own asyncio loop with
+`call_soon_threadsafe`: admission results on a future, cumulative RequestOutputs on a queue.
+Between two steps the loop drains the inbox, so an abort frees the request's blocks before the
+next step runs. When idle it sleeps on an event; no busy spin.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from llmserve.config import EngineConfig
+from llmserve.engine.engine import LLMEngine
+from llmserve.errors import EngineDeadError, LLMServeError
+from llmserve.outputs import RequestOutput
+from llmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+IDLE_TICK_S = 1.0  # an idle loop still wakes this often, so its heartbeat stays fresh
+DEFAULT_MAX_WAITING_REQUESTS = 256  # when the config sets no bound: no queue is unbounded
+
+
+class EngineOverloadedError(LLMServeError):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot the loop thread publishes after every iteration; read from any thread."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    alive: bool  # the loop thread runs and has not failed
+    last_heartbeat_age_s: float  # seconds since the loop last came round
+    error: str | None = None  # the exception type that killed the loop, if any
+
+
+class RequestStream:
+    """The consumer side of one request. The loop thread pushes into it; one coroutine reads it."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._abort = abort
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.admitted: asyncio.Future[None] = loop.create_future()
+        self.finished = False
+
+    # -- called on the loop thread --
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
+
+    def push(self, item: RequestOutput | BaseException) -> None:
+        self._call(self._queue.put_nowait, item)
+
+    def admit(self, error: BaseException | None) -> None:
+        self._call(self._set_admitted, error)
+
+    def _set_admitted(self, error: BaseException | None) -> None:
+        if self.admitted.done():
+            return
+        if error is None:
+            self.admitted.set_result(None)
+        else:
+            self.admitted.set_exception(error)
+
+    # -- called on the consumer's event loop --
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        return await self.next()
+
+    def close(self) -> None:
+        """Abort the request unless it already ended. Call it when the consumer leaves early."""
+        if not self.finished:
+            self.finished = True
+            self._abort(self.request_id)
+
+    async def next(self) -> RequestOutput:
+        """The newest cumulative output. Outputs that piled up are skipped: each holds all before it."""
+        item = await self._queue.get()
+        while not self._queue.empty() and not isinstance(item, BaseException):
+            item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    priority: int
+    cache_salt: str | None
+    arrival_time: float
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self._inbox: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # orders "is the loop dead?" against putting into the inbox
+        self._streams: dict[str, RequestStream] = {}  # loop thread only
+        self._stats = EngineStats()
+        self._heartbeat = time.monotonic()
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="llmserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
+        bound = config.max_waiting_requests
+        return cls(LLMEngine(config), DEFAULT_MAX_WAITING_REQUESTS if bound is None else bound)
+
+    # ---- read-only facts for the server (immutable after start) -------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model_config.vocab_size
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def health(self) -> EngineHealth:
+        alive = self._thread.is_alive() and self._error is None and not self._stop.is_set()
+        return EngineHealth(alive, time.monotonic() - self._heartbeat, self._error)
+
+    # ---- requests -----------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                          prompt: str | None = None, priority: int = 0, cache_salt: str | None = None,
+                          arrival_time: float | None = None) -> RequestStream:
+        """Admit a request and return its stream. Validation and overload errors raise here,
+        before any output, so a server can still answer with a 4xx status. The caller must
+        `close()` the stream if it stops reading before the request finishes."""
+        stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        self._submit(_Add(stream, list(prompt_token_ids), params, prompt, priority, cache_salt, now))
+        try:
+            await stream.admitted
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        return stream
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+                       prompt: str | None = None, priority: int = 0, cache_salt: str | None = None,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative outputs until the request finishes. Stopping the iteration aborts it."""
+        stream = await self.add_request(request_id, prompt_token_ids, params, prompt=prompt, priority=priority,
+                                        cache_salt=cache_salt, arrival_time=arrival_time)
+        try:
+            async for out in stream:
+                yield out
+        finally:  # the consumer left early (disconnect, cancellation, error): free the request
+            stream.close()
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe and non-blocking: the loop frees the request's blocks before its next step."""
+        try:
+            self._submit(_Abort(request_id))
+        except EngineDeadError:
+            pass  # a dead engine holds no requests to free
+
+    def _submit(self, cmd: _Add | _Abort) -> None:
+        with self._lock:
+            if self._error is not None or self._stop.is_set():
+                raise EngineDeadError("the engine loop is not running")
+            self._inbox.put(cmd)
+        self._wake.set()
+
+    # ---- the loop thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(IDLE_TICK_S)
+                self._wake.clear()  # before draining: a put after this sets it again
+                aborted = self._drain_inbox()
+                # After an abort, step even when idle: it hands back (and so drops) the engine's
+                # record of the aborted output instead of keeping it until the next request.
+                if aborted or self.engine.has_unfinished_requests():
+                    self._dispatch(self.engine.step())
+                self._publish()
+        except BaseException as e:  # noqa: BLE001 - any failure must release every waiting client
+            self._die(e)
+
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts; True if anything was aborted."""
+        aborted = False
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return aborted
+            if isinstance(cmd, _Abort):
+                aborted |= self._abort(cmd.request_id)
+            else:
+                self._add(cmd)
+
+    def _add(self, cmd: _Add) -> None:
+        rid = cmd.stream.request_id
+        if self.engine.stats()["num_waiting"] >= self.max_waiting_requests:
+            cmd.stream.admit(EngineOverloadedError("too many requests are waiting; retry later"))
+            return
+        try:
+            self.engine.add_request(rid, cmd.prompt_token_ids, cmd.params, prompt=cmd.prompt,
+                                    priority=cmd.priority, cache_salt=cmd.cache_salt, arrival_time=cmd.arrival_time)
+        except LLMServeError as e:  # validation: the request is refused, the engine goes on
+            cmd.stream.admit(e)
+            return
+        except Exception as e:  # a bug met by one request must not take the loop down with it
+            logger.error("add_request failed with %s", type(e).__name__)
+            self.engine.abort_request(rid)
+            cmd.stream.admit(e)
+            return
+        self._streams[rid] = cmd.stream
+        cmd.stream.admit(None)
+
+    def _abort(self, request_id: str) -> bool:
+        if self._streams.pop(request_id, None) is None:
+            return False  # already finished, or never admitted
+        self.engine.abort_request(request_id)
+        return True
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted by its consumer, who no longer listens
+            stream.push(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _publish(self) -> None:
+        s = self.engine.stats()
+        self._stats = EngineStats(int(s["num_running"]), int(s["num_waiting"]), float(s["kv_usage"]),
+                                  int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]))
+        self._heartbeat = time.monotonic()
+
+    def _die(self, e: BaseException) -> None:
+        # Stack frames but not the exception's message, which could quote request content.
+        logger.error("engine loop failed with %s; failing all requests\n%s", type(e).__name__,
+                     "".join(traceback.format_tb(e.__traceback__)))
+        with self._lock:
+            self._error = type(e).__name__
+        self._fail_all(EngineDeadError("the engine loop failed"))
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        """End every stream, admitted or still in the inbox, with error."""
+        for stream in self._streams.values():
+            stream.push(error)
+        self._streams.clear()
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                cmd.stream.admit(error)
+
+    # ---- shutdown -----------------------------------------------------------------------
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread. Requests still in flight end with EngineDeadError."""
+        with self._lock:
+            self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():  # stuck in a step: its streams stay its own
+            logger.warning("engine loop did not stop within %.0f s", timeout)
+            return
+        self._fail_all(EngineDeadError("the engine was shut down"))

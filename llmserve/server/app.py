@@ -1,0 +1,96 @@
+"""The FastAPI app: routes, error mapping, auth and log hygiene around an AsyncLLMEngine.
+
+The app holds no engine state of its own; whoever built the engine also shuts it down.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from llmserve.engine.async_engine import AsyncLLMEngine
+from llmserve.errors import LLMServeError
+from llmserve.server.auth import ApiKeyMiddleware
+from llmserve.server.chat import create_chat_completion
+from llmserve.server.completions import create_completion
+from llmserve.server.errors import APIError, CatchAllMiddleware, api_error_handler, bad_request, http_exception_handler
+from llmserve.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from llmserve.server.request_log import install_access_log_filter
+from llmserve.server.serving import ServerSettings, ServingContext, read_json
+
+__all__ = ["build_app", "ServerSettings"]
+
+
+def build_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -> FastAPI:
+    ctx = ServingContext(engine, settings or ServerSettings())
+    app = FastAPI(title="llmserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ctx
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(LLMServeError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    if ctx.settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=ctx.settings.api_key)
+    app.add_middleware(CatchAllMiddleware)  # added last: outermost of ours, it sees every escape
+    _add_routes(app, ctx)
+    install_access_log_filter({route.path for route in app.routes})
+    return app
+
+
+def _add_routes(app: FastAPI, ctx: ServingContext) -> None:
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(ctx, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(ctx, request)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        cards = [ModelCard(id=name, max_model_len=ctx.engine.max_model_len) for name in ctx.model_names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        h = ctx.engine.health()
+        if h.alive and h.last_heartbeat_age_s < ctx.settings.health_stall_s:
+            return Response(status_code=200)
+        return APIError(503, "The engine loop is not running.", "service_unavailable_error").response()
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if ctx.draining or not ctx.engine.health().alive:
+            return APIError(503, "The server is not ready.", "service_unavailable_error").response()
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        req = await read_json(request, TokenizeRequest)
+        ctx.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt and messages.", "prompt")
+        if req.prompt is not None:
+            tokens = await ctx.tokenization.encode(req.prompt, req.add_special_tokens)
+        else:
+            tokens = (await ctx.tokenization.chat_prompt(req.messages, req.add_generation_prompt)).token_ids
+        return JSONResponse(TokenizeResponse(count=len(tokens), max_model_len=ctx.engine.max_model_len,
+                                             tokens=tokens).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        req = await read_json(request, DetokenizeRequest)
+        ctx.check_model(req.model)
+        return JSONResponse(DetokenizeResponse(prompt=ctx.tokenization.decode(req.tokens)).model_dump())
