@@ -34,8 +34,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add(self, token_id: int) -> bool:
-        """Append one generated token. Returns True if a stop string was found."""
+    def add(self, token_id: int, check_stop: bool = True) -> bool:
+        """Append one generated token. Returns True if a stop string was found (looked for only
+        when check_stop: not before min_tokens, so text is never cut at a stop string that does not stop)."""
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
@@ -44,7 +45,7 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         self.text += full[len(prefix):]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return self._check_stop(old_len)
+        return self._check_stop(old_len) if check_stop else False
 
     def _check_stop(self, old_len: int) -> bool:
         if not self.stop:

@@ -126,6 +126,9 @@ class LLMEngine:
         """Run one scheduled batch. Returns cumulative outputs of every request that changed."""
         outputs, self._aborted = self._aborted, []
         sched = self.scheduler.schedule()
+        # Blocks freed by preemption may already be handed to another request: wipe them before
+        # this step's forward pass writes into them, not after.
+        self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
         if sched.empty:
             return outputs
         for s in sched.scheduled:
@@ -134,7 +137,7 @@ class LLMEngine:
         rows = {s.request.request_id: self._seq_of[s.request.request_id][1].row for s in sched.scheduled}
         result = self.runner.execute(sched, {rid: self.kv.block_ids(rid) for rid in rows}, rows)
         self.scheduler.update(sched)
-        changed = self._record_prompt_logprobs(result)
+        changed = self._record_prompt_logprobs(result, {s.request.request_id: s.start for s in sched.scheduled})
         changed.update(self._apply_samples(result))
         self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
         for group in changed.values():
@@ -169,7 +172,14 @@ class LLMEngine:
             if seq.logprobs is not None and lp_ids is not None:
                 seq.logprobs.append(_position_logprobs(lp_ids[i], lp_vals[i], ranks[i], req.params.logprobs))
                 seq.cumulative_logprob += lp_vals[i][0]
-            hit_stop_string = seq.detok.add(token)
+            # Stop conditions count only from min_tokens on. A stop token's text is left out of the
+            # output (as a stop string's is) unless include_stop_str_in_output.
+            p = req.params
+            may_stop = req.num_output_tokens >= p.min_tokens
+            stop_token = may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids))
+            hit_stop_string = False
+            if not stop_token or p.include_stop_str_in_output:
+                hit_stop_string = seq.detok.add(token, check_stop=may_stop)
             status = self._check_finished(req, token, hit_stop_string)
             if status is not None:
                 req.stop_reason = seq.detok.stop_string if hit_stop_string else (
@@ -187,14 +197,18 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _record_prompt_logprobs(self, result: StepResult) -> dict[str, RequestGroup]:
+    def _record_prompt_logprobs(self, result: StepResult, starts: dict[str, int]) -> dict[str, RequestGroup]:
         changed: dict[str, RequestGroup] = {}
         for rid, (ids, vals, ranks) in result.prompt_logprobs.items():
             group, seq = self._seq_of[rid]
             if seq.index != 0 or group.prompt_logprobs is None:
                 continue  # n > 1: the prompt is the same for every sequence
             k = seq.request.params.prompt_logprobs
-            for row_ids, row_vals, rank in zip(ids.tolist(), vals.tolist(), ranks.tolist()):
+            # Row j scores prompt position starts[rid] + 1 + j. A preempted request recomputes its
+            # prompt from the start; positions recorded before are kept, not appended again.
+            for j, (row_ids, row_vals, rank) in enumerate(zip(ids.tolist(), vals.tolist(), ranks.tolist())):
+                if starts[rid] + 1 + j < len(group.prompt_logprobs):
+                    continue
                 group.prompt_logprobs.append(_position_logprobs(row_ids, row_vals, rank, k))
             changed[group.request_id] = group
         return changed

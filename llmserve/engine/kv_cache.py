@@ -49,7 +49,9 @@ class KVCacheManager:
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else None
             hashes.append(block_hash(parent, req.token_ids[i * bs:(i + 1) * bs], req.cache_salt))
-        return hashes
+        # The memo may reach further (a prefix lookup hashes blocks not yet computed): only the
+        # blocks within num_tokens, or a block would be registered before its KV is written.
+        return hashes[:num_tokens // bs]
 
     def find_cached_prefix(self, req: Request) -> list[Block]:
         """The longest run of cached blocks that starts the request. At least one token is always

@@ -82,6 +82,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         now = time.monotonic()
 
+        # Best-ranked first, so tokens go to them first and a victim taken from the requests not yet
+        # scheduled this step is the least deserving of all running ones.
+        self.running.sort(key=self._rank)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
