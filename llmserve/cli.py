@@ -22,6 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "deadline"])
     p.add_argument("--wipe-kv-on-free", action="store_true")
+    p.add_argument("--ttft-slo", type=float, default=None, help="seconds; default TTFT deadline for --scheduling-policy deadline")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -32,7 +33,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
-        wipe_kv_on_free=args.wipe_kv_on_free, seed=args.seed)
+        wipe_kv_on_free=args.wipe_kv_on_free, ttft_slo=args.ttft_slo, seed=args.seed)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     wipe_kv_on_free: bool = False
+    ttft_slo: float | None = None  # seconds; under the "deadline" policy, a request's default TTFT deadline
     max_waiting_requests: int | None = None  # admission bound used by the server (429 beyond it)
     seed: int = 0
 

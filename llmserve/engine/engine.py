@@ -76,6 +76,8 @@ class LLMEngine:
         now = time.monotonic() if arrival_time is None else arrival_time
         group = RequestGroup(request_id, prompt, ids, [], now,
                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        if deadline is None and self.config.ttft_slo is not None:
+            deadline = now + self.config.ttft_slo
         for i in range(params.n):
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, ids, params, max_tokens, self.eos_token_ids, priority, cache_salt, deadline, now)
@@ -85,11 +87,11 @@ class LLMEngine:
             row = SamplingRow(params, req.prompt_token_ids, req.output_token_ids, gen)
             detok = IncrementalDetokenizer(self.tokenizer, ids[-PROMPT_TAIL:], params.stop,
                                            params.include_stop_str_in_output, params.skip_special_tokens)
-            seq = Sequence(i, req, row, detok, [] if params.logprobs is not None else None)
-            group.seqs.append(seq)
-            self._seq_of[rid] = (group, seq)
+            group.seqs.append(Sequence(i, req, row, detok, [] if params.logprobs is not None else None))
+        # Registered only once every sequence is built, so a failure above leaves nothing behind.
         self.groups[request_id] = group
         for seq in group.seqs:
+            self._seq_of[seq.request.request_id] = (group, seq)
             self.scheduler.add(seq.request)
 
     def _validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
@@ -135,7 +137,9 @@ class LLMEngine:
             if s.samples:
                 self._update_banned(self._seq_of[s.request.request_id][1])
         rows = {s.request.request_id: self._seq_of[s.request.request_id][1].row for s in sched.scheduled}
+        start = time.perf_counter()
         result = self.runner.execute(sched, {rid: self.kv.block_ids(rid) for rid in rows}, rows)
+        self.scheduler.observe_step(sched.num_tokens, time.perf_counter() - start)
         self.scheduler.update(sched)
         changed = self._record_prompt_logprobs(result, {s.request.request_id: s.start for s in sched.scheduled})
         changed.update(self._apply_samples(result))
@@ -182,8 +186,9 @@ class LLMEngine:
                 hit_stop_string = seq.detok.add(token, check_stop=may_stop)
             status = self._check_finished(req, token, hit_stop_string)
             if status is not None:
+                # As in vLLM: the stop string or stop token id that ended it; None for EOS and length.
                 req.stop_reason = seq.detok.stop_string if hit_stop_string else (
-                    token if status is RequestStatus.FINISHED_STOPPED else None)
+                    token if status is RequestStatus.FINISHED_STOPPED and token in p.stop_token_ids else None)
                 self.scheduler.finish(req, status)
             changed[group.request_id] = group
         return changed
@@ -253,6 +258,7 @@ class LLMEngine:
             "kv_usage": self.kv.usage,
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
         }
 
 

@@ -65,9 +65,12 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += req.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
+        """Count one admitted request's prefix lookup, in tokens (failed admissions don't count)."""
+        self.prefix_queries += num_queried
+        self.prefix_hits += num_hit
 
     def allocate(self, req: Request, num_new_tokens: int, cached_prefix: list[Block] | None = None) -> bool:
         """Make room for num_new_tokens more tokens of req (after its computed ones, or after

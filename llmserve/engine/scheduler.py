@@ -49,6 +49,8 @@ class Scheduler:
         self.policy = policy
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.prefill_seconds_per_token = 1e-3  # refined by observe_step
+        self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -69,12 +71,28 @@ class Scheduler:
         self.kv.free(req)
 
     def _rank(self, req: Request) -> tuple:
-        """Sort key: smaller runs first, larger is preempted first."""
+        """Sort key of running requests: smaller is served first, the largest is preempted first."""
         if self.policy == "priority":
             return (req.priority, req.arrival_time)
         if self.policy == "deadline":
             return (req.deadline if req.deadline is not None else float("inf"), req.arrival_time)
         return (req.arrival_time,)
+
+    def _admission_key(self, req: Request, now: float) -> tuple:
+        """Sort key of waiting requests. The deadline policy admits by TTFT slack: the time left
+        before the first token is due, less the estimated time to prefill what is left. Requests
+        that can still make it go first, least slack first; those that cannot go after them."""
+        if self.policy != "deadline":
+            return self._rank(req)
+        if req.deadline is None:
+            return (2, 0.0, req.arrival_time)
+        slack = req.deadline - now - (req.num_tokens - req.num_computed_tokens) * self.prefill_seconds_per_token
+        return (0, slack, req.arrival_time) if slack >= 0 else (1, req.deadline, req.arrival_time)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """Keep a moving estimate of the time per scheduled token, for prefill time estimates."""
+        if num_tokens > 0:
+            self.prefill_seconds_per_token += 0.1 * (seconds / num_tokens - self.prefill_seconds_per_token)
 
     # ---- the step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -82,27 +100,36 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         now = time.monotonic()
 
-        # Best-ranked first, so tokens go to them first and a victim taken from the requests not yet
-        # scheduled this step is the least deserving of all running ones.
-        self.running.sort(key=self._rank)
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        # Running requests: decodes first, then prompts being prefilled in chunks, so a long
+        # prompt never stalls the decodes; within each, by the policy's rank.
+        chosen: dict[int, ScheduledRequest] = {}
+        for req in sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1, self._rank(r))):
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, n):
-                victim = max(self.running[i:], key=self._rank)
+                # Out of blocks: preempt the least deserving running request, even one already
+                # given tokens this step (its tokens go back to the budget).
+                victim = max(self.running, key=self._rank)
                 self._preempt(victim)
                 out.preempted.append(victim)
+                undone = chosen.pop(id(victim), None)
+                if undone is not None:
+                    out.scheduled.remove(undone)
+                    budget += undone.num_new_tokens
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, n, req.num_computed_tokens))
+                sched = ScheduledRequest(req, n, req.num_computed_tokens)
+                chosen[id(req)] = sched
+                out.scheduled.append(sched)
                 budget -= n
-                i += 1
 
         # Admit waiting requests only when nothing was preempted: memory is short otherwise.
         if not out.preempted:
-            self.waiting.sort(key=self._rank)
+            self.waiting.sort(key=lambda r: self._admission_key(r, now))
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
                 # Prompt logprobs need every prompt position computed, so they skip the cache.
@@ -112,6 +139,8 @@ class Scheduler:
                 if not self.kv.allocate(req, n, prefix):
                     break
                 self.waiting.pop(0)
+                if req.params.prompt_logprobs is None:
+                    self.kv.record_prefix_lookup(req.num_tokens, num_cached)
                 req.num_computed_tokens = num_cached
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
@@ -128,6 +157,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.append(req)  # the sort by rank puts it back in its place in line
 
     def update(self, out: SchedulerOutput) -> None:
