@@ -14,6 +14,7 @@ from llmserve.errors import InvalidRequestError
 from llmserve.model.arch_config import ArchConfig
 from llmserve.model.loader import load_model
 from llmserve.runner import ModelRunner, kv_bytes_per_block
+from llmserve.threads import configure_threads
 from llmserve.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     tokenizer = load_tokenizer(config.tokenizer or folder)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cpu":
+        configure_threads()
     if config.seed is not None:
         torch.manual_seed(config.seed)
     max_model_len = _model_len(config, arch)
