@@ -1,0 +1,85 @@
+"""bfloat16 runs and stays close to float32; the CPU paged-attention kernel matches the torch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmserve.attention.backend import TorchAttention
+from llmserve.attention.metadata import AttentionMetadata
+from llmserve.sampling_params import SamplingParams
+from tiny_models import hf_greedy, llama_config, make_llm, make_model_folder, random_prompts
+
+
+@pytest.fixture(scope="module")
+def folder_and_hf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dtype-llama")
+    return path, make_model_folder(path, llama_config())
+
+
+def test_bfloat16_logprobs_close_to_float32(folder_and_hf):
+    folder, _ = folder_and_hf
+    prompts = random_prompts(4, [3, 11, 29, 50], seed=5)
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    fp32 = make_llm(folder).generate(prompts, params, use_tqdm=False)
+    bf16 = make_llm(folder, dtype="bfloat16").generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fp32, bf16):
+        lp32, lp16 = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
+        shared = set(lp32) & set(lp16)
+        assert len(shared) >= 3  # the top tokens mostly agree
+        for t in shared:
+            assert abs(lp32[t][0] - lp16[t][0]) < 0.15
+
+
+def test_bfloat16_greedy_matches_transformers_mostly(folder_and_hf):
+    folder, hf = folder_and_hf
+    prompts = random_prompts(3, [7, 19, 33], seed=6)
+    outs = make_llm(folder, dtype="bfloat16").generate(
+        prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    hf16 = hf.to(torch.bfloat16)
+    try:
+        agree = 0
+        for p, o in zip(prompts, outs):
+            ref, _ = hf_greedy(hf16, p, 8)
+            agree += o.outputs[0].token_ids[0] == ref[0]
+        assert agree >= 2  # bf16 roundings differ in places, but the first token rarely flips
+    finally:
+        hf.to(torch.float32)
+
+
+def _random_paged_case(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, h, kvh, d, bs, nb = 6, 8, 2, 32, 4, 40
+    k_cache = torch.randn(nb * bs, kvh, d, generator=g).to(dtype)
+    v_cache = torch.randn(nb * bs, kvh, d, generator=g).to(dtype)
+    lens = torch.tensor([1, 4, 5, 17, 33, 9], dtype=torch.int32)
+    width = -(-int(lens.max()) // bs)
+    tables = torch.stack([torch.randperm(nb, generator=g)[:width] for _ in range(b)]).int()
+    q = torch.randn(b, h, d, generator=g).to(dtype)
+    max_ctx = int(lens.max())
+    slots = (tables[:, :, None].long() * bs + torch.arange(bs)).reshape(b, -1)[:, :max_ctx]
+    mask = torch.arange(max_ctx)[None, :] >= lens[:, None]
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), b, slots, mask, [], bs, tables, lens)
+    return q, k_cache, v_cache, meta
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_cpu_paged_kernel_matches_reference(dtype, tol):
+    from llmserve.attention.cpu_paged import CpuPagedAttention, load_kernel
+
+    kernel = load_kernel()
+    if kernel is None:
+        pytest.skip("no C++ toolchain to build the CPU kernel")
+    q, k_cache, v_cache, meta = _random_paged_case(dtype)
+    ref = TorchAttention._decode(q.float(), k_cache.float(), v_cache.float(), meta, 0.2)
+    out = CpuPagedAttention(kernel)._decode(q, k_cache, v_cache, meta, 0.2)
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max().item() < tol
+
+
+def test_engine_uses_the_reference_backend_when_asked(folder_and_hf, monkeypatch):
+    monkeypatch.setenv("LLMSERVE_ATTENTION", "torch")
+    folder, _ = folder_and_hf
+    llm = make_llm(folder)
+    assert type(llm.engine.runner.backend) is TorchAttention
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
