@@ -13,7 +13,10 @@ class AttentionBackend(Protocol):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D], caches: [num_slots, KVH, D]. Writes the new K/V into the
-        caches at meta.slot_mapping and returns the attention output [T, H, D]."""
+        caches at meta.slot_mapping and returns the attention output [T, H, D].
+
+        All of the step's K/V must be written before any attention reads the cache: a request
+        admitted this step may hit prefix blocks that another request fills in the same step."""
         ...
 
 
