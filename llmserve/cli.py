@@ -12,6 +12,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by every subcommand, named as `vllm serve` names them."""
     p.add_argument("--model", dest="model_flag", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", default=None, choices=["int8", "bf16"],
+                   help="store linear weights as int8 (per-row scales) or bf16; compute stays float32 (CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -29,6 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=getattr(args, "model", None) or args.model_flag, dtype=args.dtype, device=args.device,
+        quantization=args.quantization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,

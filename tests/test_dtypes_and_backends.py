@@ -64,9 +64,10 @@ def _random_paged_case(dtype, seed=0):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_cpu_paged_kernel_matches_reference(dtype, tol):
-    from llmserve.attention.cpu_paged import CpuPagedAttention, load_kernel
+    from llmserve.attention.cpu_paged import CpuPagedAttention
+    from llmserve.kernels import cpu_kernels
 
-    kernel = load_kernel()
+    kernel = cpu_kernels()
     if kernel is None:
         pytest.skip("no C++ toolchain to build the CPU kernel")
     q, k_cache, v_cache, meta = _random_paged_case(dtype)

@@ -95,6 +95,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         torch.manual_seed(config.seed)
     max_model_len = _model_len(config, arch)
     model = load_model(folder, max_model_len, dtype, device)
+    if config.quantization is not None:
+        if dtype != torch.float32 or device.type != "cpu":
+            raise InvalidRequestError("weight-only quantization runs on CPU with float32 activations (--dtype float32)")
+        from llmserve.kernels import cpu_kernels
+        from llmserve.model.weight_only import quantize_model
+
+        quantize_model(model, config.quantization, cpu_kernels())
+        logger.info("linear layers stored as %s (weight-only)", config.quantization)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)
     num_blocks = _num_blocks(config, per_block, max_model_len, device)
     if num_blocks * config.block_size < max_model_len:
@@ -112,11 +120,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
 def select_attention_backend(device: torch.device) -> AttentionBackend:
     """The fastest backend that works here; LLMSERVE_ATTENTION=torch forces the reference."""
     if device.type == "cpu" and os.environ.get("LLMSERVE_ATTENTION", "auto") != "torch":
-        from llmserve.attention.cpu_paged import CpuPagedAttention, load_kernel
+        from llmserve.attention.cpu_paged import CpuPagedAttention
+        from llmserve.kernels import cpu_kernels
 
-        kernel = load_kernel()
-        if kernel is not None:
-            return CpuPagedAttention(kernel)
+        kernels = cpu_kernels()
+        if kernels is not None:
+            return CpuPagedAttention(kernels)
     return TorchAttention()
 
 
