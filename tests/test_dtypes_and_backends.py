@@ -62,6 +62,32 @@ def _random_paged_case(dtype, seed=0):
     return q, k_cache, v_cache, meta
 
 
+def test_fused_ops_match_torch_reference():
+    from llmserve.kernels import cpu_kernels
+    from llmserve.model.layers import RMSNorm, rotary_tables
+    from llmserve.model.ops import CpuFusedOps, TorchOps
+
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("no C++ toolchain to build the CPU kernels")
+    g = torch.Generator().manual_seed(3)
+    fused, ref = CpuFusedOps(kernels), TorchOps()
+    norm = RMSNorm(40, 1e-5)
+    norm.weight.data = torch.randn(40, generator=g)
+    x, r = torch.randn(7, 40, generator=g), torch.randn(7, 40, generator=g)
+    (a, ra), (b, rb) = ref.add_rms_norm(x, r.clone(), norm), fused.add_rms_norm(x, r.clone(), norm)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(ra, rb)
+    gu = torch.randn(7, 24, generator=g)
+    assert torch.allclose(ref.silu_mul(gu), fused.silu_mul(gu), atol=1e-6)
+    qkv = torch.randn(7, 6, 16, generator=g)
+    cos, sin = rotary_tables(torch.randn(7, 8, generator=g), torch.randn(7, 8, generator=g))
+    q1, q2 = qkv.clone(), qkv.clone()
+    ref.rotary_(q1, cos, sin, 4)
+    fused.rotary_(q2, cos, sin, 4)
+    assert torch.allclose(q1, q2, atol=1e-6)
+    assert torch.equal(q2[:, 4:], qkv[:, 4:])  # the V heads are left alone
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_cpu_paged_kernel_matches_reference(dtype, tol):
     from llmserve.attention.cpu_paged import CpuPagedAttention
@@ -77,10 +103,13 @@ def test_cpu_paged_kernel_matches_reference(dtype, tol):
     assert (out.float() - ref).abs().max().item() < tol
 
 
-def test_engine_uses_the_reference_backend_when_asked(folder_and_hf, monkeypatch):
-    monkeypatch.setenv("LLMSERVE_ATTENTION", "torch")
+def test_engine_uses_plain_torch_when_asked(folder_and_hf, monkeypatch):
+    from llmserve.model.ops import TorchOps
+
+    monkeypatch.setenv("LLMSERVE_CPU_KERNELS", "0")
     folder, _ = folder_and_hf
     llm = make_llm(folder)
     assert type(llm.engine.runner.backend) is TorchAttention
+    assert type(llm.engine.runner.model.ops) is TorchOps
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -299,9 +300,14 @@ def test_disconnect_mid_stream_frees_blocks_and_others_go_on(server, http):
     assert after == aborts + 1
 
 
-def test_disconnect_while_waiting_for_a_non_streamed_reply_aborts_it(server, http):
+def test_disconnect_while_waiting_for_a_non_streamed_reply_aborts_it(server, http, monkeypatch):
     assert wait_until(lambda: idle(server))
     aborts = metric(http.get("/metrics").text, "llmserve:request_success_total", finished_reason="abort")
+    # Each step takes at least 10 ms here, so 480 tokens outlast the client's 0.5 s read timeout
+    # however fast the engine is.
+    engine = server.engine.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.01), step())[1])
     body = {"prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))

@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 from llmserve.attention.backend import AttentionBackend, TorchAttention
+from llmserve.attention.cpu_paged import CpuPagedAttention
+from llmserve.kernels import cpu_kernels
+from llmserve.model.ops import CpuFusedOps
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
 from llmserve.model.arch_config import ArchConfig
@@ -98,17 +101,20 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.quantization is not None:
         if dtype != torch.float32 or device.type != "cpu":
             raise InvalidRequestError("weight-only quantization runs on CPU with float32 activations (--dtype float32)")
-        from llmserve.kernels import cpu_kernels
         from llmserve.model.weight_only import quantize_model
 
-        quantize_model(model, config.quantization, cpu_kernels())
+        quantize_model(model, config.quantization, cpu_kernels_for(device))
         logger.info("linear layers stored as %s (weight-only)", config.quantization)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)
     num_blocks = _num_blocks(config, per_block, max_model_len, device)
     if num_blocks * config.block_size < max_model_len:
         logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
         max_model_len = num_blocks * config.block_size
-    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, select_attention_backend(device))
+    kernels = cpu_kernels_for(device)
+    backend: AttentionBackend = TorchAttention()
+    if kernels is not None:
+        model.ops, backend = CpuFusedOps(kernels), CpuPagedAttention(kernels)
+    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, backend)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                 str(dtype).removeprefix("torch."), device)
@@ -117,16 +123,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                        eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder)
 
 
-def select_attention_backend(device: torch.device) -> AttentionBackend:
-    """The fastest backend that works here; LLMSERVE_ATTENTION=torch forces the reference."""
-    if device.type == "cpu" and os.environ.get("LLMSERVE_ATTENTION", "auto") != "torch":
-        from llmserve.attention.cpu_paged import CpuPagedAttention
-        from llmserve.kernels import cpu_kernels
-
-        kernels = cpu_kernels()
-        if kernels is not None:
-            return CpuPagedAttention(kernels)
-    return TorchAttention()
+def cpu_kernels_for(device: torch.device):
+    """llmserve's compiled CPU kernels where they apply; LLMSERVE_CPU_KERNELS=0 keeps plain torch."""
+    if device.type != "cpu" or os.environ.get("LLMSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    return cpu_kernels()
 
 
 def _default_name() -> str:

@@ -13,7 +13,8 @@ from torch import nn
 from llmserve.attention.backend import AttentionBackend
 from llmserve.attention.metadata import AttentionMetadata
 from llmserve.model.arch_config import ArchConfig
-from llmserve.model.layers import RMSNorm, apply_rotary, rotary_tables
+from llmserve.model.layers import RMSNorm, rotary_tables
+from llmserve.model.ops import TorchOps
 from llmserve.model.rope import rope_cos_sin
 
 
@@ -28,12 +29,12 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, ops: TorchOps) -> torch.Tensor:
         t = x.shape[0]
         h, kvh = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
-        qk = apply_rotary(qkv[:, :h + kvh], cos, sin)
-        o = backend(qk[:, :h], qk[:, h:], qkv[:, h + kvh:], kv_cache[0], kv_cache[1], meta, self.scale)
+        ops.rotary_(qkv, cos, sin, h + kvh)
+        o = backend(qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:], kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
@@ -44,9 +45,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate_up[:, :self.intermediate]) * gate_up[:, self.intermediate:])
+    def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -57,9 +57,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, kv_cache, meta, backend) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, cos, sin, kv_cache, meta, backend, ops: TorchOps):
+        """Returns (this layer's MLP output, the residual stream before it is added)."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = ops.add_rms_norm(h, residual, self.input_layernorm)
+        a = self.self_attn(x, cos, sin, kv_cache, meta, backend, ops)
+        x, residual = ops.add_rms_norm(a, residual, self.post_attention_layernorm)
+        return self.mlp(x, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -71,6 +77,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_head: nn.Module | None = None  # set by weight-only quantization
+        self.ops = TorchOps()  # the engine swaps in fused ops where the device has them
         self.max_model_len = max_model_len
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -89,9 +96,10 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids)
         # transformers rounds cos/sin to the model dtype before rotating; so do we.
         cos, sin = rotary_tables(self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype))
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(h, cos, sin, kv, meta, backend)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, kv, meta, backend, self.ops)
+        return self.ops.add_rms_norm(h, residual, self.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.logits_head is not None:

@@ -39,6 +39,8 @@ class TrackedRequest:
         if tokens > self._tokens:
             if self._last_token_time is not None:
                 self.metrics.observe_inter_token(now - self._last_token_time, tokens - self._tokens)
+            elif tokens > 1:  # tokens that came together with the first one: no gap between them
+                self.metrics.observe_inter_token(0.0, tokens - 1)
             self._tokens, self._last_token_time = tokens, now
         self.last = out
         if out.finished:
