@@ -62,6 +62,7 @@ class LLMEngine:
         self._seq_of: dict[str, tuple[RequestGroup, Sequence]] = {}  # scheduler request id -> its group
         self._aborted: list[RequestOutput] = []
         self.device = p.device
+        self.thread_governor = p.thread_governor
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
@@ -127,6 +128,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch. Returns cumulative outputs of every request that changed."""
         outputs, self._aborted = self._aborted, []
+        if self.thread_governor is not None:
+            self.thread_governor.tick()
         sched = self.scheduler.schedule()
         # Blocks freed by preemption may already be handed to another request: wipe them before
         # this step's forward pass writes into them, not after.

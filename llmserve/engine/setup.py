@@ -17,7 +17,7 @@ from llmserve.errors import InvalidRequestError
 from llmserve.model.arch_config import ArchConfig
 from llmserve.model.loader import load_model
 from llmserve.runner import ModelRunner, kv_bytes_per_block
-from llmserve.threads import configure_threads
+from llmserve.threads import ThreadGovernor
 from llmserve.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class EngineParts:
     device: torch.device
     model_name: str
     model_folder: Path
+    thread_governor: ThreadGovernor | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,8 +93,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     tokenizer = load_tokenizer(config.tokenizer or folder)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    governor = None
     if device.type == "cpu":
-        configure_threads()
+        governor = ThreadGovernor()
+        governor.calibrate()
     if config.seed is not None:
         torch.manual_seed(config.seed)
     max_model_len = _model_len(config, arch)
@@ -120,7 +123,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                 str(dtype).removeprefix("torch."), device)
     name = Path(config.model).name if config.model else _default_name()
     return EngineParts(tokenizer, arch, runner, max_model_len, num_blocks,
-                       eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder)
+                       eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor)
 
 
 def cpu_kernels_for(device: torch.device):
