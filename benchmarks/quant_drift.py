@@ -1,0 +1,62 @@
+"""Logprob drift of weight-only quantization against float32 (and bf16) on a fixed prompt set.
+
+For each mode, the same token sequences (each prompt followed by float32's greedy continuation)
+are scored with prompt_logprobs; the drift is the difference of the logprobs the modes give those
+tokens. Also reports how many greedy continuations stay identical to float32's.
+
+    .venv/bin/python benchmarks/quant_drift.py [--model PATH] [--tokens 32]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from llmserve import LLM, SamplingParams
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three prime numbers greater than 100.",
+    "Translate 'good morning' into Spanish and German.",
+    "Why is the sky blue?",
+    "Give me a Python function that reverses a string.",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    modes = {"float32": None, "bf16": "bf16", "int8": "int8"}
+    greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
+    score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    reference: list[list[int]] = []
+    ref_lps: list[list[float]] = []
+    print(f"{'mode':8} {'same greedy':>12} {'mean |dlogprob|':>16} {'max |dlogprob|':>15}")
+    for name, quant in modes.items():
+        llm = LLM(args.model, quantization=quant, dtype="float32")
+        convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+        outs = llm.chat(convs, greedy, use_tqdm=False)
+        prompts = [o.prompt_token_ids for o in outs]
+        if not reference:
+            reference = [p + o.outputs[0].token_ids for p, o in zip(prompts, outs)]
+        scored = llm.generate(reference, score, use_tqdm=False)
+        lps = []
+        for seq, out in zip(reference, scored):
+            lps.append([next(iter(pos.values()))[0] if pos else 0.0 for pos in out.prompt_logprobs[1:]]
+                       if out.prompt_logprobs else [])
+        if not ref_lps:
+            ref_lps = lps
+        drift = [abs(a - b) for la, lb, p in zip(lps, ref_lps, prompts)
+                 for a, b in zip(la[len(p) - 1:], lb[len(p) - 1:])]
+        same = sum(p + o.outputs[0].token_ids == r for p, o, r in zip(prompts, outs, reference))
+        print(f"{name:8} {same:>9}/{len(PROMPTS)} {statistics.mean(drift):>16.4f} {max(drift):>15.4f}")
+        del llm
+
+
+if __name__ == "__main__":
+    main()
