@@ -11,6 +11,7 @@ import torch
 from llmserve.attention.backend import AttentionBackend, TorchAttention
 from llmserve.attention.cpu_paged import CpuPagedAttention
 from llmserve.kernels import cpu_kernels
+from llmserve.model.onednn_linear import onednn_available, use_onednn
 from llmserve.model.ops import CpuFusedOps
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
@@ -114,9 +115,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
         max_model_len = num_blocks * config.block_size
     kernels = cpu_kernels_for(device)
+    onednn = kernels is not None and onednn_available()
+    if onednn:
+        use_onednn(model)
     backend: AttentionBackend = TorchAttention()
     if kernels is not None:
-        model.ops, backend = CpuFusedOps(kernels), CpuPagedAttention(kernels)
+        model.ops, backend = CpuFusedOps(kernels, onednn), CpuPagedAttention(kernels)
     runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, backend)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,

@@ -7,7 +7,6 @@ the layer is kept to few, large ops.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmserve.attention.backend import AttentionBackend
@@ -105,4 +104,4 @@ class LlamaForCausalLM(nn.Module):
         if self.logits_head is not None:
             return self.logits_head(hidden).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.ops.linear(hidden, weight).float()
