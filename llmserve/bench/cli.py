@@ -21,7 +21,9 @@ def _add_workload_args(p: argparse.ArgumentParser, num_prompts: int) -> None:
                         "--input-len tokens each; file: --workload-file")
     g.add_argument("--workload-file", default=None,
                    help="JSONL: {\"prompt\": str} or {\"prompt_token_ids\": [int]}, and {\"output_len\": int}")
-    g.add_argument("--num-prompts", type=int, default=num_prompts)
+    g.add_argument("--num-prompts", type=int, default=None,
+                   help=f"requests (unset: {num_prompts}, or every line of a workload file)")
+    p.set_defaults(default_num_prompts=num_prompts)
     g.add_argument("--input-len", type=int, default=256, help="prompt tokens (random, shared-prefix suffix)")
     g.add_argument("--output-len", type=int, default=128, help="output tokens (random, shared-prefix)")
     g.add_argument("--range-ratio", type=float, default=0.0,
@@ -52,9 +54,13 @@ def _ignore_eos(args) -> bool:
 def _build(args, factory, as_ids: bool, max_total_len: int | None):
     from llmserve.bench.workloads import build_requests
 
-    if args.num_prompts < 1 and _workload_name(args) != "file":
+    name = _workload_name(args)
+    n = args.num_prompts
+    if n is None:
+        n = 0 if name == "file" else args.default_num_prompts  # 0: the whole file
+    elif n < 1:
         raise ValueError("--num-prompts must be at least 1")
-    return build_requests(_workload_name(args), args.num_prompts, factory, as_ids=as_ids, seed=args.workload_seed,
+    return build_requests(name, n, factory, as_ids=as_ids, seed=args.workload_seed,
                           input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
                           max_input_len=args.max_input_len, max_output_len=args.max_output_len,
                           prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
