@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--skip-w1", action="store_true")
     ap.add_argument("--skip-w2", action="store_true")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--quantization", default=None, choices=["int8", "bf16"],
+                    help="llmserve's weight-only linear layers (transformers stays at --dtype)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
@@ -160,7 +162,8 @@ def main() -> None:
           f"CPU: {cpu_name()} x {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}", flush=True)
     max_len = max(args.w1_input_len + args.w1_output_len, args.w2_input_len + args.w2_output_len)
     llm = LLM(model=str(folder), dtype=args.dtype, device="cpu", max_num_seqs=max(args.w1_requests, 1),
-              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max(max_len + 16, 512))
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max(max_len + 16, 512),
+              quantization=args.quantization)
     hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[args.dtype]).eval()
     tok = llm.get_tokenizer()
     vocab = llm.engine.model_config.vocab_size
@@ -172,7 +175,8 @@ def main() -> None:
     llmserve_w1(llm, warm, 4)
     hf_w1(hf, warm, 4, 2, pad_id)
 
-    res: dict = {"model_folder": str(folder), "dtype": args.dtype, "threads": torch.get_num_threads(),
+    res: dict = {"model_folder": str(folder), "dtype": args.dtype, "quantization": args.quantization,
+                 "threads": torch.get_num_threads(),
                  "loadavg_start": os.getloadavg(),
                  "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
     import transformers
