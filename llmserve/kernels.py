@@ -18,7 +18,7 @@ def cpu_kernels():
     if _module is None:
         from torch.utils.cpp_extension import load
 
-        flags = ["-O3", "-fopenmp"] + ([] if os.environ.get("LLMSERVE_PORTABLE_KERNELS") else ["-march=native"])
+        flags = ["-O3", "-fopenmp", "-fno-math-errno"] + ([] if os.environ.get("LLMSERVE_PORTABLE_KERNELS") else ["-march=native"])
         try:
             _module = load(name="llmserve_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
                            extra_ldflags=["-fopenmp"], verbose=False)

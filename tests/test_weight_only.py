@@ -23,7 +23,7 @@ def kernels():
 
 
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40, 300])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_kernel_matches_dequantized_linear(kernels, fmt, rows, with_bias):
     g = torch.Generator().manual_seed(rows)

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -27,17 +28,22 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
         for (int64_t d = 0; d < D; ++d)
           qf[g * D + d] = static_cast<float>(q[(b * num_heads + kh * group + g) * D + d]) * scale;
       scores.assign(len * group, 0.f);
-      // Pass 1: scores of every context token for every head of the group.
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
-        const scalar_t* kp = k_cache + (slot * num_kv_heads + kh) * D;
-        for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(kp[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * D;
-          float s = 0.f;
+      const int64_t num_blocks = (len + block_size - 1) / block_size;
+      // Pass 1: scores of every context token for every head of the group, block by block
+      // (a block's rows are contiguous slots, so no per-token division).
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        const int64_t first = blk * block_size, n = std::min(block_size, len - first);
+        const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t* kp = k_cache + ((base + j) * num_kv_heads + kh) * D;
+          for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(kp[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * D;
+            float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * kv[d];
-          scores[g * len + t] = s;
+            for (int64_t d = 0; d < D; ++d) s += qg[d] * kv[d];
+            scores[g * len + first + j] = s;
+          }
         }
       }
       // Softmax per head, in float32.
@@ -46,6 +52,7 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
         float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < len; ++t) {
           sg[t] = std::exp(sg[t] - m);
           sum += sg[t];
@@ -55,15 +62,18 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
       }
       // Pass 2: weighted sum of V rows.
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
-        const scalar_t* vp = v_cache + (slot * num_kv_heads + kh) * D;
-        for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(vp[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + t];
-          float* ag = acc.data() + g * D;
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        const int64_t first = blk * block_size, n = std::min(block_size, len - first);
+        const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t* vp = v_cache + ((base + j) * num_kv_heads + kh) * D;
+          for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(vp[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + first + j];
+            float* ag = acc.data() + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * kv[d];
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * kv[d];
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g)
