@@ -10,13 +10,13 @@ import torch
 
 from llmserve.attention.backend import AttentionBackend, TorchAttention
 from llmserve.attention.cpu_paged import CpuPagedAttention
-from llmserve.kernels import cpu_kernels
-from llmserve.model.onednn_linear import onednn_available, use_onednn
-from llmserve.model.ops import CpuFusedOps
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
+from llmserve.kernels import cpu_kernels
 from llmserve.model.arch_config import ArchConfig
 from llmserve.model.loader import load_model
+from llmserve.model.onednn_linear import onednn_available, use_onednn
+from llmserve.model.ops import CpuFusedOps
 from llmserve.runner import ModelRunner, kv_bytes_per_block
 from llmserve.threads import ThreadGovernor
 from llmserve.tokenizer import eos_token_ids, load_tokenizer
