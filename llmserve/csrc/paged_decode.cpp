@@ -1,6 +1,6 @@
 // Decode attention that reads K/V straight out of the paged cache: no gathered copy of the
-// context is ever made. One task per (sequence, KV head); the query heads of a GQA group are
-// handled together so each K/V row is read once for all of them.
+// context is ever made. One task per sequence; every query head is scored against each token's
+// K/V row (all KV heads, contiguous in the cache) while it is in cache, so each row is read once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -17,68 +17,66 @@ void decode_attention(const scalar_t* q, const scalar_t* k_cache, const scalar_t
                       int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                       int64_t max_blocks, int64_t block_size, float scale) {
   const int64_t group = num_heads / num_kv_heads;
-  const int64_t D = head_dim;
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), acc(group * D), kv(D), scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_kv_heads, kh = task % num_kv_heads;
+  const int64_t D = head_dim, H = num_heads, row = num_kv_heads * D;  // one token's K (or V) row
+  // One task per sequence: each token's K and V rows (all KV heads, contiguous) are read once.
+  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * D), acc(H * D), kv(row), scores;
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t len = seq_lens[b];
       const int32_t* table = block_tables + b * max_blocks;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          qf[g * D + d] = static_cast<float>(q[(b * num_heads + kh * group + g) * D + d]) * scale;
-      scores.assign(len * group, 0.f);
+      for (int64_t i = 0; i < H * D; ++i) qf[i] = static_cast<float>(q[b * H * D + i]) * scale;
+      scores.assign(H * len, 0.f);
       const int64_t num_blocks = (len + block_size - 1) / block_size;
-      // Pass 1: scores of every context token for every head of the group, block by block
-      // (a block's rows are contiguous slots, so no per-token division).
+      // Pass 1: scores of every context token for every query head, block by block (a block's
+      // tokens are consecutive slots, so there is no per-token division).
       for (int64_t blk = 0; blk < num_blocks; ++blk) {
         const int64_t first = blk * block_size, n = std::min(block_size, len - first);
-        const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
+        const scalar_t* kb = k_cache + static_cast<int64_t>(table[blk]) * block_size * row;
         for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* kp = k_cache + ((base + j) * num_kv_heads + kh) * D;
-          for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(kp[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * D;
+          const scalar_t* kp = kb + j * row;
+          for (int64_t i = 0; i < row; ++i) kv[i] = static_cast<float>(kp[i]);
+          for (int64_t h = 0; h < H; ++h) {
+            const float* qh = qf.data() + h * D;
+            const float* kh = kv.data() + (h / group) * D;
             float s = 0.f;
 #pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; ++d) s += qg[d] * kv[d];
-            scores[g * len + first + j] = s;
+            for (int64_t d = 0; d < D; ++d) s += qh[d] * kh[d];
+            scores[h * len + first + j] = s;
           }
         }
       }
       // Softmax per head, in float32.
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
+      for (int64_t h = 0; h < H; ++h) {
+        float* sh = scores.data() + h * len;
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+        for (int64_t t = 0; t < len; ++t) m = sh[t] > m ? sh[t] : m;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < len; ++t) {
-          sg[t] = std::exp(sg[t] - m);
-          sum += sg[t];
+          sh[t] = std::exp(sh[t] - m);
+          sum += sh[t];
         }
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+        for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
       }
       // Pass 2: weighted sum of V rows.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t blk = 0; blk < num_blocks; ++blk) {
         const int64_t first = blk * block_size, n = std::min(block_size, len - first);
-        const int64_t base = static_cast<int64_t>(table[blk]) * block_size;
+        const scalar_t* vb = v_cache + static_cast<int64_t>(table[blk]) * block_size * row;
         for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* vp = v_cache + ((base + j) * num_kv_heads + kh) * D;
-          for (int64_t d = 0; d < D; ++d) kv[d] = static_cast<float>(vp[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * len + first + j];
-            float* ag = acc.data() + g * D;
+          const scalar_t* vp = vb + j * row;
+          for (int64_t i = 0; i < row; ++i) kv[i] = static_cast<float>(vp[i]);
+          for (int64_t h = 0; h < H; ++h) {
+            const float p = scores[h * len + first + j];
+            const float* vh = kv.data() + (h / group) * D;
+            float* ah = acc.data() + h * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ag[d] += p * kv[d];
+            for (int64_t d = 0; d < D; ++d) ah[d] += p * vh[d];
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          out[(b * num_heads + kh * group + g) * D + d] = static_cast<scalar_t>(acc[g * D + d]);
+      for (int64_t i = 0; i < H * D; ++i) out[b * H * D + i] = static_cast<scalar_t>(acc[i]);
     }
   });
 }
