@@ -80,25 +80,22 @@ class ModelRunner:
                 prefills.append(PrefillSeq(offset, s.num_new_tokens, end, ctx))
             offset += s.num_new_tokens
 
-        decode_slots = decode_mask = decode_tables = decode_lens = None
+        decode_tables = decode_lens = None
         if num_decode:
             ctx_lens = np.array([s.start + 1 for s in items[:num_decode]])
             max_ctx = int(ctx_lens.max())
             width = -(-max_ctx // self.block_size)
-            tables = np.zeros((num_decode, width), dtype=np.int64)
+            tables = np.zeros((num_decode, width), dtype=np.int32)
             for row, s in enumerate(items[:num_decode]):
                 t = block_tables[s.request.request_id][:width]
                 tables[row, :len(t)] = t
-            all_slots = (tables[:, :, None] * self.block_size + np.arange(self.block_size)).reshape(num_decode, -1)[:, :max_ctx]
-            decode_slots = torch.from_numpy(np.ascontiguousarray(all_slots)).to(self.device)
-            decode_mask = torch.from_numpy(np.arange(max_ctx)[None, :] >= ctx_lens[:, None]).to(self.device)
-            decode_tables = torch.from_numpy(tables.astype(np.int32)).to(self.device)
+            decode_tables = torch.from_numpy(tables).to(self.device)
             decode_lens = torch.from_numpy(ctx_lens.astype(np.int32)).to(self.device)
 
         input_ids = torch.from_numpy(np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64)).to(self.device)
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
-            num_decode_tokens=num_decode, decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefills,
+            num_decode_tokens=num_decode, decode_slots=None, decode_mask=None, prefills=prefills,
             block_size=self.block_size, decode_block_tables=decode_tables, decode_seq_lens=decode_lens)
         hidden = self.model(input_ids, torch.from_numpy(np.concatenate(positions)).to(self.device),
                             self.kv_caches, meta, self.backend)

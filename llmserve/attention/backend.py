@@ -40,11 +40,12 @@ class TorchAttention:
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         b, h, d = q.shape
         kvh = k_cache.shape[1]
-        keys = k_cache[meta.decode_slots]  # [B, C, KVH, D]
-        values = v_cache[meta.decode_slots]
+        slots, outside = meta.decode_context()
+        keys = k_cache[slots]  # [B, C, KVH, D]
+        values = v_cache[slots]
         qg = q.view(b, kvh, h // kvh, d)  # grouped query heads share one KV head
         scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * scale  # [B, KVH, G, C]
-        scores.masked_fill_(meta.decode_mask[:, None, None, :], float("-inf"))
+        scores.masked_fill_(outside[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return torch.matmul(probs, values.transpose(1, 2)).reshape(b, h, d)
 
