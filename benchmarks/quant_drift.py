@@ -1,4 +1,4 @@
-"""Logprob drift of weight-only quantization against float32 (and bf16) on a fixed prompt set.
+"""Logprob drift of each weight storage mode against float32 on a fixed prompt set.
 
 For each mode, the same token sequences (each prompt followed by float32's greedy continuation)
 are scored with prompt_logprobs; the drift is the difference of the logprobs the modes give those
@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
 
-    modes = {"float32": None, "bf16": "bf16", "int8": "int8"}
+    # "auto" keeps the published GGUF blocks (Q4_1/Q8_0 for SmolLM2): the same weights as float32.
+    modes = {"float32": "none", "auto": "auto", "bf16": "bf16", "int8": "int8", "q8_0": "q8_0", "q4_1": "q4_1"}
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     reference: list[list[int]] = []

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmserve.config import QUANTIZATIONS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -139,8 +141,9 @@ def main() -> None:
     ap.add_argument("--skip-w1", action="store_true")
     ap.add_argument("--skip-w2", action="store_true")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--quantization", default=None, choices=["int8", "bf16"],
-                    help="llmserve's weight-only linear layers (transformers stays at --dtype)")
+    ap.add_argument("--quantization", default="auto", choices=list(QUANTIZATIONS),
+                    help="llmserve's linear weight storage (transformers stays at --dtype); auto keeps a "
+                         "GGUF model's own blocks (lossless), none is float")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")

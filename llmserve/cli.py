@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from llmserve.config import QUANTIZATIONS
 from llmserve.errors import LLMServeError
 
 
@@ -12,8 +13,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by every subcommand, named as `vllm serve` names them."""
     p.add_argument("--model", dest="model_flag", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", default=None, choices=["int8", "bf16"],
-                   help="store linear weights as int8 (per-row scales) or bf16; compute stays float32 (CPU)")
+    p.add_argument("--quantization", default="auto", choices=list(QUANTIZATIONS),
+                   help="linear weight storage (CPU; compute stays float32). auto: keep a GGUF model's own "
+                        "Q4_1/Q8_0 blocks where they are exact, else float; none: float; int8 (per-row "
+                        "scales), bf16, q4_1, q8_0: every layer in that format (lossy)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 SCHEDULING_POLICIES = ("fcfs", "priority", "deadline")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "int8", "bf16", "q4_1", "q8_0")  # None means "none"
 
 
 @dataclass(frozen=True)
@@ -12,7 +13,10 @@ class EngineConfig:
     model: str | None = None  # HF folder or .gguf file; None: the embedded default model
     tokenizer: str | None = None  # defaults to the model's own
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    quantization: str | None = None  # weight-only "int8" or "bf16" linear layers (CPU, float32 activations)
+    # Weight storage of the linear layers (CPU, float32 activations). "auto": a layer whose weights a
+    # GGUF block format holds exactly (a GGUF model) keeps that format, the rest stay float; "none":
+    # all float; "int8", "bf16", "q4_1", "q8_0": every layer in that format (lossy).
+    quantization: str | None = "auto"
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     block_size: int = 16
@@ -32,8 +36,8 @@ class EngineConfig:
 
         if self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be one of {DTYPES}")
-        if self.quantization not in (None, "int8", "bf16"):
-            raise InvalidRequestError("quantization must be int8 or bf16")
+        if self.quantization not in (None,) + QUANTIZATIONS:
+            raise InvalidRequestError(f"quantization must be one of {QUANTIZATIONS}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise InvalidRequestError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bindings.cpp", "paged_decode.cpp", "weight_only_gemm.cpp", "fused_ops.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("bindings.cpp", "paged_decode.cpp", "weight_only_gemm.cpp", "gguf_gemm.cpp", "fused_ops.cpp")]
 _module = None
 
 

@@ -102,13 +102,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         torch.manual_seed(config.seed)
     max_model_len = _model_len(config, arch)
     model = load_model(folder, max_model_len, dtype, device)
-    if config.quantization is not None:
-        if dtype != torch.float32 or device.type != "cpu":
-            raise InvalidRequestError("weight-only quantization runs on CPU with float32 activations (--dtype float32)")
-        from llmserve.model.weight_only import quantize_model
-
-        quantize_model(model, config.quantization, cpu_kernels_for(device))
-        logger.info("linear layers stored as %s (weight-only)", config.quantization)
+    _store_weights(model, config.quantization, dtype, device)
     per_block = kv_bytes_per_block(model, config.block_size, dtype)
     num_blocks = _num_blocks(config, per_block, max_model_len, device)
     if num_blocks * config.block_size < max_model_len:
@@ -128,6 +122,26 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     name = Path(config.model).name if config.model else _default_name()
     return EngineParts(tokenizer, arch, runner, max_model_len, num_blocks,
                        eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor)
+
+
+def _store_weights(model, quantization: str | None, dtype: torch.dtype, device: torch.device) -> None:
+    from llmserve.model.weight_only import keep_published_formats, quantize_model
+
+    if quantization in (None, "none"):
+        return
+    kernels = cpu_kernels_for(device)
+    if quantization == "auto":
+        # Only where the block kernels run: elsewhere float weights are as fast and exact too.
+        if kernels is not None and dtype == torch.float32:
+            counts = keep_published_formats(model, kernels)
+            if counts:
+                logger.info("linear layers kept in their published GGUF formats: %s",
+                            ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items())))
+        return
+    if dtype != torch.float32 or device.type != "cpu":
+        raise InvalidRequestError("weight-only quantization runs on CPU with float32 activations (--dtype float32)")
+    quantize_model(model, quantization, kernels)
+    logger.info("linear layers stored as %s (weight-only)", quantization)
 
 
 def cpu_kernels_for(device: torch.device):

@@ -1,0 +1,83 @@
+"""Linear layers that keep their weights in GGUF's block formats (Q4_1, Q8_0) and compute with
+float32 activations (csrc/gguf_gemm.cpp).
+
+A GGUF model is published quantized: SmolLM2's file stores every projection as Q4_1 and the
+embedding table (the tied logits head) as Q8_0. Loading dequantizes it to float32, which is exact,
+so re-quantizing the float32 weights with ggml's own quantizer (gguf.quants) gives back the
+published bytes. `find_lossless_format` checks exactly that, tensor by tensor, so the default
+`quantization="auto"` runs a GGUF model on the weights it was published with, at 5 or 8.5 bits a
+weight instead of 32, without changing a single weight. `--quantization q4_1|q8_0` forces a
+format on any model (then it is lossy).
+"""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.errors import InvalidRequestError
+
+GGUF_FORMATS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1}  # the fmt argument of the kernels
+BLOCK_WEIGHTS = 32
+# Rows up to which the streaming kernel beats widening the weight to float32 and calling the GEMM.
+STREAMING_MAX_ROWS = 64
+
+
+def quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """ggml's quantizer: [N, K] float -> [N, K / 32 * block bytes] uint8."""
+    if fmt not in GGUF_FORMATS:
+        raise InvalidRequestError(f"unknown GGUF format {fmt!r}; choose from {sorted(GGUF_FORMATS)}")
+    if weight.shape[-1] % BLOCK_WEIGHTS:
+        raise InvalidRequestError(f"GGUF block formats need rows of a multiple of {BLOCK_WEIGHTS} weights")
+    data = gguf.quants.quantize(weight.detach().float().cpu().numpy(), GGUF_FORMATS[fmt])
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
+def dequantize(blocks: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+    data = gguf.quants.dequantize(blocks.numpy(), GGUF_FORMATS[fmt])
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(-1, k)
+
+
+def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1", "q8_0")) -> tuple[str, torch.Tensor] | None:
+    """The first format whose blocks hold `weight` exactly (and those blocks), or None. The first
+    row is tried before the whole tensor, so a float model is rejected at almost no cost."""
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK_WEIGHTS:
+        return None
+    for fmt in formats:
+        if not torch.equal(dequantize(quantize(weight[:1], fmt), fmt, weight.shape[1]), weight[:1]):
+            continue
+        blocks = quantize(weight, fmt)
+        if torch.equal(dequantize(blocks, fmt, weight.shape[1]), weight):
+            return fmt, blocks
+    return None
+
+
+class GgufLinear(nn.Module):
+    """y = x W^T + b with W held as GGUF blocks ([N, K / 32 * block bytes] uint8)."""
+
+    def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels) -> None:
+        super().__init__()
+        self.fmt, self.in_features, self.kernels = fmt, in_features, kernels
+        self.register_buffer("blocks", blocks.contiguous())
+        self.register_buffer("bias", torch.empty(0) if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernels) -> GgufLinear:
+        return cls(quantize(weight, fmt), fmt, weight.shape[1], bias, kernels)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.gguf_dequantize(self.blocks, _KERNEL_FORMAT[self.fmt], self.in_features)
+        return dequantize(self.blocks, self.fmt, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.kernels is not None and x2.shape[0] <= STREAMING_MAX_ROWS and x2.dtype == torch.float32:
+            y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
+        else:
+            y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias.to(x2.dtype) if self.bias.numel() else None)
+        return y.reshape(*shape[:-1], y.shape[-1])

@@ -1,0 +1,141 @@
+"""GGUF block formats (Q4_1, Q8_0) as weight storage: the kernels equal a float32 matmul with the
+dequantized weights, the lossless check recognizes exactly the weights a format holds, and a model
+published in these formats runs on them by default, token for token as transformers runs it."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmserve.errors import InvalidRequestError
+from llmserve.model.gguf_quant import GgufLinear, dequantize, find_lossless_format, quantize
+from llmserve.sampling_params import SamplingParams
+from tiny_models import hf_greedy, llama_config, make_llm, make_model_folder, random_prompts
+
+FORMATS = ["q4_1", "q8_0"]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from llmserve.kernels import cpu_kernels
+
+    k = cpu_kernels()
+    if k is None:
+        pytest.skip("no C++ toolchain to build the CPU kernels")
+    return k
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_kernel_is_bitwise_ggml(kernels, fmt):
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(1)) * 3
+    blocks = quantize(w, fmt)
+    expected = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[fmt.upper()])
+    layer = GgufLinear(blocks, fmt, 96, None, kernels)
+    assert torch.equal(layer.dequantized(), torch.from_numpy(np.asarray(expected, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 64, 65, 200])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_kernel_matches_float_matmul_of_dequantized(kernels, fmt, rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(70, 128, generator=g)
+    bias = torch.randn(70, generator=g) if with_bias else None
+    layer = GgufLinear.from_float(weight, bias, fmt, kernels)
+    x = torch.randn(rows, 128, generator=g)
+    ref = F.linear(x.double(), layer.dequantized().double(), None if bias is None else bias.double())
+    assert torch.allclose(layer(x).double(), ref, atol=1e-4, rtol=1e-4)
+    # 3-D input keeps its leading shape.
+    assert layer(x.reshape(1, rows, 128)).shape == (1, rows, 70)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fallback_without_kernels(fmt):
+    weight = torch.randn(8, 64)
+    layer = GgufLinear.from_float(weight, None, fmt, None)
+    x = torch.randn(3, 64)
+    assert torch.allclose(layer(x), F.linear(x, dequantize(layer.blocks, fmt, 64)), atol=1e-5)
+
+
+def test_lossless_format_is_found_only_for_weights_a_format_holds():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 64, generator=g)
+    assert find_lossless_format(w) is None  # float weights
+    for fmt in FORMATS:
+        published = quantize(w, fmt)
+        found = find_lossless_format(dequantize(published, fmt, 64))
+        assert found is not None and found[0] == fmt
+        assert torch.equal(found[1], published)  # the very bytes it was published with
+    # One weight off by one ulp is no longer held exactly.
+    w41 = dequantize(quantize(w, "q4_1"), "q4_1", 64)
+    w41[5, 7] = torch.nextafter(w41[5, 7], torch.tensor(1e9))
+    assert find_lossless_format(w41, ("q4_1",)) is None
+    # Rows that are not whole blocks, and non-float32 tensors, are not candidates.
+    assert find_lossless_format(torch.zeros(4, 40)) is None
+    assert find_lossless_format(torch.zeros(4, 64, dtype=torch.bfloat16)) is None
+
+
+def test_unknown_format_and_ragged_rows_are_typed_errors():
+    with pytest.raises(InvalidRequestError):
+        quantize(torch.randn(4, 64), "q3_k")
+    with pytest.raises(InvalidRequestError):
+        quantize(torch.randn(4, 40), "q4_1")
+
+
+def _publish_in_gguf_formats(hf_model) -> None:
+    """Round every projection through Q4_1 and the tied embedding through Q8_0, as SmolLM2's GGUF
+    stores them, so the float32 checkpoint holds exactly the published weights."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(dequantize(quantize(p, "q4_1"), "q4_1", p.shape[1]))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(dequantize(quantize(p, "q8_0"), "q8_0", p.shape[1]))
+
+
+@pytest.fixture(scope="module")
+def published_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q41")
+    hf = make_model_folder(folder, llama_config(tie_word_embeddings=True))
+    _publish_in_gguf_formats(hf)
+    hf.save_pretrained(folder)
+    return folder, hf
+
+
+def test_published_formats_are_kept_and_greedy_matches_transformers(kernels, published_model):
+    folder, hf = published_model
+    llm = make_llm(folder)  # quantization="auto"
+    model = llm.engine.runner.model
+    kept = [m for m in model.modules() if isinstance(m, GgufLinear)]
+    assert sorted(m.fmt for m in kept) == ["q4_1"] * 8 + ["q8_0"]  # 2 layers x 4 projections + the head
+    prompts = random_prompts(4, [3, 17, 30, 64], seed=5)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1),
+                        use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        ids, logits = hf_greedy(hf, prompt, 10)
+        assert out.outputs[0].token_ids == ids
+        ref = torch.log_softmax(logits, dim=-1)
+        for step, (token, lp) in enumerate(zip(ids, out.outputs[0].logprobs)):
+            assert abs(lp[token][0] - ref[step, token].item()) < 1e-4
+
+
+def test_none_keeps_float_and_forced_format_is_close(kernels, published_model):
+    folder, _ = published_model
+    prompts = random_prompts(3, [5, 12, 40], seed=9)
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=3)
+    float_llm = make_llm(folder, quantization="none")
+    assert not any(isinstance(m, GgufLinear) for m in float_llm.engine.runner.model.modules())
+    ref = float_llm.generate(prompts, params, use_tqdm=False)
+    auto = make_llm(folder).generate(prompts, params, use_tqdm=False)
+    for a, b in zip(ref, auto):  # same weights, another summation order
+        for t, lp in a.outputs[0].logprobs[0].items():
+            assert abs(lp[0] - b.outputs[0].logprobs[0][t][0]) < 1e-4
+    # q8_0 forced on every layer re-rounds the Q4_1 projections: close, not equal.
+    forced = make_llm(folder, quantization="q8_0")
+    assert all(m.fmt == "q8_0" for m in forced.engine.runner.model.modules() if isinstance(m, GgufLinear))
+    out = forced.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(ref, out):
+        for t in set(a.outputs[0].logprobs[0]) & set(b.outputs[0].logprobs[0]):
+            assert abs(a.outputs[0].logprobs[0][t][0] - b.outputs[0].logprobs[0][t][0]) < 0.2
