@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmserve.config import QUANTIZATIONS
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmserve.config import QUANTIZATIONS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -3,14 +3,25 @@ under TORCH_EXTENSIONS_DIR, so only the first start on a machine pays the compil
 back to plain torch when no compiler is available."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name("csrc") / name
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name
             for name in ("bindings.cpp", "paged_decode.cpp", "weight_only_gemm.cpp", "gguf_gemm.cpp", "fused_ops.cpp")]
 _module = None
+
+
+def _headers_digest() -> str:
+    """torch rebuilds an extension when its sources or flags change, not its headers: a digest of
+    the headers among the flags makes a header edit rebuild too."""
+    digest = hashlib.sha256()
+    for header in sorted(_CSRC.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cpu_kernels():
@@ -19,7 +30,8 @@ def cpu_kernels():
     if _module is None:
         from torch.utils.cpp_extension import load
 
-        flags = ["-O3", "-fopenmp", "-fno-math-errno"] + ([] if os.environ.get("LLMSERVE_PORTABLE_KERNELS") else ["-march=native"])
+        flags = ["-O3", "-fopenmp", "-fno-math-errno", f"-DLLMSERVE_HEADERS={_headers_digest()}"]
+        flags += [] if os.environ.get("LLMSERVE_PORTABLE_KERNELS") else ["-march=native"]
         try:
             _module = load(name="llmserve_cpu_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
                            extra_ldflags=["-fopenmp"], verbose=False)

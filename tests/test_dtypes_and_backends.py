@@ -46,20 +46,22 @@ def test_bfloat16_greedy_matches_transformers_mostly(folder_and_hf):
         hf.to(torch.float32)
 
 
-def _random_paged_case(dtype, seed=0):
+def _random_paged_case(dtype, d=32, seed=0):
+    """Six decoding sequences over shuffled cache blocks, each writing its newest token's K/V this
+    step; q, k and v are strided slices of one fused qkv tensor, as the model passes them."""
     g = torch.Generator().manual_seed(seed)
-    b, h, kvh, d, bs, nb = 6, 8, 2, 32, 4, 40
+    b, h, kvh, bs, nb = 6, 8, 2, 4, 40
     k_cache = torch.randn(nb * bs, kvh, d, generator=g).to(dtype)
     v_cache = torch.randn(nb * bs, kvh, d, generator=g).to(dtype)
     lens = torch.tensor([1, 4, 5, 17, 33, 9], dtype=torch.int32)
     width = -(-int(lens.max()) // bs)
     tables = torch.stack([torch.randperm(nb, generator=g)[:width] for _ in range(b)]).int()
-    q = torch.randn(b, h, d, generator=g).to(dtype)
-    max_ctx = int(lens.max())
-    slots = (tables[:, :, None].long() * bs + torch.arange(bs)).reshape(b, -1)[:, :max_ctx]
-    mask = torch.arange(max_ctx)[None, :] >= lens[:, None]
-    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), b, slots, mask, [], bs, tables, lens)
-    return q, k_cache, v_cache, meta
+    qkv = torch.randn(b, h + 2 * kvh, d, generator=g).to(dtype)
+    q, k, v = qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:]
+    last = (lens - 1).long()
+    slot_mapping = tables.long()[torch.arange(b), last // bs] * bs + last % bs
+    meta = AttentionMetadata(slot_mapping, b, None, None, [], bs, tables, lens)
+    return q, k, v, k_cache, v_cache, meta
 
 
 def test_fused_ops_match_torch_reference():
@@ -89,18 +91,22 @@ def test_fused_ops_match_torch_reference():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_cpu_paged_kernel_matches_reference(dtype, tol):
+@pytest.mark.parametrize("d", [32, 40])
+def test_cpu_paged_kernel_matches_reference(dtype, tol, d):
     from llmserve.attention.cpu_paged import CpuPagedAttention
     from llmserve.kernels import cpu_kernels
 
     kernel = cpu_kernels()
     if kernel is None:
         pytest.skip("no C++ toolchain to build the CPU kernel")
-    q, k_cache, v_cache, meta = _random_paged_case(dtype)
-    ref = TorchAttention._decode(q.float(), k_cache.float(), v_cache.float(), meta, 0.2)
-    out = CpuPagedAttention(kernel)._decode(q, k_cache, v_cache, meta, 0.2)
+    q, k, v, k_cache, v_cache, meta = _random_paged_case(dtype, d)
+    ref_k, ref_v = k_cache.float(), v_cache.float()
+    ref = TorchAttention()(q.float(), k.float(), v.float(), ref_k, ref_v, meta, 0.2)
+    out = CpuPagedAttention(kernel)(q, k, v, k_cache, v_cache, meta, 0.2)
     assert out.dtype == dtype
     assert (out.float() - ref).abs().max().item() < tol
+    # The step's K/V landed in the caches, exactly where the reference put them.
+    assert torch.equal(k_cache.float(), ref_k) and torch.equal(v_cache.float(), ref_v)
 
 
 def test_engine_uses_plain_torch_when_asked(folder_and_hf, monkeypatch):

@@ -1,5 +1,6 @@
-"""CPU attention backend whose decode reads the paged KV cache in place (csrc/paged_decode.cpp).
-Prefill chunks use the torch reference path."""
+"""CPU attention backend: one kernel call per layer writes the step's K/V into the paged cache and
+runs decode attention straight over it (csrc/paged_decode.cpp). Prefill chunks use the torch
+reference path, after the kernel has written their K/V."""
 from __future__ import annotations
 
 import torch
@@ -7,11 +8,25 @@ import torch
 from llmserve.attention.backend import TorchAttention
 from llmserve.attention.metadata import AttentionMetadata
 
+_NO_TABLES = torch.empty(0, 0, dtype=torch.int32)
+_NO_LENS = torch.empty(0, dtype=torch.int32)
+
 
 class CpuPagedAttention(TorchAttention):
     def __init__(self, kernels) -> None:
         self.kernels = kernels
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return self.kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                                   meta.decode_seq_lens, meta.block_size, scale)
+    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        nd = meta.num_decode_tokens
+        tables = meta.decode_block_tables if nd else _NO_TABLES
+        lens = meta.decode_seq_lens if nd else _NO_LENS
+        decoded = self.kernels.paged_attention_decode(q, k, v, k_cache, v_cache, meta.slot_mapping, tables, lens,
+                                                      meta.block_size, scale)
+        if not meta.prefills:
+            return decoded
+        out = torch.empty_like(q)
+        out[:nd] = decoded
+        for p in meta.prefills:
+            sl = slice(p.query_start, p.query_start + p.query_len)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, p.context_slots, scale)
+        return out

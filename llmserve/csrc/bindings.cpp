@@ -1,18 +1,19 @@
 // The Python module of llmserve's CPU kernels.
 #include <torch/extension.h>
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens,
-                                     int64_t block_size, double scale);
+torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                                     torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
+                                     torch::Tensor seq_lens, int64_t block_size, double scale);
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
-torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
+torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K, torch::Tensor out);
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor x);
 void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
+  m.def("paged_attention_decode", &paged_attention_decode,
+        "write a step's K/V into the paged cache, then decode attention over it (CPU)");
   m.def("weight_only_linear", &weight_only_linear, "x @ W^T with int8 or bfloat16 weights (CPU)");
   m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF Q4_1 (fmt 0) or Q8_0 (fmt 1) blocks (CPU)");
   m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF Q4_1 (0) or Q8_0 (1) blocks");

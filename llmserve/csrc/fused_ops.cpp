@@ -6,6 +6,8 @@
 #include <cmath>
 #include <vector>
 
+#include "vec_math.h"
+
 // residual += x; returns rms_norm(residual) * weight. x, residual: [T, H] float32 contiguous.
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && residual.scalar_type() == torch::kFloat32 &&
@@ -50,7 +52,16 @@ torch::Tensor silu_mul(torch::Tensor x) {
       const float* g = xp + t * 2 * I;
       const float* u = g + I;
       float* ot = o + t * I;
-      for (int64_t i = 0; i < I; ++i) ot[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+#ifdef LLMSERVE_VEC_AVX2
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = llmserve::exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(ot + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+      }
+#endif
+      for (; i < I; ++i) ot[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
   return out;

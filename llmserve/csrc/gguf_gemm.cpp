@@ -39,7 +39,6 @@ inline float half_at(const uint8_t* p) {
 }
 
 #ifdef LLMSERVE_AVX2
-inline __m256 u8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 inline __m256 i8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -78,24 +77,30 @@ inline void dot_rows(const float* const* xs, const float* const* xsum, const uin
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * bytes;
     __m256 w0, w1, w2, w3;
+    float m = 0.f;
+    __m256 d;
     if constexpr (fmt == kQ4_1) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-      w0 = u8_to_ps(lo);
-      w1 = u8_to_ps(_mm_srli_si128(lo, 8));
-      w2 = u8_to_ps(hi);
-      w3 = u8_to_ps(_mm_srli_si128(hi, 8));
+      // Widen bytes 0-7 and 8-15 straight from memory; the low nibbles are weights 0-15, the high
+      // nibbles weights 16-31. d and m convert together.
+      const __m256i mask = _mm256_set1_epi32(0x0F);
+      const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 4)));
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 12)));
+      w0 = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+      w1 = _mm256_cvtepi32_ps(_mm256_and_si256(c, mask));
+      w2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+      w3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4));
+      uint32_t dm;
+      std::memcpy(&dm, blk, 4);
+      const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm)));
+      d = _mm256_broadcastss_ps(dmf);
+      m = _mm_cvtss_f32(_mm_movehdup_ps(dmf));
     } else {
-      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18));
-      w0 = i8_to_ps(a);
-      w1 = i8_to_ps(_mm_srli_si128(a, 8));
-      w2 = i8_to_ps(c);
-      w3 = i8_to_ps(_mm_srli_si128(c, 8));
+      w0 = i8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2)));
+      w1 = i8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 10)));
+      w2 = i8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 18)));
+      w3 = i8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 26)));
+      d = _mm256_set1_ps(half_at(blk));
     }
-    const __m256 d = _mm256_set1_ps(half_at(blk));
-    const float m = fmt == kQ4_1 ? half_at(blk + 2) : 0.f;
     for (int r = 0; r < R; ++r) {
       const float* xb = xs[r] + b * QK;
       __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xb), w0);
@@ -190,15 +195,20 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, to
 }
 
 // The float32 weights [N, K] of GGUF blocks, as llama.cpp's dequantize_row_* computes them
-// (q * d + m in float32).
-torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K) {
+// (q * d + m in float32). Written into `out` when it holds at least N * K floats (a scratch buffer
+// reused across layers: no fresh pages to fault in per call), else into a new tensor.
+torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K, torch::Tensor out) {
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
               "GGUF weights must be a contiguous 2-D uint8 tensor");
   const int64_t bytes = block_bytes(fmt), nb = K / QK, N = weight.size(0);
   TORCH_CHECK(K % QK == 0 && weight.size(1) == nb * bytes, "weight bytes do not match K");
-  auto out = torch::empty({N, K}, torch::kFloat32);
+  torch::Tensor result;
+  if (out.defined() && out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= N * K)
+    result = out.flatten().narrow(0, 0, N * K).view({N, K});
+  else
+    result = torch::empty({N, K}, torch::kFloat32);
   const uint8_t* w = weight.data_ptr<uint8_t>();
-  float* o = out.data_ptr<float>();
+  float* o = result.data_ptr<float>();
   at::parallel_for(0, N * nb, 256, [&](int64_t begin, int64_t end) {
     float q[QK], d, m;
     for (int64_t i = begin; i < end; ++i) {
@@ -206,5 +216,5 @@ torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K) {
       for (int j = 0; j < QK; ++j) o[i * QK + j] = q[j] * d + m;
     }
   });
-  return out;
+  return result;
 }

@@ -55,22 +55,41 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
     return None
 
 
+class WidenScratch:
+    """The float32 buffer that a model's GgufLinear layers widen their weights into for large
+    batches, one layer at a time (the engine runs layers one after another). Reusing it keeps the
+    widened weight in cache for the GEMM and spares faulting in fresh pages on every call."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def get(self, numel: int) -> torch.Tensor:
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel)
+        return self.buffer
+
+
 class GgufLinear(nn.Module):
     """y = x W^T + b with W held as GGUF blocks ([N, K / 32 * block bytes] uint8)."""
 
-    def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels) -> None:
+    def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
+                 scratch: WidenScratch | None = None) -> None:
         super().__init__()
         self.fmt, self.in_features, self.kernels = fmt, in_features, kernels
+        self.scratch = scratch or WidenScratch()
         self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("bias", torch.empty(0) if bias is None else bias.detach().float().contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernels) -> GgufLinear:
-        return cls(quantize(weight, fmt), fmt, weight.shape[1], bias, kernels)
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernels,
+                   scratch: WidenScratch | None = None) -> GgufLinear:
+        return cls(quantize(weight, fmt), fmt, weight.shape[1], bias, kernels, scratch)
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight [N, K]; written into `into` (a scratch buffer) when given."""
         if self.kernels is not None:
-            return self.kernels.gguf_dequantize(self.blocks, _KERNEL_FORMAT[self.fmt], self.in_features)
+            out = torch.empty(0) if into is None else into
+            return self.kernels.gguf_dequantize(self.blocks, _KERNEL_FORMAT[self.fmt], self.in_features, out)
         return dequantize(self.blocks, self.fmt, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,5 +98,6 @@ class GgufLinear(nn.Module):
         if self.kernels is not None and x2.shape[0] <= STREAMING_MAX_ROWS and x2.dtype == torch.float32:
             y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
         else:
-            y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias.to(x2.dtype) if self.bias.numel() else None)
+            weight = self.dequantized(self.scratch.get(self.blocks.shape[0] * self.in_features))
+            y = F.linear(x2, weight.to(x2.dtype), self.bias.to(x2.dtype) if self.bias.numel() else None)
         return y.reshape(*shape[:-1], y.shape[-1])
