@@ -6,7 +6,7 @@ torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k, torch::Te
                                      torch::Tensor seq_lens, int64_t block_size, double scale);
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
-torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K, torch::Tensor out);
+torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor x);
 void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads);

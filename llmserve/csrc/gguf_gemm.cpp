@@ -7,8 +7,10 @@
 // 5 (Q4_1) or 8.5 (Q8_0) bits a weight instead of 32. Unlike llama.cpp, activations are not
 // quantized: each block is widened to float32 in registers, so the result equals a float32 matmul
 // with the dequantized weights up to summation order.
-// For Q4_1, sum_i (q_i d + m) x_i = d * sum_i q_i x_i + m * sum_i x_i, and the block sums of x are
-// shared by every output row, so they are computed once per call.
+// Up to 4 rows of x (decode of a few sequences) each weight row is streamed once per 4 rows; for
+// Q4_1, sum_i (q_i d + m) x_i = d * sum_i q_i x_i + m * sum_i x_i, with the block sums of x computed
+// once per call. Beyond 4 rows, 16-row tiles are widened once into a transposed float32 tile and a
+// 6 x 16 register-tiled kernel runs over all rows: here it beats float32 oneDNN from 8 to 1024 rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -26,6 +28,9 @@ namespace {
 
 constexpr int64_t QK = 32;  // weights per block, both formats
 constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;
+// Up to this many rows of x, stream each weight row once per 4 rows (no widened copy); beyond it,
+// widen 16-row tiles and run the register-tiled GEMM.
+constexpr int64_t STREAM_MAX_ROWS = 4;
 enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1 };
 
 inline float half_at(const uint8_t* p) {
@@ -168,6 +173,141 @@ void gemm(const float* x, const uint8_t* w, const float* bias, float* y, int64_t
   });
 }
 
+#ifdef LLMSERVE_AVX2
+// ---- Batches of more than a few rows: widen a tile of 16 output rows once, then a register-tiled
+// GEMM over all M rows of x. The widened tile is stored transposed, tile[k][16], so each step of
+// k is one outer product (16 weights x up to 6 rows of x) with no horizontal sums.
+constexpr int64_t TILE_N = 16, TILE_M = 6;
+
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// tile[k * 16 + j] = weight (n0 + j, k) for j < rows, 0 beyond. Each block's scale and offset
+// convert once; its 4 chunks of 8 rows are transposed 8 x 8 in registers.
+template <Format fmt>
+void widen_tile(const uint8_t* w, int64_t n0, int64_t rows, int64_t nb, float* tile) {
+  constexpr int64_t bytes = fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 r[4][8];
+      for (int j = 0; j < 8; ++j) {
+        const int64_t row = half * 8 + j;
+        if (row >= rows) {
+          for (int c = 0; c < 4; ++c) r[c][j] = _mm256_setzero_ps();
+          continue;
+        }
+        const uint8_t* blk = w + ((n0 + row) * nb + b) * bytes;
+        const __m256 d = _mm256_set1_ps(half_at(blk));
+        if constexpr (fmt == kQ4_1) {
+          const __m256 m = _mm256_set1_ps(half_at(blk + 2));
+          const __m256i mask = _mm256_set1_epi32(0x0F);
+          const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 4)));
+          const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 12)));
+          // q * d is exact, so the fused multiply-add rounds once, as the dequantizer does.
+          r[0][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, mask)), d, m);
+          r[1][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, mask)), d, m);
+          r[2][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), d, m);
+          r[3][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(c, 4)), d, m);
+        } else {
+          for (int c = 0; c < 4; ++c)
+            r[c][j] = _mm256_mul_ps(i8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + c * 8))), d);
+        }
+      }
+      for (int c = 0; c < 4; ++c) {
+        transpose8(r[c]);
+        float* dst = tile + (b * QK + c * 8) * TILE_N + half * 8;
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * TILE_N, r[c][i]);
+      }
+    }
+  }
+}
+
+// x rows packed in panels of 6: panel[k * 6 + r] = x[m0 + r, k] (zero past M), so the kernel's
+// broadcasts read one contiguous stream (three times faster here than six strided ones).
+void pack_x(const float* x, int64_t M, int64_t K, float* packed) {
+  const int64_t panels = (M + TILE_M - 1) / TILE_M;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = packed + p * K * TILE_M;
+    for (int64_t r = 0; r < TILE_M; ++r) {
+      const int64_t m = p * TILE_M + r;
+      for (int64_t k = 0; k < K; ++k) dst[k * TILE_M + r] = m < M ? x[m * K + k] : 0.f;
+    }
+  }
+}
+
+// The 6 x 16 outer-product kernel: y[r, n0 + j] = panel row r . tile column j (+ bias), for the
+// rows and cols that exist. The 12 accumulators are named variables: held in an array, GCC also
+// stored them to the stack on every step of k, which made the loop three times slower.
+inline void kernel_6x16(const float* panel, int64_t K, const float* tile, const float* bias, float* y, int64_t N,
+                        int64_t n0, int64_t rows, int64_t cols) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(tile + k * TILE_N), w1 = _mm256_loadu_ps(tile + k * TILE_N + 8);
+    const float* a = panel + k * TILE_M;
+    __m256 xv = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(xv, w0, c00);
+    c01 = _mm256_fmadd_ps(xv, w1, c01);
+    xv = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(xv, w0, c10);
+    c11 = _mm256_fmadd_ps(xv, w1, c11);
+    xv = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(xv, w0, c20);
+    c21 = _mm256_fmadd_ps(xv, w1, c21);
+    xv = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(xv, w0, c30);
+    c31 = _mm256_fmadd_ps(xv, w1, c31);
+    xv = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(xv, w0, c40);
+    c41 = _mm256_fmadd_ps(xv, w1, c41);
+    xv = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(xv, w0, c50);
+    c51 = _mm256_fmadd_ps(xv, w1, c51);
+  }
+  alignas(32) float out[TILE_M][TILE_N];
+  const __m256 acc[TILE_M][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < TILE_M; ++r) {
+    _mm256_store_ps(out[r], acc[r][0]);
+    _mm256_store_ps(out[r] + 8, acc[r][1]);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) y[r * N + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.f);
+}
+
+template <Format fmt>
+void tiled_gemm(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t nb = K / QK, tiles = (N + TILE_N - 1) / TILE_N, panels = (M + TILE_M - 1) / TILE_M;
+  std::vector<float> packed(panels * K * TILE_M);
+  pack_x(x, M, K, packed.data());
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(K * TILE_N);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * TILE_N, cols = std::min(TILE_N, N - n0);
+      widen_tile<fmt>(w, n0, cols, nb, tile.data());
+      for (int64_t p = 0; p < panels; ++p)
+        kernel_6x16(packed.data() + p * K * TILE_M, K, tile.data(), bias, y + p * TILE_M * N, N, n0,
+                    std::min(TILE_M, M - p * TILE_M), cols);
+    }
+  });
+}
+#endif
+
 int64_t block_bytes(int64_t fmt) {
   TORCH_CHECK(fmt == kQ4_1 || fmt == kQ8_0, "unknown GGUF block format ", fmt);
   return fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
@@ -187,28 +327,31 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, to
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  if (fmt == kQ4_1)
-    gemm<kQ4_1>(x.data_ptr<float>(), weight.data_ptr<uint8_t>(), b, y.data_ptr<float>(), M, N, K);
-  else
-    gemm<kQ8_0>(x.data_ptr<float>(), weight.data_ptr<uint8_t>(), b, y.data_ptr<float>(), M, N, K);
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = weight.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+#ifdef LLMSERVE_AVX2
+  if (M > STREAM_MAX_ROWS) {
+    if (fmt == kQ4_1) tiled_gemm<kQ4_1>(xp, wp, b, yp, M, N, K);
+    else tiled_gemm<kQ8_0>(xp, wp, b, yp, M, N, K);
+    return y;
+  }
+#endif
+  if (fmt == kQ4_1) gemm<kQ4_1>(xp, wp, b, yp, M, N, K);
+  else gemm<kQ8_0>(xp, wp, b, yp, M, N, K);
   return y;
 }
 
 // The float32 weights [N, K] of GGUF blocks, as llama.cpp's dequantize_row_* computes them
-// (q * d + m in float32). Written into `out` when it holds at least N * K floats (a scratch buffer
-// reused across layers: no fresh pages to fault in per call), else into a new tensor.
-torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K, torch::Tensor out) {
+// (q * d + m in float32; q * d is exact, so this rounds once).
+torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K) {
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
               "GGUF weights must be a contiguous 2-D uint8 tensor");
   const int64_t bytes = block_bytes(fmt), nb = K / QK, N = weight.size(0);
   TORCH_CHECK(K % QK == 0 && weight.size(1) == nb * bytes, "weight bytes do not match K");
-  torch::Tensor result;
-  if (out.defined() && out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.numel() >= N * K)
-    result = out.flatten().narrow(0, 0, N * K).view({N, K});
-  else
-    result = torch::empty({N, K}, torch::kFloat32);
+  auto out = torch::empty({N, K}, torch::kFloat32);
   const uint8_t* w = weight.data_ptr<uint8_t>();
-  float* o = result.data_ptr<float>();
+  float* o = out.data_ptr<float>();
   at::parallel_for(0, N * nb, 256, [&](int64_t begin, int64_t end) {
     float q[QK], d, m;
     for (int64_t i = begin; i < end; ++i) {
@@ -216,5 +359,5 @@ torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K, torc
       for (int j = 0; j < QK; ++j) o[i * QK + j] = q[j] * d + m;
     }
   });
-  return result;
+  return out;
 }

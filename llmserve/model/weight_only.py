@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmserve.errors import InvalidRequestError
-from llmserve.model.gguf_quant import GGUF_FORMATS, GgufLinear, WidenScratch, find_lossless_format
+from llmserve.model.gguf_quant import GGUF_FORMATS, GgufLinear, find_lossless_format
 
 WEIGHT_FORMATS = ("int8", "bf16")
 # Rows up to which the streaming kernel beats widening the weight and calling the GEMM: measured on
@@ -61,21 +61,20 @@ def _projections(model):
             yield parent, name
 
 
-def _make(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernels, scratch: WidenScratch) -> nn.Module:
+def _make(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernels) -> nn.Module:
     if fmt in GGUF_FORMATS:
-        return GgufLinear.from_float(weight, bias, fmt, kernels, scratch)
+        return GgufLinear.from_float(weight, bias, fmt, kernels)
     return WeightOnlyLinear(weight, bias, fmt, kernels)
 
 
 def quantize_model(model, fmt: str, kernels) -> None:
     """Swap every projection of every layer, and the logits head, for a quantized linear layer in
     place. The embedding table stays float32: lookups read one row per token, not the whole table."""
-    scratch = WidenScratch()
     for parent, name in _projections(model):
         linear = getattr(parent, name)
-        setattr(parent, name, _make(linear.weight, linear.bias, fmt, kernels, scratch))
+        setattr(parent, name, _make(linear.weight, linear.bias, fmt, kernels))
     head_weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    model.logits_head = _make(head_weight, None, fmt, kernels, scratch)
+    model.logits_head = _make(head_weight, None, fmt, kernels)
     model.lm_head = None  # an untied float32 head is no longer needed
 
 
@@ -84,7 +83,6 @@ def keep_published_formats(model, kernels) -> dict[str, int]:
     block format holds exactly is stored in that format; the others stay float. Nothing is
     rounded. Returns how many layers went to each format."""
     counts: dict[str, int] = {}
-    scratch = WidenScratch()
 
     def convert(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:
         found = find_lossless_format(weight)
@@ -92,7 +90,7 @@ def keep_published_formats(model, kernels) -> dict[str, int]:
             return None
         fmt, blocks = found
         counts[fmt] = counts.get(fmt, 0) + 1
-        return GgufLinear(blocks, fmt, weight.shape[1], bias, kernels, scratch)
+        return GgufLinear(blocks, fmt, weight.shape[1], bias, kernels)
 
     for parent, name in _projections(model):
         linear = getattr(parent, name)
