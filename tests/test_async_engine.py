@@ -171,3 +171,30 @@ def test_an_idle_loop_sleeps(engine):
     time.sleep(1.0)
     assert time.process_time() - start_cpu < 0.3 * (time.monotonic() - start)  # no busy spin
     assert engine.health().alive and engine.health().last_heartbeat_age_s < 2.5
+
+
+def test_engine_is_built_and_run_on_the_loop_thread(tmp_path):
+    import threading
+
+    built_on = []
+
+    def build():
+        from llmserve.engine.engine import LLMEngine
+
+        built_on.append(threading.current_thread().name)
+        return LLMEngine(EngineConfig(model=str(tiny_model_path()), num_kv_blocks=64))
+
+    eng = AsyncLLMEngine(build)
+    try:
+        assert built_on == ["llmserve-engine"]
+        outs = asyncio.run(run(eng, [5, 6, 7], greedy(3), "t"))
+        assert len(outs[-1].outputs[0].token_ids) == 3
+    finally:
+        eng.shutdown()
+
+
+def test_a_failed_build_raises_in_the_caller(tmp_path):
+    from llmserve.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        AsyncLLMEngine.from_config(EngineConfig(model=str(tmp_path / "missing")))

@@ -11,13 +11,16 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tens
 torch::Tensor silu_mul(torch::Tensor x);
 void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads);
 
+// Every kernel releases the GIL while it runs: the server's event loop (SSE writes, new requests)
+// then runs beside the engine thread instead of waiting for it at every switch interval.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_attention_decode", &paged_attention_decode,
-        "write a step's K/V into the paged cache, then decode attention over it (CPU)");
-  m.def("weight_only_linear", &weight_only_linear, "x @ W^T with int8 or bfloat16 weights (CPU)");
-  m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF Q4_1 (fmt 0) or Q8_0 (fmt 1) blocks (CPU)");
-  m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF Q4_1 (0) or Q8_0 (1) blocks");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; return rms_norm(residual) * weight (float32)");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (float32)");
-  m.def("rotary_", &rotary_, "rotate the first heads of a [T, heads, D] tensor in place (float32)");
+        "write a step's K/V into the paged cache, then decode attention over it (CPU)", nogil);
+  m.def("weight_only_linear", &weight_only_linear, "x @ W^T with int8 or bfloat16 weights (CPU)", nogil);
+  m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF Q4_1 (fmt 0) or Q8_0 (fmt 1) blocks (CPU)", nogil);
+  m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF Q4_1 (0) or Q8_0 (1) blocks", nogil);
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; return rms_norm(residual) * weight (float32)", nogil);
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (float32)", nogil);
+  m.def("rotary_", &rotary_, "rotate the first heads of a [T, heads, D] tensor in place (float32)", nogil);
 }
