@@ -199,11 +199,13 @@ def main() -> None:
         res["w1"] = {"requests": args.w1_requests, "input_len": args.w1_input_len, "output_len": args.w1_output_len,
                      "hf_batch_size": bs, "llmserve": ours, "transformers": theirs, "throughput_ratio": ratio}
     if not args.skip_w2:
-        prompt = random_prompts(1, args.w2_input_len, vocab, special, args.seed + 1)[0]
+        # A fresh prompt per repeat (the same one for both systems): a repeated prompt would hit
+        # llmserve's prefix cache and measure a cached TTFT.
+        prompts = random_prompts(args.repeats, args.w2_input_len, vocab, special, args.seed + 1)
         print(f"\nW2: one stream, {args.w2_input_len} prompt -> {args.w2_output_len} output tokens, "
               f"best of {args.repeats}", flush=True)
         ours_runs, hf_runs = [], []
-        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both
+        for prompt in prompts:  # interleaved, so drift in machine load hits both
             ours_runs.append(llmserve_w2(llm, prompt, args.w2_output_len))
             hf_runs.append(hf_w2(hf, prompt, args.w2_output_len, pad_id))
 

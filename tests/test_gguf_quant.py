@@ -38,17 +38,19 @@ def test_dequantize_kernel_is_bitwise_ggml(kernels, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 64, 65, 200])
+@pytest.mark.parametrize("k", [128, 256, 320])  # 4 blocks (no group of 8), exactly 8, 8 + 2
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_kernel_matches_float_matmul_of_dequantized(kernels, fmt, rows, with_bias):
-    g = torch.Generator().manual_seed(rows)
-    weight = torch.randn(70, 128, generator=g)
+def test_kernel_matches_float_matmul_of_dequantized(kernels, fmt, rows, k, with_bias):
+    g = torch.Generator().manual_seed(rows + k)
+    weight = torch.randn(70, k, generator=g)
     bias = torch.randn(70, generator=g) if with_bias else None
     layer = GgufLinear.from_float(weight, bias, fmt, kernels)
-    x = torch.randn(rows, 128, generator=g)
+    assert torch.equal(layer.dequantized(), dequantize(quantize(weight, fmt), fmt, k))
+    x = torch.randn(rows, k, generator=g)
     ref = F.linear(x.double(), layer.dequantized().double(), None if bias is None else bias.double())
     assert torch.allclose(layer(x).double(), ref, atol=1e-4, rtol=1e-4)
     # 3-D input keeps its leading shape.
-    assert layer(x.reshape(1, rows, 128)).shape == (1, rows, 70)
+    assert layer(x.reshape(1, rows, k)).shape == (1, rows, 70)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -81,14 +81,6 @@ inline void axpy<float>(float p, const float* v, float* acc, int64_t D) {
 #endif
 
 #ifdef LLMSERVE_VEC_AVX2
-// lane i = the sum of the 8 lanes of v[i].
-inline __m256 transpose_sum8(const __m256* v) {
-  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
-  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
 // One (sequence, KV head) task over a float32 cache, for G query heads and D % 32 == 0. Scores
 // are reduced 8 tokens at a time (one transpose-add instead of 8 horizontal sums); the weighted
 // sum of V keeps G x 32 accumulators in registers per 32-wide slice of the head.
@@ -115,13 +107,13 @@ void decode_task_f32(const float* qf, const float* k_cache, const float* v_cache
         part[h][t & 7] = _mm256_add_ps(a, b);
       }
       if ((t & 7) == 7)
-        for (int h = 0; h < G; ++h) _mm256_storeu_ps(scores + h * padded + (t & ~7), transpose_sum8(part[h]));
+        for (int h = 0; h < G; ++h) _mm256_storeu_ps(scores + h * padded + (t & ~7), llmserve::transpose_sum8(part[h]));
     }
   }
   if (len & 7) {  // the last, partial group of 8
     for (int h = 0; h < G; ++h) {
       for (int64_t i = len & 7; i < 8; ++i) part[h][i] = _mm256_setzero_ps();
-      _mm256_storeu_ps(scores + h * padded + (len & ~7), transpose_sum8(part[h]));
+      _mm256_storeu_ps(scores + h * padded + (len & ~7), llmserve::transpose_sum8(part[h]));
     }
   }
   float sums[G];

@@ -24,6 +24,14 @@ inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// lane i = the sum of the 8 lanes of v[i]: eight horizontal sums in 7 adds and 2 permutes.
+inline __m256 transpose_sum8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
 // e^x for 8 floats, within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
 // for an exact product), e^r by the classic degree-6 minimax polynomial, 2^n built in the exponent
 // bits. Inputs are clamped to [-87.3, 88.0] so 2^n stays a normal float: below, the result is

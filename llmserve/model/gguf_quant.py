@@ -55,7 +55,7 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
 
 
 class GgufLinear(nn.Module):
-    """y = x W^T + b with W held as GGUF blocks ([N, K / 32 * block bytes] uint8)."""
+    """y = x W^T + b with W held as GGUF blocks ([N, K / 32 * block bytes] uint8, ggml's layout)."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels) -> None:
         super().__init__()
