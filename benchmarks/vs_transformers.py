@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="W1 8 x 64 -> 32, W2 64 -> 32: a short smoke run")
     ap.add_argument("--skip-w1", action="store_true")
     ap.add_argument("--skip-w2", action="store_true")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: llmserve's")
     ap.add_argument("--quantization", default="auto", choices=list(QUANTIZATIONS),
                     help="llmserve's linear weight storage (transformers stays at --dtype); auto keeps a "
                          "GGUF model's own blocks (lossless), none is float")

@@ -23,7 +23,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact number of KV blocks
     kv_cache_memory: int | None = None  # or a byte budget for the KV cache
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    # The per-step token budget. None: 512 on CPU, where a 2048-token chunk is a ~3.5 s step that
+    # every running decode waits for (512 cut p99 TPOT 3x with 60 chat requests, at equal
+    # throughput), and 2048 on CUDA.
+    max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     wipe_kv_on_free: bool = False
@@ -40,7 +43,7 @@ class EngineConfig:
             raise InvalidRequestError(f"quantization must be one of {QUANTIZATIONS}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise InvalidRequestError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
-        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+        if self.block_size < 1 or self.max_num_seqs < 1 or (self.max_num_batched_tokens or 1) < 1:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError("num_kv_blocks must be positive")

@@ -81,3 +81,13 @@ def test_ttft_slo_sets_default_deadline(folder):
     req = llm.engine.scheduler.waiting[0]
     assert req.deadline == pytest.approx(req.arrival_time + 2.0)
     assert req.status is RequestStatus.WAITING
+
+
+def test_token_budget_defaults_to_the_device_and_can_be_set(folder):
+    # On CPU a step of 512 prompt tokens keeps the gap between a running request's tokens short.
+    engine = make_llm(folder, num_kv_blocks=64).engine
+    assert engine.scheduler.max_num_batched_tokens == 512
+    engine.add_request("long", random_prompts(1, [700], seed=3)[0], SamplingParams(temperature=0, max_tokens=1))
+    engine.step()
+    assert engine.scheduler.running[0].num_computed_tokens == 512  # the first chunk, not the whole prompt
+    assert make_llm(folder, num_kv_blocks=64, max_num_batched_tokens=100).engine.scheduler.max_num_batched_tokens == 100

@@ -12,7 +12,7 @@ from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.kv_cache import KVCacheManager
 from llmserve.engine.request import Request, RequestStatus
 from llmserve.engine.scheduler import Scheduler
-from llmserve.engine.setup import EngineParts, build_engine_parts
+from llmserve.engine.setup import EngineParts, build_engine_parts, default_token_budget
 from llmserve.errors import InvalidRequestError, PromptTooLongError
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from llmserve.runner import StepResult
@@ -57,7 +57,8 @@ class LLMEngine:
         self.tokenizer, self.model_config, self.runner = p.tokenizer, p.arch, p.runner
         self.max_model_len, self.eos_token_ids, self.model_name = p.max_model_len, p.eos_token_ids, p.model_name
         self.kv = KVCacheManager(p.num_blocks, config.block_size, config.enable_prefix_caching, config.wipe_kv_on_free)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy)
+        budget = config.max_num_batched_tokens or default_token_budget(p.device)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.scheduling_policy)
         self.groups: dict[str, RequestGroup] = {}
         self._seq_of: dict[str, tuple[RequestGroup, Sequence]] = {}  # scheduler request id -> its group
         self._aborted: list[RequestOutput] = []

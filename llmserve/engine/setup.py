@@ -41,6 +41,11 @@ class EngineParts:
     thread_governor: ThreadGovernor | None = None
 
 
+def default_token_budget(device: torch.device) -> int:
+    """max_num_batched_tokens when the config leaves it unset (see EngineConfig)."""
+    return 512 if device.type == "cpu" else 2048
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
