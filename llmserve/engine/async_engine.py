@@ -1,6 +1,6 @@
 """AsyncLLMEngine: the LLMEngine loop on its own thread, one async stream per request.
 
-The loop thread is the only one that touches the LLMEngine. Everything else talks to it through
+The loop thread builds the LLMEngine and is the only one that runs it. Everything else talks to it through
 one thread-safe inbox (adds and aborts) and gets answers back on its own asyncio loop with
 `call_soon_threadsafe`: admission results on a future, cumulative RequestOutputs on a queue.
 Between two steps the loop drains the inbox, so an abort frees the request's blocks before the
