@@ -1,7 +1,7 @@
 """AsyncLLMEngine: the LLMEngine loop on its own thread, one async stream per request.
 
-The loop thread builds the LLMEngine and is the only one that runs it. Everything else talks to it through
-one thread-safe inbox (adds and aborts) and gets answers back on its own asyncio loop with
+The loop thread builds the LLMEngine and is the only one that runs it. Everything else talks to it
+through one thread-safe inbox (adds and aborts) and gets answers back on its own asyncio loop with
 `call_soon_threadsafe`: admission results on a future, cumulative RequestOutputs on a queue.
 Between two steps the loop drains the inbox, so an abort frees the request's blocks before the
 next step runs. When idle it sleeps on an event; no busy spin.
