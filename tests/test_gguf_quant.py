@@ -17,16 +17,6 @@ from tiny_models import hf_greedy, llama_config, make_llm, make_model_folder, ra
 FORMATS = ["q4_1", "q8_0"]
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    from llmserve.kernels import cpu_kernels
-
-    k = cpu_kernels()
-    if k is None:
-        pytest.skip("no C++ toolchain to build the CPU kernels")
-    return k
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_kernel_is_bitwise_ggml(kernels, fmt):
     w = torch.randn(37, 96, generator=torch.Generator().manual_seed(1)) * 3

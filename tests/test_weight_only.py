@@ -12,16 +12,6 @@ from llmserve.sampling_params import SamplingParams
 from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    from llmserve.kernels import cpu_kernels
-
-    k = cpu_kernels()
-    if k is None:
-        pytest.skip("no C++ toolchain to build the CPU kernels")
-    return k
-
-
 @pytest.mark.parametrize("fmt", ["int8", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 40, 300])
 @pytest.mark.parametrize("with_bias", [False, True])

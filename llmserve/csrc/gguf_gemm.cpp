@@ -19,6 +19,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_math.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LLMSERVE_AVX2 1
@@ -45,12 +47,6 @@ inline float half_at(const uint8_t* p) {
 
 #ifdef LLMSERVE_AVX2
 inline __m256 i8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 // The 32 weights of one block as small integers (q), scale d and offset m (0 for Q8_0).
@@ -116,7 +112,7 @@ inline void dot_rows(const float* const* xs, const float* const* xsum, const uin
       if constexpr (fmt == kQ4_1) macc[r] += m * xsum[r][b];
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + macc[r];
+  for (int r = 0; r < R; ++r) out[r] = llmserve::hsum8(acc[r]) + macc[r];
 #else
   float q[QK], acc[R] = {};
   for (int64_t b = 0; b < nb; ++b) {

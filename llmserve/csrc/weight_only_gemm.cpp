@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "vec_math.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LLMSERVE_AVX2 1
@@ -25,12 +27,6 @@ inline __m256 widen8(const at::BFloat16* p) {  // bf16 is the top half of a floa
   __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 // Dot products of up to 4 rows of x with one weight row.
@@ -47,7 +43,7 @@ inline void dot_rows(const float* const* xs, const w_t* w, int64_t K, float* out
       acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[r] + k + 8), w1, acc[r][1]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int r = 0; r < R; ++r) out[r] = llmserve::hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
 #else
   for (int r = 0; r < R; ++r) out[r] = 0.f;
 #endif
