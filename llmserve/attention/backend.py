@@ -31,10 +31,14 @@ class TorchAttention:
         nd = meta.num_decode_tokens
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+        self._prefills(out, q, k, v, k_cache, v_cache, meta, scale)
+        return out
+
+    def _prefills(self, out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
+        """Each prefill chunk's attention into its rows of out (the caches already hold its K/V)."""
         for p in meta.prefills:
             sl = slice(p.query_start, p.query_start + p.query_len)
             out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, p.context_slots, scale)
-        return out
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -26,7 +26,5 @@ class CpuPagedAttention(TorchAttention):
             return decoded
         out = torch.empty_like(q)
         out[:nd] = decoded
-        for p in meta.prefills:
-            sl = slice(p.query_start, p.query_start + p.query_len)
-            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, p.context_slots, scale)
+        self._prefills(out, q, k, v, k_cache, v_cache, meta, scale)
         return out
