@@ -10,8 +10,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name
-            for name in ("bindings.cpp", "paged_decode.cpp", "weight_only_gemm.cpp", "gguf_gemm.cpp", "fused_ops.cpp")]
+_SOURCES = sorted(_CSRC.glob("*.cpp"))  # every kernel source; bindings.cpp declares what Python sees
 _module = None
 
 
