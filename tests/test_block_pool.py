@@ -75,6 +75,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         req.num_computed_tokens = num_cached
         self._write(req, num_cached, num_cached + n)
         req.num_computed_tokens += n
+        self.kv.commit(req, req.num_computed_tokens)  # the update point, after the forward pass
+        self.kv.end_step()
         self.requests[req.request_id] = req
         return True
 
@@ -120,6 +122,8 @@ class KVCacheMachine(RuleBasedStateMachine):
         if self.kv.allocate(req, n):
             self._write(req, start, start + n)
             req.num_computed_tokens += n
+            self.kv.commit(req, req.num_computed_tokens)
+            self.kv.end_step()
             assert self.kv.block_ids(rid)[:len(table_before)] == table_before
         else:
             assert self.kv.block_ids(rid) == table_before and self.kv.num_free_blocks == free_before
@@ -209,8 +213,13 @@ def test_prefix_hit_and_lru_eviction_order():
     a = new_request("a", [1, 2, 3, 4, 5], None)
     assert kv.find_cached_prefix(a) == []
     assert kv.allocate(a, 5)
-    a.num_computed_tokens = 5
     b = new_request("b", [1, 2, 3, 4, 9], None)
+    assert kv.find_cached_prefix(b) == []  # allocated, but no KV written yet: nothing published
+    assert kv.in_flight_prefix(b, 0)  # ... it is in flight: b gains it by waiting a step
+    a.num_computed_tokens = 5
+    kv.commit(a, 5)
+    kv.end_step()
+    assert not kv.in_flight_prefix(b, 2)
     prefix = kv.find_cached_prefix(b)
     assert [blk.block_id for blk in prefix] == kv.block_ids("a")[:2]
     assert kv.allocate(b, 1, prefix)

@@ -8,11 +8,12 @@ string is held back until it cannot be.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 REPLACEMENT = "\ufffd"
 
 
-@dataclass
+@dataclass(repr=False)
 class IncrementalDetokenizer:
     tokenizer: object
     prompt_tail: list[int]  # the last few prompt ids: context for decoding the first output tokens
@@ -30,6 +31,23 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def __repr__(self) -> str:  # text, stop strings and ids stay out of logs and tracebacks
+        return f"IncrementalDetokenizer(text_chars={len(self.text)}, stopped={self.stop_string is not None})"
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain data to rebuild this detokenizer elsewhere (the tokenizer is not part of it)."""
+        return {"ids": list(self._ids), "prefix_offset": self._prefix_offset, "read_offset": self._read_offset,
+                "text": self.text, "stop": list(self.stop), "stop_string": self.stop_string,
+                "include_stop_str_in_output": self.include_stop_str_in_output,
+                "skip_special_tokens": self.skip_special_tokens}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], tokenizer: object) -> IncrementalDetokenizer:
+        d = cls(tokenizer, [], state["stop"], state["include_stop_str_in_output"], state["skip_special_tokens"])
+        d._ids, d._prefix_offset, d._read_offset = list(state["ids"]), state["prefix_offset"], state["read_offset"]
+        d.text, d.stop_string = state["text"], state["stop_string"]
+        return d
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -1,7 +1,10 @@
 """Per-request block tables over the BlockPool, with automatic prefix caching.
 
 A full block's hash chains its parent's hash, its token ids and the request's cache salt, so a
-block is reused only by a request with the same salt and the same tokens before it.
+block is reused only by a request with the same salt and the same tokens before it. A block enters
+the prefix index only once its KV is written and its tokens are final (`commit`, called by the
+update point after the forward pass); until then it is "in flight", and a request that would hit
+it waits a step instead of computing the same tokens again.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class KVCacheManager:
         self.wipe_on_free = wipe_on_free
         self.block_tables: dict[str, list[Block]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # hashes of a request's full blocks, in order
+        self._in_flight: dict[bytes, str] = {}  # hash -> id of the request whose step is writing it
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
 
@@ -89,12 +93,48 @@ class KVCacheManager:
             self.pool.touch(block)
         table.extend(cached_prefix)
         table.extend(self.pool.allocate() for _ in range(max(num_needed, 0)))
-        # Register the blocks this step fills; their KV is written by this step's forward pass.
-        if self.enable_caching:
+        if self.enable_caching:  # full blocks this step writes: in flight until committed
             hashes = self._full_block_hashes(req, min(total, req.num_tokens))
-            for block, h in zip(table, hashes):
-                self.pool.cache(block, h)
+            for h in hashes[num_computed // self.block_size:]:
+                self._in_flight.setdefault(h, req.request_id)
         return True
+
+    def in_flight_prefix(self, req: Request, num_hits: int) -> bool:
+        """True if the block after req's num_hits cached blocks is being written by this step: the
+        request gains that block for free by waiting one step."""
+        if not self._in_flight:
+            return False
+        hashes = self._full_block_hashes(req, ((req.num_tokens - 1) // self.block_size) * self.block_size)
+        return num_hits < len(hashes) and hashes[num_hits] in self._in_flight
+
+    def commit(self, req: Request, num_tokens: int) -> None:
+        """Publish req's full blocks among its first num_tokens tokens: their KV is written and
+        their tokens are final. The update point calls it after each forward pass."""
+        if not self.enable_caching:
+            return
+        table = self.block_tables.get(req.request_id, ())
+        for block, h in zip(table, self._full_block_hashes(req, num_tokens)):
+            self.pool.cache(block, h)
+            if self._in_flight.get(h) == req.request_id:
+                del self._in_flight[h]
+
+    def end_step(self) -> None:
+        """Forget what the step had in flight (committed or not: a failed step publishes nothing)."""
+        self._in_flight.clear()
+
+    def truncate(self, req: Request, num_tokens: int) -> None:
+        """Roll req's table back to the blocks its first num_tokens tokens need (rejected draft
+        tokens, a shortened request). Blocks past that go back to the pool unpublished."""
+        table = self.block_tables.get(req.request_id)
+        if table is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        for block in reversed(table[keep:]):
+            self.pool.free(block, wipe=self.wipe_on_free)
+        del table[keep:]
+        hashes = self._hashes.get(req.request_id)
+        if hashes is not None:
+            del hashes[num_tokens // self.block_size:]
 
     def free(self, req: Request) -> None:
         """Release all of req's blocks. Tail blocks go first, so they are evicted before the
@@ -102,6 +142,9 @@ class KVCacheManager:
         for block in reversed(self.block_tables.pop(req.request_id, [])):
             self.pool.free(block, wipe=self.wipe_on_free)
         self._hashes.pop(req.request_id, None)
+        if self._in_flight:  # a request preempted in the step that allocated its blocks
+            for h in [h for h, rid in self._in_flight.items() if rid == req.request_id]:
+                del self._in_flight[h]
 
     def take_blocks_to_wipe(self) -> list[int]:
         return self.pool.take_blocks_to_wipe()

@@ -1,10 +1,21 @@
-"""A request as the engine sees it. Its token ids never appear in its repr."""
+"""A request as the engine sees it: one sequence's whole state, movable between engines.
+
+Its token ids and text never appear in its repr. `to_state()` gives plain picklable data (no
+tensors, no tokenizer), `from_state()` rebuilds the request in another engine, where it continues
+with exactly the tokens it would have produced (its seeded generator travels with it).
+"""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
+
+from llmserve.engine.detokenizer import IncrementalDetokenizer
+from llmserve.outputs import PositionLogprobs
 from llmserve.sampling_params import SamplingParams
 
 
@@ -15,10 +26,18 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # the step that ran it failed (a device or kernel error)
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR})
+
+# Times are monotonic-clock instants, which mean nothing on another host: a state carries ages.
+_TIMES = ("arrival_time", "deadline", "first_scheduled_time", "first_token_time", "finished_time")
 
 
 @dataclass(eq=False)
@@ -42,9 +61,15 @@ class Request:
     finished_time: float | None = None
     output_token_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # prompt + output, appended in place
+    # What the engine tracks beside the ids; the update point (Scheduler.update) advances them.
+    detok: IncrementalDetokenizer | None = None
+    generator: torch.Generator | None = None  # seeded requests only; its state carries over steps
+    logprobs: list[PositionLogprobs] | None = None  # per output token, when params.logprobs is set
+    cumulative_logprob: float = 0.0
+    max_model_len: int | None = None  # the engine's context limit (a length stop)
 
     def __post_init__(self) -> None:
-        self.token_ids = list(self.prompt_token_ids)
+        self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -58,9 +83,52 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    @property
+    def banned_token_ids(self) -> list[int]:
+        """Tokens the sampler must not pick now: stop tokens and EOS until min_tokens are out."""
+        p = self.params
+        if self.num_output_tokens >= p.min_tokens:
+            return []
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
+
+    # ---- moving between engines -----------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        """The whole request as plain data (picklable; ids are data here, never logged)."""
+        now = time.monotonic()
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name not in ("detok", "generator", "params", "token_ids", "status") + _TIMES}
+        state["output_token_ids"] = list(self.output_token_ids)
+        state["prompt_token_ids"] = list(self.prompt_token_ids)
+        state["logprobs"] = [dict(p) for p in self.logprobs] if self.logprobs is not None else None
+        state["params"] = dataclasses.asdict(self.params)
+        state["status"] = self.status.value
+        state["ages"] = {name: None if getattr(self, name) is None else now - getattr(self, name) for name in _TIMES}
+        state["generator_state"] = (bytes(self.generator.get_state().numpy().tobytes())
+                                    if self.generator is not None else None)
+        state["detok"] = self.detok.to_state() if self.detok is not None else None
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], tokenizer: object, device: torch.device) -> Request:
+        fields = {k: v for k, v in state.items()
+                  if k not in ("params", "status", "ages", "generator_state", "detok")}
+        fields["params"] = SamplingParams(**state["params"])
+        fields["status"] = RequestStatus(state["status"])
+        fields["eos_token_ids"] = tuple(state["eos_token_ids"])
+        now = time.monotonic()
+        for name, age in state["ages"].items():
+            fields[name] = None if age is None else now - age
+        req = cls(**fields)
+        if state["generator_state"] is not None:
+            req.generator = torch.Generator(device=device)
+            req.generator.set_state(torch.frombuffer(bytearray(state["generator_state"]), dtype=torch.uint8))
+        if state["detok"] is not None:
+            req.detok = IncrementalDetokenizer.from_state(state["detok"], tokenizer)
+        return req
 
     def __repr__(self) -> str:
         return (f"Request(id={self.request_id!r}, status={self.status.value}, prompt_tokens={self.num_prompt_tokens}, "

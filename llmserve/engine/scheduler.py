@@ -5,6 +5,10 @@ tokens in this order until the budget is spent: running requests first (a decode
 request one token behind; a partly prefilled prompt continues with the next chunk), then waiting
 requests are admitted with whatever chunk fits. When KV blocks run out, the policy's least
 deserving running request is preempted and recomputed later from its tokens.
+
+`update()` is the one place where a step's results land: computed tokens advance, finished blocks
+are published, accepted tokens are appended (0..k+1 per request) with every stop rule applied in
+token order, text is detokenized, and finished requests are freed.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 
 from llmserve.engine.kv_cache import KVCacheManager
 from llmserve.engine.request import Request, RequestStatus
+from llmserve.outputs import PositionLogprobs
 
 
 @dataclass
@@ -25,6 +30,15 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """True when this chunk reaches the request's last known token, so a new one is sampled."""
         return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SampledTokens:
+    """What one request accepted this step: its new tokens in order (0..k+1 of them), with their
+    logprob entries when the request asked for logprobs."""
+    request: Request
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs] | None = None
 
 
 @dataclass
@@ -57,6 +71,13 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
+    def add_running(self, req: Request) -> None:
+        """Take in a request that already holds blocks for its computed tokens (an imported one)."""
+        req.status = RequestStatus.RUNNING
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
+        self.running.append(req)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -75,7 +96,11 @@ class Scheduler:
         if self.policy == "priority":
             return (req.priority, req.arrival_time)
         if self.policy == "deadline":
-            return (req.deadline if req.deadline is not None else float("inf"), req.arrival_time)
+            # A TTFT deadline matters only until the first token is out; after that (or without
+            # one) a request ranks by arrival, behind every request still racing its deadline.
+            if req.deadline is not None and req.first_token_time is None:
+                return (0, req.deadline, req.arrival_time)
+            return (1, 0.0, req.arrival_time)
         return (req.arrival_time,)
 
     def _admission_key(self, req: Request, now: float) -> tuple:
@@ -130,15 +155,19 @@ class Scheduler:
         # Admit waiting requests only when nothing was preempted: memory is short otherwise.
         if not out.preempted:
             self.waiting.sort(key=lambda r: self._admission_key(r, now))
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                req = self.waiting[0]
+            i = 0
+            while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+                req = self.waiting[i]
                 # Prompt logprobs need every prompt position computed, so they skip the cache.
                 prefix = [] if req.params.prompt_logprobs is not None else self.kv.find_cached_prefix(req)
+                if req.params.prompt_logprobs is None and self.kv.in_flight_prefix(req, len(prefix)):
+                    i += 1  # its next blocks are being written this step: hit them next step
+                    continue
                 num_cached = len(prefix) * self.kv.block_size
                 n = min(req.num_tokens - num_cached, budget)
                 if not self.kv.allocate(req, n, prefix):
                     break
-                self.waiting.pop(0)
+                self.waiting.pop(i)
                 if req.params.prompt_logprobs is None:
                     self.kv.record_prefix_lookup(req.num_tokens, num_cached)
                 req.num_computed_tokens = num_cached
@@ -160,7 +189,50 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.append(req)  # the sort by rank puts it back in its place in line
 
-    def update(self, out: SchedulerOutput) -> None:
-        """Advance computed tokens of everything that ran this step."""
+    def update(self, out: SchedulerOutput, sampled: list[SampledTokens] = ()) -> list[Request]:
+        """THE update point, after the forward pass. Advances computed tokens and publishes the
+        blocks they filled, then appends each request's accepted tokens in order, applying
+        min_tokens, stop tokens, stop strings, max_tokens and the context limit token by token: a
+        run of tokens is cut where the request stops. Finished requests are freed. Returns the
+        requests that gained tokens."""
         for s in out.scheduled:
-            s.request.num_computed_tokens = s.start + s.num_new_tokens
+            req = s.request
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            self.kv.commit(req, min(req.num_computed_tokens, req.num_tokens))
+        self.kv.end_step()
+        now = time.monotonic()
+        changed = []
+        for new in sampled:
+            req = new.request
+            if req.status.finished:
+                continue
+            for i, token in enumerate(new.token_ids):
+                self._append(req, token, new.logprobs[i] if new.logprobs is not None else None)
+                if req.status.finished:
+                    break
+            if req.first_token_time is None:
+                req.first_token_time = now
+            changed.append(req)
+        return changed
+
+    def _append(self, req: Request, token: int, logprobs: PositionLogprobs | None) -> None:
+        req.append_token(token)
+        if req.logprobs is not None and logprobs is not None:
+            req.logprobs.append(logprobs)
+            req.cumulative_logprob += logprobs[token][0]
+        # Stop conditions count only from min_tokens on. A stop token's text is left out of the
+        # output (as a stop string's is) unless include_stop_str_in_output.
+        p = req.params
+        may_stop = req.num_output_tokens >= p.min_tokens
+        stop_token = may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids))
+        hit_stop_string = False
+        if req.detok is not None and (not stop_token or p.include_stop_str_in_output):
+            hit_stop_string = req.detok.add(token, check_stop=may_stop)
+        if stop_token or hit_stop_string:
+            # As in vLLM: the stop string or stop token id that ended it; None for EOS.
+            req.stop_reason = req.detok.stop_string if hit_stop_string else (
+                token if token in p.stop_token_ids else None)
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif req.num_output_tokens >= req.max_tokens or (
+                req.max_model_len is not None and req.num_tokens >= req.max_model_len):
+            self.finish(req, RequestStatus.FINISHED_LENGTH)

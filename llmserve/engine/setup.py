@@ -120,7 +120,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     backend: AttentionBackend = TorchAttention()
     if kernels is not None:
         model.ops, backend = CpuFusedOps(kernels, onednn), CpuPagedAttention(kernels)
-    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, backend)
+    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, backend, seed=config.seed)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                 str(dtype).removeprefix("torch."), device)

@@ -1,4 +1,6 @@
-"""Per-step sampling inputs: one `SamplingRow` per sampling sequence, turned into tensors once.
+"""Per-step sampling inputs: one row per sampling sequence, turned into tensors once.
+
+A row is anything shaped like `SamplingRow` (the engine passes its `Request`s directly).
 
 `SamplingMetadata.from_rows` is the only place that loops over requests in Python; everything it
 builds is a small [B] tensor or a padded [B, L] id tensor, so the sampler itself is pure batched
@@ -13,7 +15,7 @@ import torch
 from llmserve.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(repr=False)
 class SamplingRow:
     """One row of the batch: a sequence that samples a token this step."""
 
@@ -25,6 +27,9 @@ class SamplingRow:
     generator: torch.Generator | None = None
     # The engine fills eos + stop_token_ids here while len(output) < min_tokens.
     banned_token_ids: list[int] = field(default_factory=list)
+
+    def __repr__(self) -> str:  # ids stay out of logs and tracebacks
+        return f"SamplingRow(prompt_tokens={len(self.prompt_token_ids)}, output_tokens={len(self.output_token_ids)})"
 
 
 @dataclass
