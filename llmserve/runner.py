@@ -1,28 +1,28 @@
 """Turns a SchedulerOutput into batched tensors, runs the forward pass and samples.
 
-The runner owns the KV cache tensors: per layer one K and one V tensor of shape
-[num_blocks * block_size, kv_heads, head_dim], addressed by flat slot = block_id * block_size + offset.
+The runner owns the KV cache tensors (per layer one K and one V tensor of shape
+[num_blocks * block_size, kv_heads, head_dim], addressed by flat slot = block_id * block_size +
+offset) and the persistent batch (input_batch.py): rows kept between steps, of which each step
+writes only what changed.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from llmserve.attention.backend import AttentionBackend, TorchAttention
-from llmserve.attention.metadata import AttentionMetadata, PrefillSeq
+from llmserve.attention.backend import AttentionBackend, KVCaches, TorchAttention
+from llmserve.attention.metadata import AttentionBatch
+from llmserve.engine.block_pool import Block
+from llmserve.input_batch import InputBatch
 from llmserve.engine.scheduler import SampledTokens, ScheduledRequest, SchedulerOutput
-from llmserve.model.llama import LlamaForCausalLM
 from llmserve.sampling.logprobs import compute_logprobs, gather_logprobs
 from llmserve.outputs import PositionLogprobs
-from llmserve.sampling.metadata import SamplingMetadata
+from llmserve.sampling.metadata import SamplingMetadata, TokenHistory
 from llmserve.sampling.sampler import Sampler, SamplerOutput
-
-
-def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
-    cfg = model.cfg
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -62,31 +62,22 @@ def position_logprobs(ids: list[int], vals: list[float], sampled_rank: int, k: i
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, backend: AttentionBackend | None = None, seed: int | None = None) -> None:
+    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device, backend_factory: Callable[[KVCaches], AttentionBackend] = TorchAttention,
+                 seed: int | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.backend = backend or TorchAttention()
-        cfg = model.cfg
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(cfg.num_layers)]
+        self.kv_caches = [tuple(torch.zeros((num_blocks * block_size, *spec.slot_shape()), dtype=dtype, device=device)
+                                for _ in range(2)) for spec in model.kv_cache_specs()]
+        self.backend = backend_factory(self.kv_caches)
+        self.batch = InputBatch(block_size)
         self.sampler = Sampler(seed)  # unseeded requests draw from it: the engine's seed makes them reproducible
+        self._staging: dict[str, torch.Tensor] = {}  # pinned host buffers, reused (CUDA only)
 
-    def export_blocks(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """The KV of a request's first num_tokens tokens, held in block_ids, as one CPU tensor
-        [layers, 2, num_tokens, kv_heads, head_dim] (for another engine's import_blocks)."""
-        slots = torch.from_numpy(self._slots(block_ids, 0, num_tokens)).to(self.device)
-        return torch.stack([torch.stack((k[slots], v[slots])) for k, v in self.kv_caches]).cpu()
-
-    def import_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Write an exported request's KV into block_ids (allocated for its kv.shape[2] tokens)."""
-        slots = torch.from_numpy(self._slots(block_ids, 0, kv.shape[2])).to(self.device)
-        kv = kv.to(self.device)
-        for (k, v), layer in zip(self.kv_caches, kv):
-            k.index_copy_(0, slots, layer[0].to(k.dtype))
-            v.index_copy_(0, slots, layer[1].to(v.dtype))
+    def remove_requests(self, request_ids: list[str]) -> None:
+        """Drop the rows of requests that left the running set (finished, aborted, preempted)."""
+        self.batch.remove(request_ids)
 
     def wipe_blocks(self, block_ids: list[int]) -> None:
         """Zero the KV of freed blocks so nothing of a finished request stays in memory."""
@@ -102,71 +93,90 @@ class ModelRunner:
         pos = np.arange(start, end)
         return np.asarray(block_ids, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def export_blocks(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
+        """The KV of a request's first num_tokens tokens, held in block_ids, as one CPU tensor
+        [layers, 2, num_tokens, kv_heads, head_dim] (for another engine's import_blocks)."""
+        slots = torch.from_numpy(self._slots(block_ids, 0, num_tokens)).to(self.device)
+        return torch.stack([torch.stack((k[slots], v[slots])) for k, v in self.kv_caches]).cpu()
+
+    def import_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Write an exported request's KV into block_ids (allocated for its kv.shape[2] tokens)."""
+        slots = torch.from_numpy(self._slots(block_ids, 0, kv.shape[2])).to(self.device)
+        kv = kv.to(self.device)
+        for (k, v), layer in zip(self.kv_caches, kv):
+            k.index_copy_(0, slots, layer[0].to(k.dtype))
+            v.index_copy_(0, slots, layer[1].to(v.dtype))
+
+    def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device: zero-copy on CPU; on CUDA through a reused pinned buffer,
+        copied without blocking the host."""
+        host = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type != "cuda":
+            return host
+        buf = self._staging.get(name)
+        if buf is None or buf.numel() < host.numel() or buf.dtype != host.dtype:
+            buf = self._staging[name] = torch.empty(max(host.numel(), 1024), dtype=host.dtype).pin_memory()
+        staged = buf[:host.numel()].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True)
+
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepResult:
-        # Decodes (one new token) first, so attention handles them as one group.
+    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[Block]]) -> StepResult:
+        """One forward over every scheduled token, then logits at the positions that sample (each
+        sampling request's last new token) and at prompt positions scored for prompt_logprobs."""
+        # One-token sequences first: backends that treat decodes as a group find them together.
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
-        num_decode = sum(1 for s in items if s.num_new_tokens == 1)
-        ids, positions, slots = [], [], []
-        prefills: list[PrefillSeq] = []
-        offset = 0
-        for s in items:
-            req, start, end = s.request, s.start, s.start + s.num_new_tokens
-            table = block_tables[req.request_id]
-            ids.append(req.token_ids[start:end])
-            positions.append(np.arange(start, end))
-            slots.append(self._slots(table, start, end))
-            if s.num_new_tokens > 1:
-                ctx = None if start == 0 else torch.from_numpy(self._slots(table, 0, end)).to(self.device)
-                prefills.append(PrefillSeq(offset, s.num_new_tokens, end, ctx))
-            offset += s.num_new_tokens
+        num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
+        b = self.batch
+        rows = np.fromiter((b.sync(s.request.request_id, s.request.token_ids, s.request.num_prompt_tokens,
+                                   block_tables[s.request.request_id]) for s in items), dtype=np.int64, count=len(items))
+        starts = np.fromiter((s.start for s in items), dtype=np.int64, count=len(items))
+        counts = np.fromiter((s.num_new_tokens for s in items), dtype=np.int64, count=len(items))
+        ids, positions, slots = b.gather(rows, starts, counts)
+        seq_lens = starts + counts
+        qsl = np.concatenate(([0], np.cumsum(counts)))
+        width = -(-int(seq_lens.max()) // self.block_size)
+        self.backend.prepare(AttentionBatch(
+            slot_mapping=self._to_device("slots", slots), query_start_loc=self._to_device("qsl", qsl.astype(np.int32)),
+            seq_lens=self._to_device("lens", seq_lens.astype(np.int32)),
+            block_tables=self._to_device("tables", b.block_table[rows, :width]), block_size=self.block_size,
+            num_decodes=num_decodes, query_start_loc_host=qsl, seq_lens_host=seq_lens))
+        hidden = self.model(self._to_device("ids", ids), self._to_device("pos", positions), self.backend)
 
-        decode_tables = decode_lens = None
-        if num_decode:
-            ctx_lens = np.array([s.start + 1 for s in items[:num_decode]])
-            max_ctx = int(ctx_lens.max())
-            width = -(-max_ctx // self.block_size)
-            tables = np.zeros((num_decode, width), dtype=np.int32)
-            for row, s in enumerate(items[:num_decode]):
-                t = block_tables[s.request.request_id][:width]
-                tables[row, :len(t)] = t
-            decode_tables = torch.from_numpy(tables).to(self.device)
-            decode_lens = torch.from_numpy(ctx_lens.astype(np.int32)).to(self.device)
-
-        input_ids = torch.from_numpy(np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64)).to(self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
-            num_decode_tokens=num_decode, decode_slots=None, decode_mask=None, prefills=prefills,
-            block_size=self.block_size, decode_block_tables=decode_tables, decode_seq_lens=decode_lens)
-        hidden = self.model(input_ids, torch.from_numpy(np.concatenate(positions)).to(self.device),
-                            self.kv_caches, meta, self.backend)
-
-        # Token offsets of each item's last new token, for the items that sample.
-        ends = np.cumsum([s.num_new_tokens for s in items]) - 1
         sampled = [s for s in items if s.samples]
+        sample_at = [int(qsl[i + 1]) - 1 for i, s in enumerate(items) if s.samples]
+        scored = self._prompt_positions(items, qsl)
+        at = sample_at + [p for _, first, n in scored for p in range(first, first + n)]
+        logits = self.model.compute_logits(hidden[self._to_device("logits_at", np.asarray(at, dtype=np.int64))]) \
+            if at else None
         out = None
         if sampled:
-            idx = torch.from_numpy(np.array([e for s, e in zip(items, ends) if s.samples])).to(self.device)
-            logits = self.model.compute_logits(hidden[idx])
-            meta_s = SamplingMetadata.from_rows([s.request for s in sampled], logits.shape[-1], self.device)
-            out = self.sampler(logits, meta_s)
-        prompt_lp = self._prompt_logprobs(items, ends, hidden)
+            sample_rows = rows[[i for i, s in enumerate(items) if s.samples]]
+
+            def history() -> TokenHistory:
+                return TokenHistory(b.token_ids[sample_rows], b.prompt_lens[sample_rows], b.num_tokens[sample_rows])
+
+            meta = SamplingMetadata.from_rows([s.request for s in sampled], logits.shape[-1], self.device, history)
+            out = self.sampler(logits[:len(sampled)], meta)
+        prompt_lp = {}
+        offset = len(sample_at)
+        for s, _, n in scored:
+            req = s.request
+            targets = torch.tensor(req.token_ids[s.start + 1:s.start + 1 + n], device=self.device)
+            prompt_lp[req.request_id] = gather_logprobs(compute_logprobs(logits[offset:offset + n]), targets,
+                                                        req.params.prompt_logprobs)
+            offset += n
         return StepResult(sampled, out, prompt_lp)
 
-    def _prompt_logprobs(self, items: list[ScheduledRequest], ends: np.ndarray,
-                         hidden: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Logprobs of prompt tokens 1.. given their prefixes, for the positions computed this step."""
-        result = {}
-        for s, end in zip(items, ends):
+    @staticmethod
+    def _prompt_positions(items: list[ScheduledRequest], qsl: np.ndarray) -> list[tuple[ScheduledRequest, int, int]]:
+        """(item, first flat row, count) of the prompt positions scored for prompt_logprobs: position
+        p predicts token p + 1, so only positions before the prompt's last token count."""
+        scored = []
+        for i, s in enumerate(items):
             req = s.request
-            k = req.params.prompt_logprobs
-            if k is None or s.start >= req.num_prompt_tokens - 1:
+            if req.params.prompt_logprobs is None or s.start >= req.num_prompt_tokens - 1:
                 continue
-            first = int(end) - s.num_new_tokens + 1
-            # Position p predicts token p + 1; only prompt tokens are scored.
-            last_pos = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)
-            n = last_pos - s.start
-            logits = self.model.compute_logits(hidden[first:first + n])
-            targets = torch.tensor(req.token_ids[s.start + 1:s.start + 1 + n], device=self.device)
-            result[req.request_id] = gather_logprobs(compute_logprobs(logits), targets, k)
-        return result
+            n = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1) - s.start
+            scored.append((s, int(qsl[i]), n))
+        return scored

@@ -1,11 +1,12 @@
 """bfloat16 runs and stays close to float32; the CPU paged-attention kernel matches the torch reference."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from llmserve.attention.backend import TorchAttention
-from llmserve.attention.metadata import AttentionMetadata
+from llmserve.attention.metadata import AttentionBatch, AttentionLayer
 from llmserve.sampling_params import SamplingParams
 from tiny_models import hf_greedy, llama_config, make_llm, make_model_folder, random_prompts
 
@@ -46,22 +47,29 @@ def test_bfloat16_greedy_matches_transformers_mostly(folder_and_hf):
         hf.to(torch.float32)
 
 
-def _random_paged_case(dtype, d=32, seed=0):
-    """Six decoding sequences over shuffled cache blocks, each writing its newest token's K/V this
-    step; q, k and v are strided slices of one fused qkv tensor, as the model passes them."""
+def _random_batch(dtype, d=32, seed=0):
+    """A mixed step over shuffled cache blocks: four decodes, a verify run of 5 tokens and two
+    prefill chunks (one over a cached prefix), each writing its new tokens' K/V; q, k and v are
+    strided slices of one fused qkv tensor, as the model passes them."""
     g = torch.Generator().manual_seed(seed)
-    b, h, kvh, bs, nb = 6, 8, 2, 4, 40
+    h, kvh, bs, nb = 8, 2, 4, 80
+    new = np.array([1, 1, 1, 1, 5, 12, 9])
+    lens = np.array([1, 4, 17, 33, 21, 12, 30])
     k_cache = torch.randn(nb * bs, kvh, d, generator=g).to(dtype)
     v_cache = torch.randn(nb * bs, kvh, d, generator=g).to(dtype)
-    lens = torch.tensor([1, 4, 5, 17, 33, 9], dtype=torch.int32)
     width = -(-int(lens.max()) // bs)
-    tables = torch.stack([torch.randperm(nb, generator=g)[:width] for _ in range(b)]).int()
-    qkv = torch.randn(b, h + 2 * kvh, d, generator=g).to(dtype)
+    perm = torch.randperm(nb, generator=g)
+    tables = perm[:len(lens) * width].view(len(lens), width).int()
+    t = int(new.sum())
+    qkv = torch.randn(t, h + 2 * kvh, d, generator=g).to(dtype)
     q, k, v = qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:]
-    last = (lens - 1).long()
-    slot_mapping = tables.long()[torch.arange(b), last // bs] * bs + last % bs
-    meta = AttentionMetadata(slot_mapping, b, None, None, [], bs, tables, lens)
-    return q, k, v, k_cache, v_cache, meta
+    pos = np.concatenate([np.arange(n - c, n) for n, c in zip(lens, new)])
+    seq = np.repeat(np.arange(len(lens)), new)
+    slots = tables.numpy()[seq, pos // bs].astype(np.int64) * bs + pos % bs
+    qsl = np.concatenate(([0], np.cumsum(new)))
+    batch = AttentionBatch(torch.from_numpy(slots), torch.from_numpy(qsl.astype(np.int32)),
+                           torch.from_numpy(lens.astype(np.int32)), tables, bs, 4, qsl, lens)
+    return q, k, v, k_cache, v_cache, batch
 
 
 def test_fused_ops_match_torch_reference():
@@ -92,21 +100,46 @@ def test_fused_ops_match_torch_reference():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("d", [32, 40])
-def test_cpu_paged_kernel_matches_reference(dtype, tol, d):
+@pytest.mark.parametrize("window,cap", [(None, None), (6, None), (None, 5.0)])
+def test_cpu_paged_backend_matches_torch_backend(dtype, tol, d, window, cap):
     from llmserve.attention.cpu_paged import CpuPagedAttention
     from llmserve.kernels import cpu_kernels
 
     kernel = cpu_kernels()
     if kernel is None:
         pytest.skip("no C++ toolchain to build the CPU kernel")
-    q, k, v, k_cache, v_cache, meta = _random_paged_case(dtype, d)
-    ref_k, ref_v = k_cache.float(), v_cache.float()
-    ref = TorchAttention()(q.float(), k.float(), v.float(), ref_k, ref_v, meta, 0.2)
-    out = CpuPagedAttention(kernel)(q, k, v, k_cache, v_cache, meta, 0.2)
+    q, k, v, k_cache, v_cache, batch = _random_batch(dtype, d)
+    layer = AttentionLayer(0, 0.2, window, cap)
+    ref_caches = [(k_cache.float(), v_cache.float())]
+    ref = TorchAttention(ref_caches)
+    ref.prepare(batch)
+    expected = ref.forward(layer, q.float(), k.float(), v.float())
+    fast = CpuPagedAttention(kernel, [(k_cache, v_cache)])
+    fast.prepare(batch)
+    out = fast.forward(layer, q, k, v)
     assert out.dtype == dtype
-    assert (out.float() - ref).abs().max().item() < tol
+    assert (out.float() - expected).abs().max().item() < tol
     # The step's K/V landed in the caches, exactly where the reference put them.
-    assert torch.equal(k_cache.float(), ref_k) and torch.equal(v_cache.float(), ref_v)
+    assert torch.equal(k_cache.float(), ref_caches[0][0]) and torch.equal(v_cache.float(), ref_caches[0][1])
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu-kernels", "plain-torch"])
+def test_both_attention_paths_match_transformers_end_to_end(tmp_path_factory, monkeypatch, kernels):
+    """head_dim 64, which the kernel's fast path takes; plain torch is the path CUDA runs. Chunks
+    of 7 tokens, a warm prefix cache and mixed decode/prefill steps."""
+    monkeypatch.setenv("LLMSERVE_CPU_KERNELS", kernels)
+    folder = tmp_path_factory.mktemp("hd64-llama")
+    hf = make_model_folder(folder, llama_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                                intermediate_size=256), seed=3)
+    prompts = random_prompts(6, [5, 40, 17, 64, 1, 33], seed=9)
+    prompts.append(prompts[1] + [7, 8, 9])  # shares a 2-block prefix with prompt 1
+    llm = make_llm(folder, max_num_batched_tokens=7, block_size=16)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for _ in range(2):
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        for p, o in zip(prompts, outs):
+            assert o.outputs[0].token_ids == hf_greedy(hf, p, 12)[0]
+    assert llm.engine.kv.prefix_hits > 0
 
 
 def test_engine_uses_plain_torch_when_asked(folder_and_hf, monkeypatch):

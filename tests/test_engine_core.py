@@ -74,8 +74,7 @@ def test_blocks_enter_the_prefix_index_only_after_the_forward(folder):
     engine.add_request("a", prompt, greedy(3))
     sched = engine.scheduler.schedule()
     assert sched.scheduled and not engine.kv.pool._cached  # allocated, not yet written: not published
-    engine.runner.execute(sched, {s.request.request_id: engine.kv.block_ids(s.request.request_id)
-                                  for s in sched.scheduled})
+    engine.runner.execute(sched, engine.kv.block_tables)
     assert not engine.kv.pool._cached
     engine.scheduler.update(sched)
     assert len(engine.kv.pool._cached) == 4  # 16 of 17 tokens fill 4 blocks
@@ -219,3 +218,34 @@ def test_detokenizer_state_round_trips():
     for t in ids[5:]:
         assert a.add(t) == b.add(t)
     assert a.text == b.text and a.stop_string == b.stop_string == "stop"
+
+
+# ---- the model registry and layer specs ----------------------------------------------------------
+
+def test_registry_builds_each_architecture_and_names_the_supported_ones():
+    from llmserve.errors import UnsupportedArchitectureError
+    from llmserve.model.llama import LlamaForCausalLM
+    from llmserve.model.registry import ARCHITECTURES, model_class
+
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+        assert model_class(name) is LlamaForCausalLM
+    with pytest.raises(UnsupportedArchitectureError) as e:
+        model_class("GPT2LMHeadModel")
+    assert all(name in str(e.value) for name in ARCHITECTURES)
+
+
+def test_kv_cache_follows_the_models_layer_specs(folder):
+    from llmserve.model.linear import Projection
+    from llmserve.model.specs import FullAttentionSpec
+
+    engine = make_llm(folder, num_kv_blocks=8, block_size=4).engine
+    model = engine.runner.model
+    specs = model.kv_cache_specs()
+    assert specs == [FullAttentionSpec(2, 16)] * 2
+    for spec, (k, v) in zip(specs, engine.runner.kv_caches):
+        assert k.shape == v.shape == (8 * 4, spec.num_kv_heads, spec.head_dim)
+    # Every projection was built with its storage and has processed its weights: nothing float
+    # is left behind beside the module that computes.
+    projections = [m for m in model.modules() if isinstance(m, Projection)]
+    assert len(projections) == 2 * 4 + 1
+    assert all(p.impl is not None and p.weight is None for p in projections)

@@ -47,7 +47,9 @@ def test_quantized_engine_close_to_float32(tmp_path, fmt, tol):
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=3)
     ref = make_llm(tmp_path).generate(prompts, params, use_tqdm=False)
     llm = make_llm(tmp_path, quantization=fmt)
-    assert llm.engine.runner.model.logits_head is not None
+    model = llm.engine.runner.model
+    assert isinstance(model.lm_head.impl, WeightOnlyLinear) and model.lm_head.impl.fmt == fmt
+    assert all(isinstance(layer.mlp.down_proj.impl, WeightOnlyLinear) for layer in model.layers)
     out = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(ref, out):
         lp_a, lp_b = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]

@@ -1,70 +1,117 @@
-"""Attention over the paged KV cache. One interface; the torch backend is the reference."""
+"""Attention over the paged KV cache: the interface, and the plain-torch reference backend.
+
+A backend owns its per-step state: the runner calls `prepare(batch)` once per step, then each
+layer calls `forward(layer, q, k, v)`. `forward` writes the layer's new K/V for every token of the
+step into the cache before any attention reads it (a request may attend to K/V that another
+request of the same step wrote), and returns the attention output [T, H, D].
+"""
 from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmserve.attention.metadata import AttentionMetadata
+from llmserve.attention.metadata import AttentionBatch, AttentionLayer
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [num_slots, kv_heads, head_dim]
 
 
 class AttentionBackend(Protocol):
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D], caches: [num_slots, KVH, D]. Writes the new K/V into the
-        caches at meta.slot_mapping and returns the attention output [T, H, D].
+    kv_caches: KVCaches
 
-        All of the step's K/V must be written before any attention reads the cache: a request
-        admitted this step may hit prefix blocks that another request fills in the same step."""
+    def prepare(self, batch: AttentionBatch) -> None: ...
+
+    def forward(self, layer: AttentionLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, H, D], k/v: [T, KVH, D] (rows may be strided views of a fused qkv)."""
         ...
 
 
 class TorchAttention:
-    """Batched attention in plain PyTorch: all decodes in one grouped matmul, each prefill chunk
-    through scaled_dot_product_attention with a causal mask offset by its cached prefix."""
+    """The reference, on any device: all decodes in one grouped matmul over their gathered
+    context, each longer query (prefill chunk, verify run) through scaled_dot_product_attention
+    with its causal mask offset by the cached prefix. Everything that needs host values is
+    derived in prepare(), so forward never syncs the device."""
 
-    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)
-        nd = meta.num_decode_tokens
+    def __init__(self, kv_caches: KVCaches) -> None:
+        self.kv_caches = kv_caches
+
+    def prepare(self, batch: AttentionBatch) -> None:
+        self.batch = batch
+        nd, bs = batch.num_decodes, batch.block_size
+        device = batch.slot_mapping.device
+        self._decode_ctx = None
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
-        self._prefills(out, q, k, v, k_cache, v_cache, meta, scale)
-        return out
-
-    def _prefills(self, out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
-        """Each prefill chunk's attention into its rows of out (the caches already hold its K/V)."""
-        for p in meta.prefills:
-            sl = slice(p.query_start, p.query_start + p.query_len)
-            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, p.context_slots, scale)
+            lens = batch.seq_lens_host[:nd]
+            max_ctx = int(lens.max())
+            offsets = torch.arange(bs, device=device)
+            tables = batch.block_tables[:nd, :-(-max_ctx // bs)].long()
+            slots = (tables[:, :, None] * bs + offsets).reshape(nd, -1)[:, :max_ctx]
+            pos = np.broadcast_to(np.arange(max_ctx), (nd, max_ctx))
+            self._decode_ctx = (slots.contiguous(), self._mask_rows(pos, lens - 1, device))
+        # Longer queries: (row slice, context slots, query positions) per sequence.
+        self._chunks = []
+        qsl, lens = batch.query_start_loc_host, batch.seq_lens_host
+        for b in range(nd, batch.num_seqs):
+            start, end, ctx = int(qsl[b]), int(qsl[b + 1]), int(lens[b])
+            table = batch.block_tables[b, :-(-ctx // bs)].long()
+            slots = (table[:, None] * bs + torch.arange(bs, device=device)).reshape(-1)[:ctx]
+            self._chunks.append((slice(start, end), slots, ctx - (end - start), ctx))
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _mask_rows(pos: np.ndarray, last: np.ndarray, device: torch.device) -> torch.Tensor:
+        """True where position pos lies past each row's last attended position."""
+        return torch.from_numpy(pos > last[:, None]).to(device)
+
+    def forward(self, layer: AttentionLayer, q, k, v) -> torch.Tensor:
+        k_cache, v_cache = self.kv_caches[layer.index]
+        k_cache.index_copy_(0, self.batch.slot_mapping, k)
+        v_cache.index_copy_(0, self.batch.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = self.batch.num_decodes
+        if nd:
+            slots, outside = self._decode_ctx
+            out[:nd] = self._decode(layer, q[:nd], k_cache[slots], v_cache[slots], outside)
+        for rows, slots, first_pos, ctx in self._chunks:
+            out[rows] = self._chunk(layer, q[rows], k_cache[slots], v_cache[slots], first_pos, ctx)
+        return out
+
+    @staticmethod
+    def _decode(layer: AttentionLayer, q, keys, values, outside) -> torch.Tensor:
+        """q [B, H, D] against keys/values [B, C, KVH, D]; outside [B, C] marks padding."""
         b, h, d = q.shape
-        kvh = k_cache.shape[1]
-        slots, outside = meta.decode_context()
-        keys = k_cache[slots]  # [B, C, KVH, D]
-        values = v_cache[slots]
+        kvh = keys.shape[2]
         qg = q.view(b, kvh, h // kvh, d)  # grouped query heads share one KV head
-        scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * scale  # [B, KVH, G, C]
+        scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * layer.scale  # [B, KVH, G, C]
+        if layer.soft_cap is not None:
+            scores = layer.soft_cap * torch.tanh(scores / layer.soft_cap)
+        if layer.sliding_window is not None:
+            c = keys.shape[1]
+            last = c - 1 - outside.sum(-1, keepdim=True)  # each row's own position
+            outside = outside | (torch.arange(c, device=q.device) <= last - layer.sliding_window)
         scores.masked_fill_(outside[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return torch.matmul(probs, values.transpose(1, 2)).reshape(b, h, d)
 
     @staticmethod
-    def _prefill(q, k, v, k_cache, v_cache, context_slots, scale: float) -> torch.Tensor:
+    def _chunk(layer: AttentionLayer, q, keys, values, first_pos: int, ctx: int) -> torch.Tensor:
+        """Queries at positions first_pos.. attending causally to the ctx tokens of keys/values."""
         qlen = q.shape[0]
-        if context_slots is None:  # no cached prefix: attend to the new tokens, plain causal
-            keys, values, mask, causal = k, v, None, True
-        else:
-            keys, values = k_cache[context_slots], v_cache[context_slots]
-            ctx = keys.shape[0]
-            qpos = torch.arange(ctx - qlen, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
-            causal = False
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
-        return o.squeeze(0).transpose(0, 1)
+        qpos = torch.arange(first_pos, first_pos + qlen, device=q.device)[:, None]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if layer.sliding_window is not None:
+            mask = mask & (kpos > qpos - layer.sliding_window)
+        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+        if layer.soft_cap is None:
+            o = F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), attn_mask=mask,
+                                               scale=layer.scale, enable_gqa=True).squeeze(0)
+        else:  # SDPA has no soft cap: the same math written out
+            g = qh.shape[0] // kh.shape[0]
+            kh, vh = kh.repeat_interleave(g, 0), vh.repeat_interleave(g, 0)
+            scores = torch.matmul(qh, kh.transpose(1, 2)).float() * layer.scale
+            scores = layer.soft_cap * torch.tanh(scores / layer.soft_cap)
+            scores.masked_fill_(~mask, float("-inf"))
+            o = torch.matmul(torch.softmax(scores, -1).to(q.dtype), vh)
+        return o.transpose(0, 1)

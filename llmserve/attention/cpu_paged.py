@@ -1,30 +1,25 @@
-"""CPU attention backend: one kernel call per layer writes the step's K/V into the paged cache and
-runs decode attention straight over it (csrc/paged_decode.cpp). Prefill chunks use the torch
-reference path, after the kernel has written their K/V."""
+"""CPU attention backend: one kernel call per layer (csrc/paged_attention.cpp) writes the step's
+K/V into the paged cache and attends for every sequence of the step, whatever its number of new
+tokens (decode, verify, prefill chunk over a cached prefix), reading the cache in place."""
 from __future__ import annotations
 
 import torch
 
-from llmserve.attention.backend import TorchAttention
-from llmserve.attention.metadata import AttentionMetadata
-
-_NO_TABLES = torch.empty(0, 0, dtype=torch.int32)
-_NO_LENS = torch.empty(0, dtype=torch.int32)
+from llmserve.attention.backend import KVCaches
+from llmserve.attention.metadata import AttentionBatch, AttentionLayer
 
 
-class CpuPagedAttention(TorchAttention):
-    def __init__(self, kernels) -> None:
+class CpuPagedAttention:
+    def __init__(self, kernels, kv_caches: KVCaches) -> None:
         self.kernels = kernels
+        self.kv_caches = kv_caches
 
-    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        nd = meta.num_decode_tokens
-        tables = meta.decode_block_tables if nd else _NO_TABLES
-        lens = meta.decode_seq_lens if nd else _NO_LENS
-        decoded = self.kernels.paged_attention_decode(q, k, v, k_cache, v_cache, meta.slot_mapping, tables, lens,
-                                                      meta.block_size, scale)
-        if not meta.prefills:
-            return decoded
-        out = torch.empty_like(q)
-        out[:nd] = decoded
-        self._prefills(out, q, k, v, k_cache, v_cache, meta, scale)
-        return out
+    def prepare(self, batch: AttentionBatch) -> None:
+        self.batch = batch
+
+    def forward(self, layer: AttentionLayer, q, k, v) -> torch.Tensor:
+        b = self.batch
+        k_cache, v_cache = self.kv_caches[layer.index]
+        return self.kernels.paged_attention(q, k, v, k_cache, v_cache, b.slot_mapping, b.query_start_loc, b.seq_lens,
+                                            b.block_tables, b.block_size, layer.scale, layer.sliding_window or 0,
+                                            layer.soft_cap or 0.0)

@@ -4,6 +4,10 @@
 torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
                                      torch::Tensor seq_lens, int64_t block_size, double scale);
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                              torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor query_start_loc,
+                              torch::Tensor seq_lens, torch::Tensor block_tables, int64_t block_size, double scale,
+                              int64_t sliding_window, double soft_cap);
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
 torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
@@ -17,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_attention_decode", &paged_attention_decode,
         "write a step's K/V into the paged cache, then decode attention over it (CPU)", nogil);
+  m.def("paged_attention", &paged_attention,
+        "write a step's K/V into the paged cache, then attention for decodes, verifies and prefill chunks (CPU)",
+        nogil);
   m.def("weight_only_linear", &weight_only_linear, "x @ W^T with int8 or bfloat16 weights (CPU)", nogil);
   m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF Q4_1 (fmt 0) or Q8_0 (fmt 1) blocks (CPU)", nogil);
   m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF Q4_1 (0) or Q8_0 (1) blocks", nogil);

@@ -181,6 +181,7 @@ class LLMEngine:
         if self.thread_governor is not None:
             self.thread_governor.tick()
         sched = self.scheduler.schedule()
+        self.runner.remove_requests(sched.left_ids)
         # Blocks freed by preemption may already be handed to another request: wipe them before
         # this step's forward pass writes into them, not after.
         self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
@@ -188,8 +189,7 @@ class LLMEngine:
             return outputs
         start = time.perf_counter()
         try:
-            result = self.runner.execute(sched, {s.request.request_id: self.kv.block_ids(s.request.request_id)
-                                                 for s in sched.scheduled})
+            result = self.runner.execute(sched, self.kv.block_tables)
         except Exception as e:  # noqa: BLE001 - a device or kernel error fails this step's requests only
             return outputs + self._fail_step(sched, e)
         self.last_step_error = None

@@ -32,6 +32,7 @@ class KVCacheManager:
         self.block_tables: dict[str, list[Block]] = {}
         self._hashes: dict[str, list[bytes]] = {}  # hashes of a request's full blocks, in order
         self._in_flight: dict[bytes, str] = {}  # hash -> id of the request whose step is writing it
+        self._committed: dict[str, int] = {}  # request id -> how many of its blocks are published
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
 
@@ -109,14 +110,21 @@ class KVCacheManager:
 
     def commit(self, req: Request, num_tokens: int) -> None:
         """Publish req's full blocks among its first num_tokens tokens: their KV is written and
-        their tokens are final. The update point calls it after each forward pass."""
+        their tokens are final. The update point calls it after each forward pass; only blocks
+        not committed before are visited."""
         if not self.enable_caching:
             return
-        table = self.block_tables.get(req.request_id, ())
-        for block, h in zip(table, self._full_block_hashes(req, num_tokens)):
-            self.pool.cache(block, h)
-            if self._in_flight.get(h) == req.request_id:
-                del self._in_flight[h]
+        rid = req.request_id
+        done, full = self._committed.get(rid, 0), num_tokens // self.block_size
+        if full <= done:
+            return
+        table = self.block_tables[rid]
+        hashes = self._full_block_hashes(req, num_tokens)
+        for i in range(done, full):
+            self.pool.cache(table[i], hashes[i])
+            if self._in_flight.get(hashes[i]) == rid:
+                del self._in_flight[hashes[i]]
+        self._committed[rid] = full
 
     def end_step(self) -> None:
         """Forget what the step had in flight (committed or not: a failed step publishes nothing)."""
@@ -135,6 +143,8 @@ class KVCacheManager:
         hashes = self._hashes.get(req.request_id)
         if hashes is not None:
             del hashes[num_tokens // self.block_size:]
+        if req.request_id in self._committed:
+            self._committed[req.request_id] = min(self._committed[req.request_id], num_tokens // self.block_size)
 
     def free(self, req: Request) -> None:
         """Release all of req's blocks. Tail blocks go first, so they are evicted before the
@@ -142,6 +152,7 @@ class KVCacheManager:
         for block in reversed(self.block_tables.pop(req.request_id, [])):
             self.pool.free(block, wipe=self.wipe_on_free)
         self._hashes.pop(req.request_id, None)
+        self._committed.pop(req.request_id, None)
         if self._in_flight:  # a request preempted in the step that allocated its blocks
             for h in [h for h, rid in self._in_flight.items() if rid == req.request_id]:
                 del self._in_flight[h]

@@ -45,6 +45,9 @@ class SampledTokens:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Requests that left the running set since the last schedule (finished, aborted, preempted):
+    # the runner drops their rows before it writes this step's.
+    left_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +68,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.prefill_seconds_per_token = 1e-3  # refined by observe_step
         self.num_preemptions = 0
+        self._left: list[str] = []
 
     # ---- queue management -------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -85,6 +89,7 @@ class Scheduler:
         """Remove req from the queues and free its blocks at once."""
         req.status = status
         req.finished_time = time.monotonic()
+        self._left.append(req.request_id)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -178,9 +183,11 @@ class Scheduler:
                 self.running.append(req)
                 out.scheduled.append(ScheduledRequest(req, n, num_cached))
                 budget -= n
+        out.left_ids, self._left = self._left, []
         return out
 
     def _preempt(self, req: Request) -> None:
+        self._left.append(req.request_id)
         self.running.remove(req)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED

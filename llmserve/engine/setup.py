@@ -4,20 +4,22 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from llmserve.attention.backend import AttentionBackend, TorchAttention
+from llmserve.attention.backend import TorchAttention
 from llmserve.attention.cpu_paged import CpuPagedAttention
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
 from llmserve.kernels import cpu_kernels
 from llmserve.model.arch_config import ArchConfig
 from llmserve.model.loader import load_model
-from llmserve.model.onednn_linear import onednn_available, use_onednn
-from llmserve.model.ops import CpuFusedOps
-from llmserve.runner import ModelRunner, kv_bytes_per_block
+from llmserve.model.linear import WeightStorage, onednn_available
+from llmserve.model.ops import CpuFusedOps, TorchOps
+from llmserve.model.specs import kv_bytes_per_block
+from llmserve.runner import ModelRunner
 from llmserve.threads import ThreadGovernor
 from llmserve.tokenizer import eos_token_ids, load_tokenizer
 
@@ -106,20 +108,19 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if config.seed is not None:
         torch.manual_seed(config.seed)
     max_model_len = _model_len(config, arch)
-    model = load_model(folder, max_model_len, dtype, device)
-    _store_weights(model, config.quantization, dtype, device)
-    per_block = kv_bytes_per_block(model, config.block_size, dtype)
+    kernels = cpu_kernels_for(device)
+    onednn = kernels is not None and onednn_available()
+    storage = WeightStorage(_storage_format(config.quantization, kernels, dtype, device), kernels, onednn)
+    ops = CpuFusedOps(kernels) if kernels is not None else TorchOps()
+    model = load_model(folder, max_model_len, dtype, device, ops, storage)
+    if storage.fmt != "none":
+        logger.info("linear layers stored as: %s", ", ".join(f"{n} {fmt}" for fmt, n in sorted(storage.counts.items())))
+    per_block = kv_bytes_per_block(model.kv_cache_specs(), config.block_size, dtype)
     num_blocks = _num_blocks(config, per_block, max_model_len, device)
     if num_blocks * config.block_size < max_model_len:
         logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
         max_model_len = num_blocks * config.block_size
-    kernels = cpu_kernels_for(device)
-    onednn = kernels is not None and onednn_available()
-    if onednn:
-        use_onednn(model)
-    backend: AttentionBackend = TorchAttention()
-    if kernels is not None:
-        model.ops, backend = CpuFusedOps(kernels, onednn), CpuPagedAttention(kernels)
+    backend = partial(CpuPagedAttention, kernels) if kernels is not None else TorchAttention
     runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, backend, seed=config.seed)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
@@ -129,24 +130,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                        eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor)
 
 
-def _store_weights(model, quantization: str | None, dtype: torch.dtype, device: torch.device) -> None:
-    from llmserve.model.weight_only import keep_published_formats, quantize_model
-
+def _storage_format(quantization: str | None, kernels, dtype: torch.dtype, device: torch.device) -> str:
+    """The weight storage the projections are built with."""
     if quantization in (None, "none"):
-        return
-    kernels = cpu_kernels_for(device)
+        return "none"
     if quantization == "auto":
         # Only where the block kernels run: elsewhere float weights are as fast and exact too.
-        if kernels is not None and dtype == torch.float32:
-            counts = keep_published_formats(model, kernels)
-            if counts:
-                logger.info("linear layers kept in their published GGUF formats: %s",
-                            ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items())))
-        return
+        return "auto" if kernels is not None and dtype == torch.float32 else "none"
     if dtype != torch.float32 or device.type != "cpu":
         raise InvalidRequestError("weight-only quantization runs on CPU with float32 activations (--dtype float32)")
-    quantize_model(model, quantization, kernels)
-    logger.info("linear layers stored as %s (weight-only)", quantization)
+    return quantization
 
 
 def cpu_kernels_for(device: torch.device):

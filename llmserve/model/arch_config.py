@@ -7,13 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.errors import ModelLoadError, UnsupportedArchitectureError
-
-# HF `architectures` entries served by the Llama-family implementation.
-LLAMA_FAMILY = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
+from llmserve.model.registry import supported_architecture
 
 
 @dataclass(frozen=True)
@@ -41,11 +35,7 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "ArchConfig":
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in LLAMA_FAMILY), None)
-        if arch is None:
-            raise UnsupportedArchitectureError(
-                f"unsupported architecture {archs or cfg.get('model_type')!r}; supported: {sorted(LLAMA_FAMILY)}")
-        family = LLAMA_FAMILY[arch]
+        arch = supported_architecture(archs, cfg.get("model_type"))
         num_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         eos = cfg.get("eos_token_id")
@@ -77,7 +67,7 @@ class ArchConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             hidden_act=act,
             bos_token_id=cfg.get("bos_token_id"),

@@ -10,76 +10,92 @@ import torch
 from torch import nn
 
 from llmserve.attention.backend import AttentionBackend
-from llmserve.attention.metadata import AttentionMetadata
+from llmserve.attention.metadata import AttentionLayer
 from llmserve.model.arch_config import ArchConfig
 from llmserve.model.layers import RMSNorm, rotary_tables
+from llmserve.model.linear import Projection, WeightStorage
 from llmserve.model.ops import TorchOps
 from llmserve.model.rope import rope_cos_sin
+from llmserve.model.specs import FullAttentionSpec, LayerSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, index: int, storage: WeightStorage) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = Projection(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, storage)
+        self.o_proj = Projection(self.q_size, cfg.hidden_size, False, storage)
+        self.layer = AttentionLayer(index, self.head_dim ** -0.5, cfg.sliding_window)
 
-    def forward(self, x, cos, sin, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
-                backend: AttentionBackend, ops: TorchOps) -> torch.Tensor:
+    def forward(self, x, cos, sin, backend: AttentionBackend, ops: TorchOps) -> torch.Tensor:
         t = x.shape[0]
         h, kvh = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
         ops.rotary_(qkv, cos, sin, h + kvh)
-        o = backend(qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:], kv_cache[0], kv_cache[1], meta, self.scale)
+        o = backend.forward(self.layer, qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:])
         return self.o_proj(o.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, storage: WeightStorage) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Projection(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, storage)
+        self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, storage)
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, index: int, storage: WeightStorage) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, index, storage)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, storage)
 
-    def forward(self, h, residual, cos, sin, kv_cache, meta, backend, ops: TorchOps):
+    def forward(self, h, residual, cos, sin, backend, ops: TorchOps):
         """Returns (this layer's MLP output, the residual stream before it is added)."""
         if residual is None:
             residual, x = h, self.input_layernorm(h)
         else:
             x, residual = ops.add_rms_norm(h, residual, self.input_layernorm)
-        a = self.self_attn(x, cos, sin, kv_cache, meta, backend, ops)
+        a = self.self_attn(x, cos, sin, backend, ops)
         x, residual = ops.add_rms_norm(a, residual, self.post_attention_layernorm)
         return self.mlp(x, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ArchConfig, max_model_len: int) -> None:
+    """Built whole from its config: the elementwise ops (TorchOps or fused CPU kernels) and the
+    projections' weight storage are chosen here, not swapped in after loading."""
+
+    def __init__(self, cfg: ArchConfig, max_model_len: int, ops: TorchOps | None = None,
+                 storage: WeightStorage | None = None) -> None:
         super().__init__()
+        storage = storage or WeightStorage()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, storage) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.logits_head: nn.Module | None = None  # set by weight-only quantization
-        self.ops = TorchOps()  # the engine swaps in fused ops where the device has them
+        self.lm_head = Projection(cfg.hidden_size, cfg.vocab_size, False, storage, tied=cfg.tie_word_embeddings)
+        self.ops = ops or TorchOps()
         self.max_model_len = max_model_len
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def kv_cache_specs(self) -> list[LayerSpec]:
+        cfg = self.cfg
+        return [FullAttentionSpec(cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window) for _ in range(cfg.num_layers)]
+
+    def process_weights(self) -> None:
+        """After loading: every projection hands its float weights to the chosen storage."""
+        for module in self.modules():
+            if isinstance(module, Projection) and module is not self.lm_head:
+                module.process_weights()
+        self.lm_head.process_weights(self.embed_tokens.weight if self.cfg.tie_word_embeddings else None)
 
     def init_rope(self) -> None:
         """(Re)build the rotary tables on the model's device; the loader calls it after placing weights."""
@@ -89,19 +105,15 @@ class LlamaForCausalLM(nn.Module):
         device = self.embed_tokens.weight.device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
         """input_ids/positions: [T]. Returns the final hidden states [T, hidden] (normed)."""
         h = self.embed_tokens(input_ids)
         # transformers rounds cos/sin to the model dtype before rotating; so do we.
         cos, sin = rotary_tables(self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype))
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
-            h, residual = layer(h, residual, cos, sin, kv, meta, backend, self.ops)
+        for layer in self.layers:
+            h, residual = layer(h, residual, cos, sin, backend, self.ops)
         return self.ops.add_rms_norm(h, residual, self.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.logits_head is not None:
-            return self.logits_head(hidden).float()
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.ops.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()

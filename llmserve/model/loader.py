@@ -7,11 +7,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from safetensors import SafetensorError
 
 from llmserve.errors import ModelLoadError
 from llmserve.model.arch_config import ArchConfig
-from llmserve.model.llama import LlamaForCausalLM
+from llmserve.model.linear import WeightStorage
+from llmserve.model.ops import TorchOps
+from llmserve.model.registry import model_class
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def _target(name: str) -> tuple[str, int | None] | None:
     return name, None
 
 
-def _shard_slice(model: LlamaForCausalLM, param_name: str, shard: int) -> slice:
+def _shard_slice(model: nn.Module, param_name: str, shard: int) -> slice:
     cfg = model.cfg
     if "qkv_proj" in param_name:
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -54,11 +57,14 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_model(folder: Path, max_model_len: int, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def load_model(folder: Path, max_model_len: int, dtype: torch.dtype, device: torch.device,
+               ops: TorchOps | None = None, storage: WeightStorage | None = None) -> nn.Module:
+    """The model of the folder's architecture (model/registry.py), built with the given ops and
+    weight storage, its weights loaded and then handed to the storage."""
     start = time.perf_counter()
     cfg = ArchConfig.from_folder(folder)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_model_len)
+        model = model_class(cfg.architecture)(cfg, max_model_len, ops, storage)
     model.to_empty(device=device)
     model.to(dtype)
     params = dict(model.named_parameters())
@@ -71,7 +77,7 @@ def load_model(folder: Path, max_model_len: int, dtype: torch.dtype, device: tor
                     if target is None:
                         continue
                     pname, shard = target
-                    if pname == "lm_head.weight" and model.lm_head is None:
+                    if pname == "lm_head.weight" and cfg.tie_word_embeddings:
                         continue  # tied checkpoints sometimes store the copy anyway
                     if pname not in params:
                         raise ModelLoadError(f"unexpected tensor {name!r} in {file}")
@@ -82,8 +88,9 @@ def load_model(folder: Path, max_model_len: int, dtype: torch.dtype, device: tor
     missing = [p for p in params if loaded.get(p, 0) < _expected_shards(p)]
     if missing:
         raise ModelLoadError(f"model folder {folder} lacks tensors for {missing[:5]}")
-    model.init_rope()
     model.eval().requires_grad_(False)
+    model.process_weights()
+    model.init_rope()
     logger.info("loaded %s (%d layers) in %.2fs", cfg.architecture, cfg.num_layers, time.perf_counter() - start)
     return model
 

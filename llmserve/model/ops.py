@@ -12,9 +12,6 @@ from llmserve.model.layers import RMSNorm, apply_rotary
 
 
 class TorchOps:
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
-
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """residual + x, and its norm (the residual stream goes on unnormalized)."""
         residual = x + residual
@@ -30,16 +27,8 @@ class TorchOps:
 
 
 class CpuFusedOps(TorchOps):
-    def __init__(self, kernels, onednn: bool = False) -> None:
+    def __init__(self, kernels) -> None:
         self.k = kernels
-        self.onednn = onednn
-
-    def linear(self, x, weight):
-        # oneDNN beats MKL's sgemm on several rows (2x for the logits of 8 rows); MKL's gemv is
-        # as good for one row.
-        if self.onednn and x.dtype == torch.float32 and x.shape[0] > 1:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-        return F.linear(x, weight)
 
     def add_rms_norm(self, x, residual, norm):
         if residual.dtype != torch.float32:

@@ -8,8 +8,10 @@ tensor work. Fields that no row needs are left `None`, which is what the sampler
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from llmserve.sampling_params import SamplingParams
@@ -85,7 +87,10 @@ class SamplingMetadata:
         return self.banned_rows is None
 
     @classmethod
-    def from_rows(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingMetadata:
+    def from_rows(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device,
+                  history: Callable[[], TokenHistory] | None = None) -> SamplingMetadata:
+        """history, when given, reads the rows' tokens from the runner's persistent batch (so the
+        penalties need no per-token Python); otherwise they come from the rows' id lists."""
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]
         meta = cls(
@@ -96,7 +101,7 @@ class SamplingMetadata:
         )
         meta.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         _fill_banned(meta, rows, vocab_size, device)
-        _fill_penalties(meta, rows, vocab_size, device)
+        _fill_penalties(meta, rows, vocab_size, device, history)
         if not meta.all_greedy:
             _fill_random(meta, rows, vocab_size, device)
         return meta
@@ -120,19 +125,48 @@ def _fill_banned(meta: SamplingMetadata, rows: list[SamplingRow], vocab_size: in
         meta.banned_ids = torch.tensor(tok_idx, dtype=torch.int64, device=device)
 
 
-def _fill_penalties(meta: SamplingMetadata, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> None:
+@dataclass
+class TokenHistory:
+    """The rows' tokens as the runner keeps them: row i holds prompt + output in
+    token_ids[i, :num_tokens[i]], the prompt being its first prompt_lens[i]."""
+    token_ids: np.ndarray  # [B, W] int64, W >= max(num_tokens)
+    prompt_lens: np.ndarray  # [B]
+    num_tokens: np.ndarray  # [B]
+
+
+def _masked_ids(h: TokenHistory, uses: list[bool], from_prompt_end: bool, pad: int,
+                device: torch.device) -> torch.Tensor:
+    """History ids of the rows that use a penalty, padded with pad (rows that don't are all pad)."""
+    width = max(1, int(h.num_tokens.max()))
+    col = np.arange(width)[None, :]
+    keep = (col < h.num_tokens[:, None]) & np.asarray(uses)[:, None]
+    if from_prompt_end:
+        keep &= col >= h.prompt_lens[:, None]
+    return torch.from_numpy(np.where(keep, h.token_ids[:, :width], pad)).to(device)
+
+
+def _fill_penalties(meta: SamplingMetadata, rows: list[SamplingRow], vocab_size: int, device: torch.device,
+                    history: Callable[[], TokenHistory] | None) -> None:
     params = [r.params for r in rows]
-    if any(p.repetition_penalty != 1.0 for p in params):
+    h = None
+    uses_rep = [p.repetition_penalty != 1.0 for p in params]
+    if any(uses_rep):
         meta.repetition_penalty = _floats([p.repetition_penalty for p in params], device)
-        # Rows without the penalty contribute no ids, so padding stays as short as possible.
-        ids = [r.prompt_token_ids + r.output_token_ids if r.params.repetition_penalty != 1.0 else [] for r in rows]
-        meta.prompt_output_ids = _padded_ids(ids, vocab_size, device)
-    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params):
+        if history is not None:
+            h = history()
+            meta.prompt_output_ids = _masked_ids(h, uses_rep, False, vocab_size, device)
+        else:  # rows without the penalty contribute no ids, so padding stays as short as possible
+            ids = [r.prompt_token_ids + r.output_token_ids if u else [] for r, u in zip(rows, uses_rep)]
+            meta.prompt_output_ids = _padded_ids(ids, vocab_size, device)
+    uses = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
+    if any(uses):
         meta.frequency_penalty = _floats([p.frequency_penalty for p in params], device)
         meta.presence_penalty = _floats([p.presence_penalty for p in params], device)
-        uses = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
-        ids = [r.output_token_ids if u else [] for r, u in zip(rows, uses)]
-        meta.output_ids = _padded_ids(ids, vocab_size, device)
+        if history is not None:
+            meta.output_ids = _masked_ids(h or history(), uses, True, vocab_size, device)
+        else:
+            ids = [r.output_token_ids if u else [] for r, u in zip(rows, uses)]
+            meta.output_ids = _padded_ids(ids, vocab_size, device)
 
 
 def _fill_random(meta: SamplingMetadata, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> None:

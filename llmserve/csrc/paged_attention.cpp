@@ -1,0 +1,573 @@
+// One paged attention kernel for every sequence of a step: decodes (1 query token), speculative
+// verifies (k+1 tokens) and prefill chunks over a cached prefix, in one call per layer, reading
+// K/V straight out of the paged cache (no gathered context, no dense mask).
+//
+// Work is cut into tasks: a decode is one task per (sequence, KV head); a multi-token query is one
+// task per (sequence, KV head, tile of queries), the tile's rows being its queries x the group's
+// query heads. Tasks are sorted by estimated cost (longest first) and pulled from a shared counter
+// by the pool's threads, so one long chunk beside many short decodes still keeps every core busy.
+//
+// Decode tasks over float32 (AVX2, head size % 32 == 0, <= 8 query heads per KV head) take the
+// two-pass path of paged_decode.cpp: all scores, one softmax, then V with the accumulators in
+// registers. Every other task is flash-attention style: the context is walked a tile of keys at a
+// time with an online softmax, tiles that no query of the task may see are never touched, and
+// within a tile each pair of rows only scores the keys one of them can see (the causal part).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Shape {
+  int64_t H, KVH, G, D, row;  // query heads, KV heads, query heads per KV head, head size, KVH * D
+  int64_t block_size, table_width, q_stride, window;
+  float scale, cap;  // cap <= 0: no soft cap
+};
+
+struct Task {
+  int64_t cost;
+  int32_t b, g, q0, q1;  // sequence, KV head, its query rows [q0, q1) counted from its first
+  bool decode;
+};
+
+// Per-thread buffers, grown on demand and kept across the thread's tasks.
+struct Scratch {
+  std::vector<float> q, acc, m, l, s, kst, vst, zeros, scores;
+  std::vector<const float*> kp, vp;
+};
+
+inline float cap_scalar(float s, float cap) { return cap * std::tanh(s / cap); }
+
+#ifdef LLMSERVE_VEC_AVX2
+// tanh through exp8: tanh|x| = 1 - 2 / (e^(2|x|) + 1), sign put back. Its error is absolute
+// (~1e-7), which is what a softmax input cares about.
+inline __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 e = llmserve::exp8(_mm256_add_ps(ax, ax));
+  const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
+  return _mm256_or_ps(t, _mm256_and_ps(sign, x));
+}
+#endif
+
+// s = cap * tanh(s / cap) over n entries.
+inline void soft_cap(float* s, int64_t n, float cap) {
+  int64_t i = 0;
+#ifdef LLMSERVE_VEC_AVX2
+  const __m256 c = _mm256_set1_ps(cap), inv = _mm256_set1_ps(1.f / cap);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(s + i, _mm256_mul_ps(c, tanh8(_mm256_mul_ps(_mm256_loadu_ps(s + i), inv))));
+#endif
+  for (; i < n; ++i) s[i] = cap_scalar(s[i], cap);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: one (sequence, KV head) task over a float32 cache.
+
+inline void softmax_in_place(float* s, int64_t n, float& sum) {
+  float m = kNegInf;
+  int64_t i = 0;
+#ifdef LLMSERVE_VEC_AVX2
+  __m256 vm = _mm256_set1_ps(m);
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + i));
+  m = llmserve::hmax8(vm);
+#endif
+  for (; i < n; ++i) m = std::max(m, s[i]);
+  sum = 0.f;
+  i = 0;
+#ifdef LLMSERVE_VEC_AVX2
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = llmserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = llmserve::hsum8(acc);
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - m);
+    sum += s[i];
+  }
+}
+
+#ifdef LLMSERVE_VEC_AVX2
+// G query heads (qf: [G, D], scaled) against context positions [start, len). Scores are reduced
+// 8 tokens at a time (one transpose-add instead of 8 horizontal sums); the weighted sum of V
+// keeps G x 32 accumulators in registers per 32-wide slice of the head. out: G rows of D floats.
+template <int G>
+void decode_task_f32(const float* qf, const float* k_cache, const float* v_cache, const int32_t* table,
+                     int64_t start, int64_t len, const Shape& sh, float* scores, float* out) {
+  const int64_t D = sh.D, row = sh.row, bs = sh.block_size, n = len - start, padded = round_up(n, 8);
+  __m256 part[G][8];
+  int64_t t = 0;
+  for (int64_t pos = start; pos < len;) {  // a block's tokens are consecutive slots
+    const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
+    const float* kb = k_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
+    for (int64_t j = 0; j < cnt; ++j, ++t) {
+      const float* kp = kb + j * row;
+      for (int h = 0; h < G; ++h) {
+        const float* qh = qf + h * D;
+        __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kp + d), a);
+          b = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), _mm256_loadu_ps(kp + d + 8), b);
+        }
+        part[h][t & 7] = _mm256_add_ps(a, b);
+      }
+      if ((t & 7) == 7)
+        for (int h = 0; h < G; ++h) _mm256_storeu_ps(scores + h * padded + (t & ~7), llmserve::transpose_sum8(part[h]));
+    }
+    pos += cnt;
+  }
+  if (n & 7) {  // the last, partial group of 8
+    for (int h = 0; h < G; ++h) {
+      for (int64_t i = n & 7; i < 8; ++i) part[h][i] = _mm256_setzero_ps();
+      _mm256_storeu_ps(scores + h * padded + (n & ~7), llmserve::transpose_sum8(part[h]));
+    }
+  }
+  float sums[G];
+  for (int h = 0; h < G; ++h) {
+    if (sh.cap > 0.f) soft_cap(scores + h * padded, n, sh.cap);
+    softmax_in_place(scores + h * padded, n, sums[h]);
+  }
+  for (int64_t c = 0; c < D; c += 32) {
+    __m256 acc[G][4];
+    for (int h = 0; h < G; ++h)
+      for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_setzero_ps();
+    int64_t tt = 0;
+    for (int64_t pos = start; pos < len;) {
+      const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
+      const float* vb = v_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row + c;
+      for (int64_t j = 0; j < cnt; ++j, ++tt) {
+        const float* vp = vb + j * row;
+        const __m256 v0 = _mm256_loadu_ps(vp), v1 = _mm256_loadu_ps(vp + 8);
+        const __m256 v2 = _mm256_loadu_ps(vp + 16), v3 = _mm256_loadu_ps(vp + 24);
+        for (int h = 0; h < G; ++h) {
+          const __m256 p = _mm256_broadcast_ss(scores + h * padded + tt);
+          acc[h][0] = _mm256_fmadd_ps(p, v0, acc[h][0]);
+          acc[h][1] = _mm256_fmadd_ps(p, v1, acc[h][1]);
+          acc[h][2] = _mm256_fmadd_ps(p, v2, acc[h][2]);
+          acc[h][3] = _mm256_fmadd_ps(p, v3, acc[h][3]);
+        }
+      }
+      pos += cnt;
+    }
+    for (int h = 0; h < G; ++h) {
+      const __m256 inv = _mm256_set1_ps(1.f / sums[h]);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + h * D + c + 8 * i, _mm256_mul_ps(acc[h][i], inv));
+    }
+  }
+}
+
+using DecodeFn = void (*)(const float*, const float*, const float*, const int32_t*, int64_t, int64_t, const Shape&,
+                          float*, float*);
+constexpr DecodeFn kDecode[] = {nullptr,
+                                decode_task_f32<1>,
+                                decode_task_f32<2>,
+                                decode_task_f32<3>,
+                                decode_task_f32<4>,
+                                decode_task_f32<5>,
+                                decode_task_f32<6>,
+                                decode_task_f32<7>,
+                                decode_task_f32<8>};
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Flash-style tiles. Rows come in pairs (a, b); kp/vp point at the float K/V rows of a tile's keys.
+
+inline float dot_scalar(const float* a, const float* b, int64_t D) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;  // independent sums let the compiler vectorize
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    s0 += a[d] * b[d];
+    s1 += a[d + 1] * b[d + 1];
+    s2 += a[d + 2] * b[d + 2];
+    s3 += a[d + 3] * b[d + 3];
+  }
+  for (; d < D; ++d) s0 += a[d] * b[d];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// Scores of rows a and b against keys [j0, j1) (j1 rounded up to 4 on the fast path; kp padded).
+inline void pair_scores(const float* qa, const float* qb, const float* const* kp, int64_t j0, int64_t j1,
+                        int64_t D, bool fast, float* sa, float* sb) {
+#ifdef LLMSERVE_VEC_AVX2
+  if (fast) {
+    for (int64_t j = j0 & ~int64_t{3}; j < j1; j += 4) {
+      const float *k0 = kp[j], *k1 = kp[j + 1], *k2 = kp[j + 2], *k3 = kp[j + 3];
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 a = _mm256_loadu_ps(qa + d), b = _mm256_loadu_ps(qb + d);
+        const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+        const __m256 x2 = _mm256_loadu_ps(k2 + d), x3 = _mm256_loadu_ps(k3 + d);
+        acc[0] = _mm256_fmadd_ps(a, x0, acc[0]);
+        acc[1] = _mm256_fmadd_ps(a, x1, acc[1]);
+        acc[2] = _mm256_fmadd_ps(a, x2, acc[2]);
+        acc[3] = _mm256_fmadd_ps(a, x3, acc[3]);
+        acc[4] = _mm256_fmadd_ps(b, x0, acc[4]);
+        acc[5] = _mm256_fmadd_ps(b, x1, acc[5]);
+        acc[6] = _mm256_fmadd_ps(b, x2, acc[6]);
+        acc[7] = _mm256_fmadd_ps(b, x3, acc[7]);
+      }
+      const __m256 s = llmserve::transpose_sum8(acc);
+      _mm_storeu_ps(sa + j, _mm256_castps256_ps128(s));
+      _mm_storeu_ps(sb + j, _mm256_extractf128_ps(s, 1));
+    }
+    return;
+  }
+#endif
+  for (int64_t j = j0; j < j1; ++j) {
+    sa[j] = dot_scalar(qa, kp[j], D);
+    sb[j] = dot_scalar(qb, kp[j], D);
+  }
+}
+
+// acc_a += sum_j pa[j] * V[j], acc_b likewise, over keys [j0, j1).
+inline void pair_values(const float* pa, const float* pb, const float* const* vp, int64_t j0, int64_t j1, int64_t D,
+                        bool fast, float* acc_a, float* acc_b) {
+#ifdef LLMSERVE_VEC_AVX2
+  if (fast) {
+    for (int64_t c = 0; c < D; c += 32) {
+      __m256 a0 = _mm256_loadu_ps(acc_a + c), a1 = _mm256_loadu_ps(acc_a + c + 8);
+      __m256 a2 = _mm256_loadu_ps(acc_a + c + 16), a3 = _mm256_loadu_ps(acc_a + c + 24);
+      __m256 b0 = _mm256_loadu_ps(acc_b + c), b1 = _mm256_loadu_ps(acc_b + c + 8);
+      __m256 b2 = _mm256_loadu_ps(acc_b + c + 16), b3 = _mm256_loadu_ps(acc_b + c + 24);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* v = vp[j] + c;
+        const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+        const __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+        const __m256 p = _mm256_broadcast_ss(pa + j), r = _mm256_broadcast_ss(pb + j);
+        a0 = _mm256_fmadd_ps(p, v0, a0);
+        a1 = _mm256_fmadd_ps(p, v1, a1);
+        a2 = _mm256_fmadd_ps(p, v2, a2);
+        a3 = _mm256_fmadd_ps(p, v3, a3);
+        b0 = _mm256_fmadd_ps(r, v0, b0);
+        b1 = _mm256_fmadd_ps(r, v1, b1);
+        b2 = _mm256_fmadd_ps(r, v2, b2);
+        b3 = _mm256_fmadd_ps(r, v3, b3);
+      }
+      _mm256_storeu_ps(acc_a + c, a0);
+      _mm256_storeu_ps(acc_a + c + 8, a1);
+      _mm256_storeu_ps(acc_a + c + 16, a2);
+      _mm256_storeu_ps(acc_a + c + 24, a3);
+      _mm256_storeu_ps(acc_b + c, b0);
+      _mm256_storeu_ps(acc_b + c + 8, b1);
+      _mm256_storeu_ps(acc_b + c + 16, b2);
+      _mm256_storeu_ps(acc_b + c + 24, b3);
+    }
+    return;
+  }
+#endif
+  for (int64_t j = j0; j < j1; ++j) {
+    const float *v = vp[j], p = pa[j], r = pb[j];
+    for (int64_t d = 0; d < D; ++d) {
+      acc_a[d] += p * v[d];
+      acc_b[d] += r * v[d];
+    }
+  }
+}
+
+// One row's online-softmax step over a tile: s[lo, hi) are the scores of the keys it may see
+// (lo < hi). Turns them into e^(s - m_new) in place, zeroes s over [zlo, lo) and [hi, zhi) (the
+// rest of the pair's range), updates the running max m and sum l, and returns the factor the
+// row's accumulator must be scaled by. s has room up to hi rounded up to 8.
+inline float online_softmax(float* s, int64_t lo, int64_t hi, int64_t zlo, int64_t zhi, float cap, float& m,
+                            float& l) {
+  float sum = 0.f, m_new = m;
+#ifdef LLMSERVE_VEC_AVX2
+  const int64_t lo8 = lo & ~int64_t{7}, hi8 = round_up(hi, 8);
+  if (cap > 0.f) soft_cap(s + lo8, hi8 - lo8, cap);  // entries outside [lo, hi) are overwritten next
+  for (int64_t j = lo8; j < lo; ++j) s[j] = kNegInf;
+  for (int64_t j = hi; j < hi8; ++j) s[j] = kNegInf;
+  __m256 vm = _mm256_set1_ps(kNegInf);
+  for (int64_t j = lo8; j < hi8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
+  m_new = std::max(m, llmserve::hmax8(vm));
+  const __m256 mv = _mm256_set1_ps(m_new);
+  for (int64_t j = lo8; j < hi8; j += 8) _mm256_storeu_ps(s + j, llmserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)));
+  // exp8 clamps, so a masked entry came out ~1e-38, not 0: zero them for real.
+  for (int64_t j = std::min(zlo, lo8); j < lo; ++j) s[j] = 0.f;
+  for (int64_t j = hi; j < std::max(zhi, hi8); ++j) s[j] = 0.f;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = lo8; j < hi8; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(s + j));
+  sum = llmserve::hsum8(acc);
+#else
+  if (cap > 0.f)
+    for (int64_t j = lo; j < hi; ++j) s[j] = cap_scalar(s[j], cap);
+  for (int64_t j = lo; j < hi; ++j) m_new = std::max(m_new, s[j]);
+  for (int64_t j = lo; j < hi; ++j) {
+    s[j] = std::exp(s[j] - m_new);
+    sum += s[j];
+  }
+  for (int64_t j = zlo; j < lo; ++j) s[j] = 0.f;
+  for (int64_t j = hi; j < zhi; ++j) s[j] = 0.f;
+#endif
+  const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+inline int64_t key_tile_for(int64_t D) {
+  // ~16 KiB of float K per tile, so a tile's K (and V) stay in L1/L2 while every row pair reads it.
+  return std::max<int64_t>(16, std::min<int64_t>(64, 4096 / D / 8 * 8));
+}
+
+inline int64_t query_tile_for(int64_t G) { return std::max<int64_t>(1, 32 / G); }  // ~32 rows a task
+
+// Rows [q0, q1) x the G heads of KV head g of sequence b, whose first query row is row0 in the
+// batch and first query position p0 (q0 counted). Output rows go straight into out.
+template <typename scalar_t>
+void flash_task(const Task& task, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
+                const int32_t* table, int64_t row0, int64_t p0, const Shape& sh, bool fast, Scratch& sc,
+                scalar_t* out) {
+  const int64_t G = sh.G, D = sh.D, g = task.g, nq = task.q1 - task.q0, M = nq * G, Mp = round_up(M, 2);
+  const int64_t KT = key_tile_for(D), KTp = round_up(KT, 8), bs = sh.block_size;
+  const int64_t first = p0 + task.q0, last = p0 + task.q1 - 1;  // positions of the tile's queries
+  sc.q.resize(Mp * D);
+  sc.acc.assign(Mp * D, 0.f);
+  sc.m.assign(Mp, kNegInf);
+  sc.l.assign(Mp, 0.f);
+  sc.s.resize(2 * KTp);
+  sc.kp.resize(KTp);
+  sc.vp.resize(KTp);
+  sc.zeros.assign(D, 0.f);
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t h = 0; h < G; ++h) {
+      const scalar_t* src = q + (row0 + task.q0 + i) * sh.q_stride + (g * G + h) * D;
+      float* dst = sc.q.data() + (i * G + h) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * sh.scale;
+    }
+  if (Mp > M) std::fill(sc.q.begin() + M * D, sc.q.end(), 0.f);  // a padding row; its output is dropped
+  constexpr bool kConvert = !std::is_same_v<scalar_t, float>;
+  if (kConvert) {
+    sc.kst.resize(KT * D);
+    sc.vst.resize(KT * D);
+  }
+  // Keys any row of the task may see; a sliding window also cuts the start.
+  const int64_t kstart = sh.window > 0 ? std::max<int64_t>(0, first - sh.window + 1) : 0, kend = last + 1;
+  for (int64_t t0 = kstart; t0 < kend; t0 += KT) {
+    const int64_t n = std::min(KT, kend - t0);
+    for (int64_t j = 0, pos = t0; j < n;) {
+      const int64_t off = pos % bs, cnt = std::min(bs - off, n - j);
+      const int64_t base = (static_cast<int64_t>(table[pos / bs]) * bs + off) * sh.row + g * D;
+      for (int64_t i = 0; i < cnt; ++i, ++j) {
+        const scalar_t* kr = k_cache + base + i * sh.row;
+        const scalar_t* vr = v_cache + base + i * sh.row;
+        if constexpr (kConvert) {
+          float* kd = sc.kst.data() + j * D;
+          float* vd = sc.vst.data() + j * D;
+          for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<float>(kr[d]);
+          for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<float>(vr[d]);
+          sc.kp[j] = kd;
+          sc.vp[j] = vd;
+        } else {
+          sc.kp[j] = reinterpret_cast<const float*>(kr);
+          sc.vp[j] = reinterpret_cast<const float*>(vr);
+        }
+      }
+      pos += cnt;
+    }
+    for (int64_t j = n; j < KTp; ++j) sc.kp[j] = sc.vp[j] = sc.zeros.data();
+    for (int64_t r = 0; r < Mp; r += 2) {
+      int64_t lo[2], hi[2];
+      for (int i = 0; i < 2; ++i) {  // the keys of this tile row r + i may see
+        const int64_t p = first + std::min(r + i, M - 1) / G;
+        lo[i] = std::max<int64_t>(sh.window > 0 ? p - sh.window + 1 : 0, t0) - t0;
+        hi[i] = std::min(p + 1, t0 + n) - t0;
+      }
+      const int64_t plo = std::min(lo[0], lo[1]), phi = std::max(hi[0], hi[1]);
+      if (plo >= phi) continue;  // (rows are ordered by position, so a pair sees one span)
+      float* sa = sc.s.data();
+      float* sb = sa + KTp;
+      float* acc_a = sc.acc.data() + r * D;
+      float* acc_b = acc_a + D;
+      pair_scores(sc.q.data() + r * D, sc.q.data() + (r + 1) * D, sc.kp.data(), plo, phi, D, fast, sa, sb);
+      float* srow[2] = {sa, sb};
+      float* arow[2] = {acc_a, acc_b};
+      for (int i = 0; i < 2; ++i) {
+        if (lo[i] >= hi[i]) {  // this row sees nothing here: no contribution
+          std::fill(srow[i] + plo, srow[i] + phi, 0.f);
+          continue;
+        }
+        const float alpha = online_softmax(srow[i], lo[i], hi[i], plo, phi, sh.cap, sc.m[r + i], sc.l[r + i]);
+        if (alpha != 1.f)
+          for (int64_t d = 0; d < D; ++d) arow[i][d] *= alpha;
+      }
+      pair_values(sa, sb, sc.vp.data(), plo, phi, D, fast, acc_a, acc_b);
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t h = 0; h < G; ++h) {
+      const int64_t r = i * G + h;
+      const float inv = 1.f / sc.l[r];
+      const float* a = sc.acc.data() + r * D;
+      scalar_t* o = out + ((row0 + task.q0 + i) * sh.H + g * G + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
+    }
+}
+
+// Number of context positions a query at position p sees.
+inline int64_t visible(int64_t p, int64_t window) { return window > 0 ? std::min(p + 1, window) : p + 1; }
+
+template <typename scalar_t>
+void run(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* qsl,
+         const int32_t* seq_lens, const int32_t* tables, int64_t B, const Shape& sh, scalar_t* out) {
+  const int64_t G = sh.G, D = sh.D;
+  bool fast = false, fast_decode = false;
+#ifdef LLMSERVE_VEC_AVX2
+  fast = D % 32 == 0;
+  fast_decode = fast && std::is_same_v<scalar_t, float> && G <= 8;
+#endif
+  const int64_t QT = query_tile_for(G);
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t qlen = qsl[b + 1] - qsl[b], len = seq_lens[b], p0 = len - qlen;
+    if (qlen == 0) continue;
+    const int64_t tile = qlen == 1 ? 1 : QT;
+    for (int64_t q0 = 0; q0 < qlen; q0 += tile) {
+      const int64_t q1 = std::min(qlen, q0 + tile);
+      int64_t cost = 64;  // a task's fixed overhead, in row x key units
+      for (int64_t i = q0; i < q1; ++i) cost += G * visible(p0 + i, sh.window);
+      for (int64_t g = 0; g < sh.KVH; ++g)
+        tasks.push_back({cost, static_cast<int32_t>(b), static_cast<int32_t>(g), static_cast<int32_t>(q0),
+                         static_cast<int32_t>(q1), qlen == 1 && fast_decode});
+    }
+  }
+  if (tasks.empty()) return;
+  // Longest first from a shared counter: the threads end close together whatever the mix.
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch sc;
+    for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
+      const Task& task = tasks[i];
+      const int64_t b = task.b, len = seq_lens[b], qlen = qsl[b + 1] - qsl[b], row0 = qsl[b];
+      const int32_t* table = tables + b * sh.table_width;
+#ifdef LLMSERVE_VEC_AVX2
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (task.decode) {
+          const int64_t start = sh.window > 0 ? std::max<int64_t>(0, len - sh.window) : 0;
+          sc.q.resize(G * D);
+          const float* src = q + row0 * sh.q_stride + task.g * G * D;
+          for (int64_t j = 0; j < G * D; ++j) sc.q[j] = src[j] * sh.scale;
+          sc.scores.resize(G * round_up(len - start, 8));
+          kDecode[G](sc.q.data(), k_cache + task.g * D, v_cache + task.g * D, table, start, len, sh,
+                     sc.scores.data(), out + (row0 * sh.H + task.g * G) * D);
+          continue;
+        }
+      }
+#endif
+      flash_task<scalar_t>(task, q, k_cache, v_cache, table, row0, len - qlen, sh, fast, sc, out);
+    }
+  });
+}
+
+template <typename scalar_t>
+void write_cache(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride, scalar_t* k_cache,
+                 scalar_t* v_cache, const int64_t* slots, int64_t T, int64_t row) {
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(scalar_t));
+    std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(scalar_t));
+  }
+}
+
+}  // namespace
+
+// q [T, H, D], k/v [T, KVH, D] (heads contiguous, rows may be strided: slices of a fused qkv),
+// caches [num_slots, KVH, D] contiguous, slot_mapping [T] int64, query_start_loc [B+1] int32,
+// seq_lens [B] int32 (context length after this step), block_tables [B, W] int32. Writes every
+// token's K/V at its slot first, then sequence b's queries (rows query_start_loc[b] ..
+// query_start_loc[b+1]-1, at positions seq_lens[b] - qlen_b + i) attend causally, within
+// sliding_window when > 0, with soft_cap * tanh(score / soft_cap) when soft_cap > 0. Rows no
+// sequence owns come back as zeros. Returns [T, H, D].
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                              torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor query_start_loc,
+                              torch::Tensor seq_lens, torch::Tensor block_tables, int64_t block_size, double scale,
+                              int64_t sliding_window, double soft_cap) {
+  for (const auto& t : {q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables})
+    TORCH_CHECK(t.device().is_cpu(), "paged_attention runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [tokens, heads, head_size]");
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "caches must be [slots, kv_heads, head_size] and alike");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kFloat16,
+              "paged_attention supports float32, bfloat16 and float16");
+  TORCH_CHECK(q.scalar_type() == dtype && k.scalar_type() == dtype && v.scalar_type() == dtype &&
+              v_cache.scalar_type() == dtype, "q, k, v and the caches must share a dtype");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), S = k_cache.size(0);
+  TORCH_CHECK(D > 0 && KVH > 0 && H % KVH == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(k_cache.size(2) == D, "cache head size differs from the queries'");
+  for (const auto& t : {k, v})
+    TORCH_CHECK(t.size(0) == T && t.size(1) == KVH && t.size(2) == D, "k and v must be [tokens, kv_heads, head_size]");
+  for (const auto& t : {q, k, v})
+    TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == D, "q, k, v must have contiguous heads");
+  TORCH_CHECK(block_size > 0, "block_size must be positive");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kInt64 && slot_mapping.dim() == 1 && slot_mapping.size(0) == T,
+              "slot_mapping must be [tokens] int64");
+  TORCH_CHECK(seq_lens.scalar_type() == torch::kInt32 && seq_lens.dim() == 1, "seq_lens must be [B] int32");
+  const int64_t B = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.scalar_type() == torch::kInt32 && query_start_loc.dim() == 1 &&
+              (query_start_loc.size(0) == B + 1 || (B == 0 && query_start_loc.size(0) == 0)),
+              "query_start_loc must be [B + 1] int32");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 &&
+              (B == 0 || (block_tables.dim() == 2 && block_tables.size(0) == B)),
+              "block_tables must be [B, max_blocks] int32");
+  slot_mapping = slot_mapping.contiguous();
+  query_start_loc = query_start_loc.contiguous();
+  seq_lens = seq_lens.contiguous();
+  block_tables = block_tables.contiguous();
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slots[t] >= 0 && slots[t] < S, "slot_mapping entry out of range");
+  const int32_t* qsl = B ? query_start_loc.data_ptr<int32_t>() : nullptr;
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t width = B ? block_tables.size(1) : 0, num_blocks = S / block_size;
+  const int32_t* tables = B ? block_tables.data_ptr<int32_t>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t qlen = qsl[b + 1] - qsl[b], len = lens[b];
+    TORCH_CHECK(qsl[b] >= 0 && qlen >= 0 && qsl[b + 1] <= T, "query_start_loc must rise within [0, tokens]");
+    TORCH_CHECK(len >= qlen, "a sequence's length is shorter than its query");
+    if (qlen == 0) continue;
+    TORCH_CHECK((len + block_size - 1) / block_size <= width, "block table too narrow for a sequence");
+    const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, len - qlen - sliding_window + 1) : 0;
+    for (int64_t blk = first / block_size; blk * block_size < len; ++blk) {  // only the blocks it reads
+      const int32_t id = tables[b * width + blk];
+      TORCH_CHECK(id >= 0 && id < num_blocks, "block table entry out of range");
+    }
+  }
+  Shape sh{H, KVH, H / KVH, D, KVH * D, block_size, width, q.stride(0), sliding_window,
+           static_cast<float>(scale), static_cast<float>(soft_cap)};
+  auto out = torch::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  // Rows no sequence owns: before the first sequence's and after the last's.
+  const int64_t owned0 = B ? qsl[0] : 0, owned1 = B ? qsl[B] : 0;
+  if (owned0 > 0) out.narrow(0, 0, owned0).zero_();
+  if (owned1 < T) out.narrow(0, owned1, T - owned1).zero_();
+  auto go = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    write_cache<scalar_t>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0), v.stride(0),
+                          k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slots, T, KVH * D);
+    run<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), qsl, lens,
+                  tables, B, sh, out.data_ptr<scalar_t>());
+  };
+  if (dtype == torch::kFloat32) go(float{});
+  else if (dtype == torch::kBFloat16) go(c10::BFloat16{});
+  else go(c10::Half{});
+  return out;
+}

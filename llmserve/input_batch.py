@@ -1,0 +1,84 @@
+"""The runner's persistent batch: a row per running request, kept between steps.
+
+Each step writes only what changed: a new request's tokens and block table in full, a running
+request's appended tokens and new blocks, and drops the rows of requests that left. The flat
+inputs of a step (token ids, positions, cache slots, block tables) are then gathered from the rows
+with vectorized numpy, so no per-token Python runs per step.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from llmserve.engine.block_pool import Block
+
+
+class InputBatch:
+    def __init__(self, block_size: int, rows: int = 64, width: int = 512) -> None:
+        self.block_size = block_size
+        self.token_ids = np.zeros((rows, width), dtype=np.int64)
+        self.num_tokens = np.zeros(rows, dtype=np.int64)
+        self.prompt_lens = np.zeros(rows, dtype=np.int64)
+        self.block_table = np.zeros((rows, -(-width // block_size)), dtype=np.int32)
+        self.num_blocks = np.zeros(rows, dtype=np.int64)
+        self.row_of: dict[str, int] = {}
+        self._free_rows = list(range(rows - 1, -1, -1))
+
+    def remove(self, request_ids: Sequence[str]) -> None:
+        for rid in request_ids:
+            row = self.row_of.pop(rid, None)
+            if row is not None:
+                self._free_rows.append(row)
+
+    def sync(self, request_id: str, token_ids: list[int], num_prompt_tokens: int, table: list[Block]) -> int:
+        """Bring request_id's row up to date with its tokens and block table; returns the row."""
+        row = self.row_of.get(request_id)
+        if row is None:
+            row = self._new_row(request_id, num_prompt_tokens)
+        n, old = len(token_ids), int(self.num_tokens[row])
+        if n > old:
+            self._fit(width=n)
+            self.token_ids[row, old:n] = token_ids[old:]
+        self.num_tokens[row] = n
+        nb, old_nb = len(table), int(self.num_blocks[row])
+        if nb > old_nb:
+            self._fit(width=nb * self.block_size)
+            self.block_table[row, old_nb:nb] = [b.block_id for b in table[old_nb:]]
+        self.num_blocks[row] = nb  # a table only grows at its end or is cut back (rejected drafts)
+        return row
+
+    def _new_row(self, request_id: str, num_prompt_tokens: int) -> int:
+        if not self._free_rows:
+            self._grow_rows()
+        row = self._free_rows.pop()
+        self.row_of[request_id] = row
+        self.num_tokens[row] = self.num_blocks[row] = 0
+        self.prompt_lens[row] = num_prompt_tokens
+        return row
+
+    def _grow_rows(self) -> None:
+        old = len(self.num_tokens)
+        self.token_ids = np.concatenate([self.token_ids, np.zeros_like(self.token_ids)])
+        self.block_table = np.concatenate([self.block_table, np.zeros_like(self.block_table)])
+        for name in ("num_tokens", "prompt_lens", "num_blocks"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(old, dtype=np.int64)]))
+        self._free_rows.extend(range(2 * old - 1, old - 1, -1))
+
+    def _fit(self, width: int) -> None:
+        """Widen the rows (doubling) so width tokens fit."""
+        if width > self.token_ids.shape[1]:
+            new = max(width, 2 * self.token_ids.shape[1])
+            self.token_ids = np.pad(self.token_ids, ((0, 0), (0, new - self.token_ids.shape[1])))
+            blocks = -(-new // self.block_size)
+            self.block_table = np.pad(self.block_table, ((0, 0), (0, blocks - self.block_table.shape[1])))
+
+    def gather(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Flat token ids, positions and cache slots of counts[i] tokens from position starts[i]
+        of each row."""
+        seq = np.repeat(np.arange(len(rows)), counts)
+        offsets = np.arange(len(seq)) - np.repeat(np.cumsum(counts) - counts, counts)
+        pos = starts[seq] + offsets
+        r = rows[seq]
+        slots = self.block_table[r, pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
+        return self.token_ids[r, pos], pos, slots

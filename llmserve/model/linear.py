@@ -1,0 +1,94 @@
+"""Projections whose weight storage is chosen when the model is built.
+
+A model builds every projection (and its logits head) as a `Projection` with the engine's
+`WeightStorage`. The loader fills the float weights; `Projection.process_weights()` then hands them
+to the storage, which returns the module that computes with them: float (through oneDNN on CPU
+where it is faster), GGUF blocks (Q4_1/Q8_0, kept only where exact for "auto", forced otherwise)
+or weight-only int8/bf16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmserve.model.gguf_quant import GGUF_FORMATS, GgufLinear, find_lossless_format
+from llmserve.model.weight_only import WeightOnlyLinear
+
+
+class FloatLinear(nn.Module):
+    """y = x W^T + b in the weights' own dtype. On CPU in float32, oneDNN's matmul where it has
+    it: MKL's sgemm is slow at decode row counts on the AMD CPUs measured (docs/benchmarks.md)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.onednn = onednn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn and x.dtype == torch.float32 and x.device.type == "cpu":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@dataclass
+class WeightStorage:
+    """How a model's projections store their weights. fmt: "none" (float), "auto" (a GGUF block
+    format where it holds the weights exactly, float elsewhere), or a forced "q4_1", "q8_0",
+    "int8", "bf16" (lossy). counts records how many layers went to each format."""
+    fmt: str = "none"
+    kernels: object = None
+    onednn: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+    _float_model: bool = False  # "auto" met a projection no format holds: the model is float
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        layer = self._build(weight, bias)
+        fmt = getattr(layer, "fmt", "float")
+        self.counts[fmt] = self.counts.get(fmt, 0) + 1
+        return layer
+
+    def _build(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        if self.fmt == "auto" and not self._float_model:
+            found = find_lossless_format(weight)
+            if found is not None:
+                return GgufLinear(found[1], found[0], weight.shape[1], bias, self.kernels)
+            # A GGUF model's projections all come in its block formats: the first that does not
+            # tells a float model, so the rest are not tried (each try quantizes a row).
+            self._float_model = not any(f in self.counts for f in GGUF_FORMATS)
+        elif self.fmt in GGUF_FORMATS:
+            return GgufLinear.from_float(weight, bias, self.fmt, self.kernels)
+        elif self.fmt in ("int8", "bf16"):
+            return WeightOnlyLinear(weight, bias, self.fmt, self.kernels)
+        return FloatLinear(weight, bias, self.onednn)
+
+
+class Projection(nn.Module):
+    """A linear layer that loads float weights, then computes through the module its storage
+    builds from them. A tied projection (a logits head sharing the embedding) has no weight of its
+    own: process_weights gets the shared one."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, storage: WeightStorage,
+                 tied: bool = False) -> None:
+        super().__init__()
+        self.storage = storage
+        self.weight = None if tied else nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.impl: nn.Module | None = None
+
+    def process_weights(self, tied_weight: torch.Tensor | None = None) -> None:
+        """Hand the loaded weights to the storage; the float copies go unless they are shared."""
+        weight = tied_weight if tied_weight is not None else self.weight
+        bias = self.bias.data if self.bias is not None else None
+        self.impl = self.storage.build(weight.data, bias)
+        self.weight = self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.impl(x)

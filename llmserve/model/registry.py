@@ -1,0 +1,28 @@
+"""Architectures by their HF `architectures` name: the module and class that implement each,
+imported only when a model of that kind is built. An unknown name is one clear error."""
+from __future__ import annotations
+
+import importlib
+
+from llmserve.errors import UnsupportedArchitectureError
+
+# HF name -> (module, class). Mistral and Qwen2 are Llama-shaped (Qwen2 adds a QKV bias).
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
+}
+
+
+def supported_architecture(names: list[str], model_type: str | None = None) -> str:
+    """The first of a config's `architectures` names that llmserve serves."""
+    for name in names:
+        if name in ARCHITECTURES:
+            return name
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {names or model_type!r}; supported: {sorted(ARCHITECTURES)}")
+
+
+def model_class(architecture: str) -> type:
+    module, cls = ARCHITECTURES[supported_architecture([architecture])]
+    return getattr(importlib.import_module(module), cls)
