@@ -249,3 +249,14 @@ def test_kv_cache_follows_the_models_layer_specs(folder):
     projections = [m for m in model.modules() if isinstance(m, Projection)]
     assert len(projections) == 2 * 4 + 1
     assert all(p.impl is not None and p.weight is None for p in projections)
+
+
+def test_engine_seed_makes_unseeded_sampling_reproducible(folder):
+    prompts = random_prompts(3, [4, 9, 15], seed=12)
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)  # no per-request seed
+
+    def tokens(seed: int) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in make_llm(folder, seed=seed).generate(prompts, params, use_tqdm=False)]
+
+    assert tokens(1) == tokens(1)
+    assert tokens(1) != tokens(2)
