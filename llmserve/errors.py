@@ -23,3 +23,8 @@ class PromptTooLongError(InvalidRequestError):
 
 class EngineDeadError(LLMServeError):
     """The engine loop has stopped and can serve no more requests."""
+
+
+class EngineStepError(LLMServeError):
+    """An engine step failed (a device or kernel error); the requests in it were ended. The engine
+    itself goes on serving, so the caller may retry."""

@@ -1,16 +1,25 @@
 """Per-request generation parameters, shaped like vLLM's SamplingParams."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from llmserve.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20
 MAX_N = 16
+# torch.Generator.manual_seed takes any integer that fits a uint64 or an int64 (a negative seed is
+# read as its two's complement) and raises beyond. Sequence i of a request draws with seed + i.
+MIN_SEED = -(1 << 63)
+MAX_SEED = (1 << 64) - 1
 
 
-@dataclass
+def seed_in_range(seed: int, n: int = 1) -> bool:
+    """Whether seed, seed + 1, ..., seed + n - 1 are all seeds torch accepts."""
+    return MIN_SEED <= seed and seed + n - 1 <= MAX_SEED
+
+
+@dataclass(repr=False)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0  # 0 means greedy
@@ -80,5 +89,17 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
                 bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed must be an integer")
+        if self.seed is not None:
+            if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+                bad("seed must be an integer")
+            if not seed_in_range(self.seed, self.n):
+                bad(f"seed must be an integer in [{MIN_SEED}, {MAX_SEED - (self.n - 1)}] when n is {self.n}")
+
+    def __repr__(self) -> str:
+        # Stop strings and stop token ids are the client's words and ids: counted, never shown.
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stop", "stop_token_ids")}
+        args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return (f"SamplingParams({args}, stop=<{len(self.stop)} strings>, "
+                f"stop_token_ids=<{len(self.stop_token_ids)} ids>)")
+
+    __str__ = __repr__

@@ -1,6 +1,7 @@
 """Tokenizers come from transformers/tokenizers; this module only loads them and applies templates."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -14,6 +15,13 @@ def load_tokenizer(folder: str | Path):
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a tokenizer from {folder} ({e.__class__.__name__})") from None
+
+
+def clone_tokenizer(tokenizer):
+    """An independent copy (its own Rust tokenizer, same vocabulary, template and settings), for a
+    second thread: an HF fast tokenizer used by two threads at once can fail ("Already borrowed")
+    or mix up its truncation and padding state."""
+    return copy.deepcopy(tokenizer)
 
 
 def eos_token_ids(folder: str | Path, tokenizer, config_eos: tuple[int, ...]) -> tuple[int, ...]:

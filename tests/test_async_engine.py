@@ -9,8 +9,14 @@ import pytest
 from server_fixtures import tiny_model_path, wait_until
 
 from llmserve.config import EngineConfig
-from llmserve.engine.async_engine import AsyncLLMEngine, EngineOverloadedError
-from llmserve.errors import EngineDeadError, InvalidRequestError, PromptTooLongError
+from llmserve.engine.async_engine import (
+    MAX_CONSECUTIVE_STEP_FAILURES,
+    AsyncLLMEngine,
+    EngineOverloadedError,
+    RequestStream,
+)
+from llmserve.errors import EngineDeadError, EngineStepError, InvalidRequestError, PromptTooLongError
+from llmserve.outputs import CompletionOutput, RequestOutput
 from llmserve.sampling_params import SamplingParams
 
 SECRET = "CANARY-async-5d1e"
@@ -120,32 +126,138 @@ def test_waiting_queue_is_bounded():
         eng.shutdown()
 
 
-def test_a_failing_step_fails_every_request_and_marks_the_engine_dead(caplog):
-    eng = make_engine()
+def fail_steps(eng: AsyncLLMEngine, failing: set[int]) -> list[int]:
+    """Make the engine's step calls numbered in failing (from 1) raise; returns the call log."""
     real_step, calls = eng.engine.step, []
 
-    def failing_step():
+    def step():
         calls.append(1)
-        if len(calls) > 2:
+        if len(calls) in failing:
             raise RuntimeError(SECRET)
         return real_step()
 
-    eng.engine.step = failing_step
+    eng.engine.step = step
+    return calls
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(caplog):
+    eng = make_engine()
+    calls = fail_steps(eng, {3})
     try:
         async def main():
             results = await asyncio.gather(*(run(eng, [1, 2, 3], greedy(50), f"f{i}") for i in range(3)),
                                            return_exceptions=True)
-            assert all(isinstance(r, EngineDeadError) for r in results)
+            assert all(isinstance(r, EngineStepError) for r in results), results
+            failing = eng.health()  # no step with work has run since the failure
+            after = await run(eng, [4, 5, 6], greedy(5), "after")  # a new request is served
+            return failing, after
+
+        with caplog.at_level(logging.ERROR):
+            failing, after = asyncio.run(asyncio.wait_for(main(), timeout=30))  # no client hangs
+        assert (failing.alive, failing.accepting, failing.error, failing.consecutive_step_failures) == (
+            False, True, "RuntimeError", 1)
+        assert after[-1].finished and len(after[-1].outputs[0].token_ids) == 5
+        health = eng.health()
+        assert health.alive and health.accepting and health.error is None and len(calls) > 3
+        assert wait_until(lambda: all_free(eng))  # the failed requests' blocks were freed
+        assert "RuntimeError" in caplog.text and SECRET not in caplog.text
+    finally:
+        eng.shutdown()
+
+
+def test_steps_failing_again_and_again_end_the_loop(caplog):
+    eng = make_engine()
+    fail_steps(eng, set(range(1, 100)))
+    try:
+        async def main():
+            for i in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):  # each request fails alone; the engine goes on
+                with pytest.raises(EngineStepError):
+                    await run(eng, [1, 2, 3], greedy(5), f"r{i}")
+                assert eng.health().accepting and not eng.health().alive
+            with pytest.raises(EngineDeadError):  # the last straw
+                await run(eng, [1, 2, 3], greedy(5), "last")
             with pytest.raises(EngineDeadError):
                 await eng.add_request("late", [1, 2], greedy(2))
 
         with caplog.at_level(logging.ERROR):
-            asyncio.run(asyncio.wait_for(main(), timeout=30))  # no client hangs
+            asyncio.run(asyncio.wait_for(main(), timeout=30))
         health = eng.health()
-        assert not health.alive and health.error == "RuntimeError"
-        assert "RuntimeError" in caplog.text and SECRET not in caplog.text
+        assert not health.alive and not health.accepting and health.error == "RuntimeError"
+        assert SECRET not in caplog.text
     finally:
         eng.shutdown()
+
+
+def test_a_forward_failure_the_engine_catches_reaches_the_client_as_an_error():
+    eng = make_engine()
+    runner = eng.engine.runner
+    real_execute, calls = runner.execute, []
+
+    def execute(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError(SECRET)
+        return real_execute(*args, **kwargs)
+
+    runner.execute = execute
+    try:
+        async def main():
+            with pytest.raises(EngineStepError):
+                await run(eng, [1, 2, 3], greedy(20), "caught")
+            assert not eng.health().alive and eng.health().accepting
+            return await run(eng, [4, 5], greedy(3), "next")
+
+        after = asyncio.run(asyncio.wait_for(main(), timeout=30))
+        assert after[-1].finished and eng.health().alive
+        assert wait_until(lambda: all_free(eng))
+    finally:
+        eng.shutdown()
+
+
+def _output(num_tokens: int, finished: bool = False) -> RequestOutput:
+    completion = CompletionOutput(0, "x" * num_tokens, list(range(num_tokens)), "length" if finished else None)
+    return RequestOutput("s", None, [1, 2], [completion], finished)
+
+
+def test_a_slow_reader_holds_one_output_and_gets_the_newest():
+    async def main():
+        stream = RequestStream("s", asyncio.get_running_loop(), lambda rid: None)
+        # The loop thread pushes a cumulative output every step; the reader reads none of them.
+        await asyncio.to_thread(lambda: [stream.push(_output(i)) for i in range(1, 1001)])
+        await asyncio.sleep(0)
+        held = stream.num_pending
+        newest = await stream.next()
+        # The final output is never overtaken, neither by a later output nor by an error.
+        await asyncio.to_thread(lambda: [stream.push(x) for x in (_output(1001), _output(1002, finished=True),
+                                                                   _output(1003), RuntimeError("late"))])
+        await asyncio.sleep(0)
+        final = await stream.next()
+        return held, newest, final, stream
+
+    held, newest, final, stream = asyncio.run(asyncio.wait_for(main(), timeout=10))
+    assert held == 1 and len(newest.outputs[0].token_ids) == 1000 and not newest.finished
+    assert final.finished and len(final.outputs[0].token_ids) == 1002
+    assert stream.finished and stream.num_pending == 0
+
+
+def test_an_error_replaces_an_unread_output_and_ends_the_stream():
+    async def main():
+        stream = RequestStream("s", asyncio.get_running_loop(), lambda rid: None)
+        await asyncio.to_thread(lambda: [stream.push(x) for x in (_output(1), EngineStepError("x"), _output(2))])
+        await asyncio.sleep(0)
+        assert stream.num_pending == 1
+        with pytest.raises(EngineStepError):
+            await stream.next()
+        assert stream.finished
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=10))
+
+
+def test_the_callers_tokenizer_is_not_the_one_the_loop_uses(engine):
+    assert engine.tokenizer is not engine.engine.tokenizer
+    assert engine.tokenizer.encode("Hello world") == engine.engine.tokenizer.encode("Hello world")
 
 
 def test_shutdown_ends_open_streams_and_refuses_new_requests():

@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -198,6 +200,10 @@ BAD_REQUESTS = [  # path, body, status, the error's param, the error's code
     ("/v1/chat/completions", {"messages": MSG, "n": 2.5}, 400, "n", None),
     ("/detokenize", {"tokens": [10**6]}, 400, "tokens", None),
     ("/tokenize", {"prompt": "a", "messages": MSG}, 400, "prompt", None),
+    # Seeds torch cannot take (sequence i of n draws with seed + i): a 400, not a 500.
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64, "max_tokens": 1}, 400, "seed", None),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "seed": 2**64 - 1, "max_tokens": 1}, 400, "seed", None),
+    ("/v1/chat/completions", {"messages": MSG, "seed": -2**63 - 1, "max_tokens": 1}, 400, "seed", None),
 ]
 
 
@@ -217,6 +223,12 @@ def test_bad_request_gets_status_and_openai_error(http, path, body, status, para
     assert (err["param"], err["code"]) == (param, code)
     if code == TOO_LONG:
         assert "maximum context length is 512 tokens" in err["message"]
+
+
+def test_every_seed_torch_takes_is_served(http):
+    for seed, n in ((2**64 - 1, 1), (2**64 - 2, 2), (-2**63, 1), (-1, 2)):
+        r = http.post("/v1/completions", json={"prompt": "hi", "seed": seed, "n": n, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == n
 
 
 def test_client_error_classes(client, server):
@@ -337,13 +349,13 @@ def test_overload_returns_429_with_retry_after():
         srv.stop()
 
 
-def test_engine_failure_fails_requests_and_health(caplog):
+def test_a_failed_engine_step_fails_its_requests_and_the_server_recovers(caplog):
     srv = start_server(tiny_model_path(), num_kv_blocks=128)
     engine, real_step, calls = srv.engine.engine, srv.engine.engine.step, []
 
     def failing_step():
         calls.append(1)
-        if len(calls) > 3:
+        if len(calls) == 4:  # one step fails (an out-of-memory, a kernel error)
             raise RuntimeError(f"kaput {CANARY}")
         return real_step()
 
@@ -355,13 +367,79 @@ def test_engine_failure_fails_requests_and_health(caplog):
             with caplog.at_level(logging.ERROR):
                 with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
                     events = sse_events(r.iter_lines())
-            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "service_unavailable_error"
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "internal_server_error"
             assert CANARY not in caplog.text and "RuntimeError" in caplog.text
-            assert http.get("/health").status_code == 503 and http.get("/ready").status_code == 503
-            r = http.post("/v1/chat/completions", json=body)
-            assert r.status_code == 503 and r.json()["error"]["message"] == "The engine is not running."
+            # Unhealthy until a step proves the engine works again, but still taking requests.
+            assert http.get("/health").status_code == 503 and http.get("/ready").status_code == 200
+            r = http.post("/v1/chat/completions", json=body | {"max_tokens": 5})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+            assert http.get("/health").status_code == 200 and http.get("/ready").status_code == 200
+            assert wait_until(lambda: idle(srv))
     finally:
         srv.stop()
+
+
+# ---- tokenizer work off the event loop ---------------------------------------------------------
+class RecordingTokenizer:
+    """Delegates to a tokenizer and records the thread of every encode, decode and template call."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.threads: list[str] = []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if name not in ("encode", "decode", "apply_chat_template"):
+            return attr
+
+        def recorded(*args, **kwargs):
+            self.threads.append(threading.current_thread().name)
+            return attr(*args, **kwargs)
+        return recorded
+
+
+def test_tokenizer_work_runs_off_the_event_loop_on_the_servers_own_copy(server, http, client, monkeypatch):
+    tokenization = server.server.config.app.state.ctx.tokenization
+    assert tokenization._tokenizer is not server.engine.engine.tokenizer  # the engine thread's stays its own
+    recorder = RecordingTokenizer(tokenization._tokenizer)
+    monkeypatch.setattr(tokenization, "_tokenizer", recorder)
+    tokens = http.post("/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+    assert http.post("/detokenize", json={"tokens": tokens}).json() == {"prompt": "Hello world"}
+    client.completions.create(model="tiny", prompt="Paris is the", max_tokens=3, logprobs=2, **GREEDY)
+    list(client.completions.create(model="tiny", prompt="Paris is the", max_tokens=3, logprobs=2, stream=True,
+                                   **GREEDY))
+    client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=2, **GREEDY)
+    list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=2,
+                                        stream=True, **GREEDY))
+    assert len(recorder.threads) > 20  # the decodes of every logprob entry are among them
+    assert {name.split("_")[0] for name in recorder.threads} == {"llmserve-tokenize"}
+
+
+def test_concurrent_detokenize_and_logprobs_requests(server, http):
+    texts = [f"Request number {i} asks the server something." for i in range(8)]
+    token_lists = [http.post("/tokenize", json={"prompt": t}).json()["tokens"] for t in texts]
+    lp_body = {"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 3, "temperature": 0, "ignore_eos": True}
+    expected_lp = http.post("/v1/completions", json=lp_body).json()["choices"][0]["logprobs"]
+
+    def detokenize(i: int) -> bool:
+        r = http.post("/detokenize", json={"tokens": token_lists[i % len(texts)]})
+        return r.status_code == 200 and r.json()["prompt"] == texts[i % len(texts)]
+
+    def logprobs(i: int) -> bool:
+        r = http.post("/v1/completions", json=lp_body | {"stream": bool(i % 2)})
+        if r.status_code != 200:
+            return False
+        if i % 2:
+            chunks = [json.loads(e) for e in sse_events(r.text.splitlines())[:-1]]
+            return sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) == 8
+        got = r.json()["choices"][0]["logprobs"]  # batching moves logprobs by float rounding only
+        return (got["tokens"], got["text_offset"]) == (expected_lp["tokens"], expected_lp["text_offset"]) and \
+            got["token_logprobs"] == pytest.approx(expected_lp["token_logprobs"], abs=1e-4)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda i: (detokenize if i % 3 else logprobs)(i), range(48)))
+    assert all(results)
+    assert wait_until(lambda: idle(server))
 
 
 # ---- observability ---------------------------------------------------------------------------

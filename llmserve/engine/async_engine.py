@@ -2,9 +2,15 @@
 
 The loop thread builds the LLMEngine and is the only one that runs it. Everything else talks to it
 through one thread-safe inbox (adds and aborts) and gets answers back on its own asyncio loop with
-`call_soon_threadsafe`: admission results on a future, cumulative RequestOutputs on a queue.
+`call_soon_threadsafe`: admission results on a future, cumulative RequestOutputs in a one-slot
+stream (the newest output replaces one not yet read, so a slow reader holds at most one).
 Between two steps the loop drains the inbox, so an abort frees the request's blocks before the
 next step runs. When idle it sleeps on an event; no busy spin.
+
+A failed step (one that raises, or whose forward the engine caught failing) fails only the
+requests it concerned; the loop goes on, and gives up (every request then fails with
+EngineDeadError) only after several failed steps in a row. The server's tokenizer is a copy of
+the engine's, so the loop thread's tokenizer is never used by another thread.
 """
 from __future__ import annotations
 
@@ -19,14 +25,18 @@ from dataclasses import dataclass
 
 from llmserve.config import EngineConfig
 from llmserve.engine.engine import LLMEngine
-from llmserve.errors import EngineDeadError, LLMServeError
+from llmserve.errors import EngineDeadError, EngineStepError, LLMServeError
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
+from llmserve.tokenizer import clone_tokenizer
 
 logger = logging.getLogger(__name__)
 
 IDLE_TICK_S = 1.0  # an idle loop still wakes this often, so its heartbeat stays fresh
 DEFAULT_MAX_WAITING_REQUESTS = 256  # when the config sets no bound: no queue is unbounded
+# Failed steps in a row before the loop gives up: one failure may be transient (an out-of-memory
+# on one batch), several in a row mean the device or the engine is broken.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class EngineOverloadedError(LLMServeError):
@@ -45,19 +55,30 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class EngineHealth:
-    alive: bool  # the loop thread runs and has not failed
+    alive: bool  # the loop runs, and its last step that had work did not fail
     last_heartbeat_age_s: float  # seconds since the loop last came round
-    error: str | None = None  # the exception type that killed the loop, if any
+    error: str | None = None  # the exception type that killed the loop, or that failed the last step
+    accepting: bool = False  # the loop takes new requests (even right after a failed step)
+    consecutive_step_failures: int = 0
+
+
+def _is_terminal(item: RequestOutput | BaseException | None) -> bool:
+    return isinstance(item, BaseException) or (item is not None and item.finished)
 
 
 class RequestStream:
-    """The consumer side of one request. The loop thread pushes into it; one coroutine reads it."""
+    """The consumer side of one request. The loop thread pushes into it; one coroutine reads it.
+
+    Outputs are cumulative, so the stream keeps one slot: a push replaces an output the reader has
+    not taken yet (a slow client holds one output, not one per step). An error or the final output
+    is never replaced: it is the last thing the reader gets."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]) -> None:
         self.request_id = request_id
         self._loop = loop
         self._abort = abort
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._slot: RequestOutput | BaseException | None = None  # consumer's loop only
+        self._ready = asyncio.Event()  # set while the slot holds something
         self.admitted: asyncio.Future[None] = loop.create_future()
         self.finished = False
 
@@ -69,7 +90,7 @@ class RequestStream:
             pass
 
     def push(self, item: RequestOutput | BaseException) -> None:
-        self._call(self._queue.put_nowait, item)
+        self._call(self._put, item)
 
     def admit(self, error: BaseException | None) -> None:
         self._call(self._set_admitted, error)
@@ -83,6 +104,17 @@ class RequestStream:
             self.admitted.set_exception(error)
 
     # -- called on the consumer's event loop --
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        if self.finished or _is_terminal(self._slot):
+            return  # the reader has left, or the last word is already waiting for it
+        self._slot = item
+        self._ready.set()
+
+    @property
+    def num_pending(self) -> int:
+        """Outputs pushed but not yet read: 0 or 1, however slow the reader."""
+        return 0 if self._slot is None else 1
+
     def __aiter__(self) -> RequestStream:
         return self
 
@@ -95,13 +127,15 @@ class RequestStream:
         """Abort the request unless it already ended. Call it when the consumer leaves early."""
         if not self.finished:
             self.finished = True
+            self._slot = None
             self._abort(self.request_id)
 
     async def next(self) -> RequestOutput:
-        """The newest cumulative output. Outputs that piled up are skipped: each holds all before it."""
-        item = await self._queue.get()
-        while not self._queue.empty() and not isinstance(item, BaseException):
-            item = self._queue.get_nowait()
+        """The newest cumulative output; it holds every output before it."""
+        while self._slot is None:
+            await self._ready.wait()
+        item, self._slot = self._slot, None
+        self._ready.clear()
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -110,7 +144,7 @@ class RequestStream:
         return item
 
 
-@dataclass
+@dataclass(repr=False)
 class _Add:
     stream: RequestStream
     prompt_token_ids: list[int]
@@ -120,10 +154,18 @@ class _Add:
     cache_salt: str | None
     arrival_time: float
 
+    def __repr__(self) -> str:  # the prompt's text and ids (and the tenant's salt) stay out of logs
+        return (f"_Add(request_id={self.stream.request_id!r}, prompt_tokens={len(self.prompt_token_ids)}, "
+                f"priority={self.priority})")
+
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+def _ended_in_error(out: RequestOutput) -> bool:
+    return out.finished and any(c.finish_reason == "error" for c in out.outputs)
 
 
 class AsyncLLMEngine:
@@ -144,7 +186,10 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._stats = EngineStats()
         self._heartbeat = time.monotonic()
-        self._error: str | None = None
+        self._error: str | None = None  # set once the loop has died: it serves nothing more
+        self._step_error: str | None = None  # the type of the last step failure, until a step succeeds
+        self._step_failures = 0  # failed steps in a row
+        self._client_tokenizer = None  # the callers' own copy; the loop thread uses the engine's
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(build,), name="llmserve-engine", daemon=True)
@@ -161,7 +206,10 @@ class AsyncLLMEngine:
     # ---- read-only facts for the server (immutable after start) -------------------------
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        """A copy of the engine's tokenizer for the caller (the server), never used by the loop
+        thread: HF fast tokenizers fail ("Already borrowed") when two threads use one at once. The
+        caller must still not use this copy from two threads at once."""
+        return self._client_tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -179,8 +227,12 @@ class AsyncLLMEngine:
         return self._stats
 
     def health(self) -> EngineHealth:
-        alive = self._thread.is_alive() and self._error is None and not self._stop.is_set()
-        return EngineHealth(alive, time.monotonic() - self._heartbeat, self._error)
+        accepting = self._thread.is_alive() and self._error is None and not self._stop.is_set()
+        failures = self._step_failures
+        return EngineHealth(alive=accepting and failures == 0,
+                            last_heartbeat_age_s=time.monotonic() - self._heartbeat,
+                            error=self._error or (self._step_error if failures else None),
+                            accepting=accepting, consecutive_step_failures=failures)
 
     # ---- requests -----------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
@@ -229,6 +281,7 @@ class AsyncLLMEngine:
     def _run(self, build: Callable[[], LLMEngine]) -> None:
         try:
             self.engine = build()
+            self._client_tokenizer = clone_tokenizer(self.engine.tokenizer)  # before any step uses it
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             self._build_error = e
             self._error = type(e).__name__
@@ -244,10 +297,51 @@ class AsyncLLMEngine:
                 # After an abort, step even when idle: it hands back (and so drops) the engine's
                 # record of the aborted output instead of keeping it until the next request.
                 if aborted or self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    self._step()
                 self._publish()
         except BaseException as e:  # noqa: BLE001 - any failure must release every waiting client
             self._die(e)
+
+    def _step(self) -> None:
+        """One engine step. A failed step ends the requests in it, not the loop: the engine either
+        raises (then every request it holds is failed here) or ends them itself with finish reason
+        "error" (LLMEngine catches a failing forward). Several failed steps in a row end the loop."""
+        had_work = self.engine.has_unfinished_requests()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - KeyboardInterrupt and the like still end the loop
+            if self._count_failure(type(e).__name__):
+                raise  # not one bad batch: the engine is broken, and _die says so
+            self._fail_in_flight(e)
+            return
+        if any(_ended_in_error(out) for out in outputs):
+            if self._count_failure(getattr(self.engine, "last_step_error", None) or EngineStepError.__name__):
+                self._dispatch(outputs)
+                raise EngineStepError(f"{MAX_CONSECUTIVE_STEP_FAILURES} engine steps in a row failed")
+        elif had_work and getattr(self.engine, "last_step_error", None) is None:
+            # Only a step that ran requests proves the engine works again; one that merely handed
+            # back aborted outputs proves nothing.
+            self._step_failures, self._step_error = 0, None
+        self._dispatch(outputs)
+
+    def _count_failure(self, error_type: str) -> bool:
+        """Record a failed step; True once the loop should give up."""
+        self._step_failures += 1
+        self._step_error = error_type
+        return self._step_failures >= MAX_CONSECUTIVE_STEP_FAILURES
+
+    def _fail_in_flight(self, e: Exception) -> None:
+        """End every request the engine holds with EngineStepError and free its blocks. Requests
+        still in the inbox were not in the failed step: they are added next round as usual."""
+        # Stack frames but not the exception's message, which could quote request content.
+        logger.error("engine step failed with %s (%d in a row); failing its %d requests\n%s", type(e).__name__,
+                     self._step_failures, len(self._streams), "".join(traceback.format_tb(e.__traceback__)))
+        error = EngineStepError("an engine step failed")
+        request_ids = list(self._streams)
+        for stream in self._streams.values():
+            stream.push(error)
+        self._streams.clear()
+        self.engine.abort_request(request_ids)  # if even this raises, the loop dies (_die)
 
     def _drain_inbox(self) -> bool:
         """Apply queued adds and aborts; True if anything was aborted."""
@@ -292,7 +386,9 @@ class AsyncLLMEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted by its consumer, who no longer listens
-            stream.push(out)
+            # The engine ends the requests of a step whose forward failed with finish reason
+            # "error": their client gets the same error as when the step itself raises.
+            stream.push(EngineStepError("an engine step failed") if _ended_in_error(out) else out)
             if out.finished:
                 del self._streams[out.request_id]
 
@@ -307,7 +403,8 @@ class AsyncLLMEngine:
         logger.error("engine loop failed with %s; failing all requests\n%s", type(e).__name__,
                      "".join(traceback.format_tb(e.__traceback__)))
         with self._lock:
-            self._error = type(e).__name__
+            # Steps the engine failed itself end the loop with our EngineStepError: name theirs.
+            self._error = (self._step_error if isinstance(e, EngineStepError) else None) or type(e).__name__
         self._fail_all(EngineDeadError("the engine loop failed"))
 
     def _fail_all(self, error: EngineDeadError) -> None:

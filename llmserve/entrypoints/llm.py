@@ -58,32 +58,38 @@ class LLM:
              priority: Sequence[int] | None, cache_salt) -> list[RequestOutput]:
         n = len(token_lists)
         params = _broadcast(sampling_params or SamplingParams(), n, "sampling_params")
+        for p in params:
+            p.validate()  # fields may have been changed since construction
         priorities = _broadcast(priority if priority is not None else 0, n, "priority")
         salts = _broadcast(cache_salt, n, "cache_salt")
-        ids = []
+        ids: list[str] = []
         try:
             for tokens, text, p, prio, salt in zip(token_lists, texts, params, priorities, salts):
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, tokens, p, prompt=text, priority=prio, cache_salt=salt)
                 ids.append(rid)
-        except Exception:
-            self.engine.abort_request(ids)  # a bad prompt fails the call, not the engine
-            self._drain(set(ids))
+            return self._drain(set(ids), use_tqdm)
+        except BaseException:
+            # A bad prompt, an error or a KeyboardInterrupt while stepping: requests left in the engine
+            # would keep their KV blocks and be computed (and returned to no one) by the next call.
+            # Finished ones are already gone from the engine, so aborting every id is safe.
+            self.engine.abort_request(ids)
             raise
-        return self._drain(set(ids), use_tqdm)
 
     def _drain(self, ids: set[str], use_tqdm: bool = False) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or not ids, dynamic_ncols=True)
         start, out_tokens = time.perf_counter(), 0
-        while len(done) < len(ids) and self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished and out.request_id in ids:
-                    done[out.request_id] = out
-                    out_tokens += sum(len(c.token_ids) for c in out.outputs)
-                    bar.update(1)
-                    bar.set_postfix_str(f"output {out_tokens / (time.perf_counter() - start):.1f} tok/s")
-        bar.close()
+        try:
+            while len(done) < len(ids) and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in ids:
+                        done[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        bar.set_postfix_str(f"output {out_tokens / (time.perf_counter() - start):.1f} tok/s")
+        finally:
+            bar.close()
         return [done[i] for i in sorted(done, key=int)]
 
 

@@ -37,6 +37,7 @@ import torch
 
 from llmserve.sampling.logprobs import compute_logprobs, gather_logprobs
 from llmserve.sampling.metadata import SamplingMetadata
+from llmserve.sampling_params import MAX_SEED, MIN_SEED, seed_in_range
 
 _NEG_INF = float("-inf")
 
@@ -51,6 +52,10 @@ class SamplerOutput:
 
 class Sampler:
     def __init__(self, seed: int | None = None) -> None:
+        """seed: of the generator that unseeded random rows share (the engine passes its config's
+        seed, so the same seed and the same requests give the same tokens); None draws a fresh one."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not seed_in_range(seed)):
+            raise ValueError(f"the sampler's seed must be an integer in [{MIN_SEED}, {MAX_SEED}]")
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 

@@ -68,7 +68,9 @@ def _add_routes(app: FastAPI, ctx: ServingContext) -> None:
 
     @app.get("/ready")
     async def ready() -> Response:
-        if ctx.draining or not ctx.engine.health().alive:
+        # Ready while the engine takes requests, even right after a failed step (when /health is
+        # 503): a balancer that stopped sending requests would leave no step to prove it recovered.
+        if ctx.draining or not ctx.engine.health().accepting:
             return APIError(503, "The server is not ready.", "service_unavailable_error").response()
         return JSONResponse({"status": "ready"})
 
@@ -93,4 +95,4 @@ def _add_routes(app: FastAPI, ctx: ServingContext) -> None:
     async def detokenize(request: Request) -> JSONResponse:
         req = await read_json(request, DetokenizeRequest)
         ctx.check_model(req.model)
-        return JSONResponse(DetokenizeResponse(prompt=ctx.tokenization.decode(req.tokens)).model_dump())
+        return JSONResponse(DetokenizeResponse(prompt=await ctx.tokenization.decode(req.tokens)).model_dump())

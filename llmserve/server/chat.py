@@ -9,7 +9,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmserve.outputs import RequestOutput
 from llmserve.server.errors import bad_request
-from llmserve.server.logprobs import chat_logprobs
 from llmserve.server.params import check_context, sampling_params
 from llmserve.server.protocol import (
     ChatChoice,
@@ -64,16 +63,16 @@ async def create_chat_completion(ctx: ServingContext, raw: Request) -> Response:
     finally:
         tracked.close()
     choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                          logprobs=_logprobs(ctx, req, c.token_ids, c.logprobs),
+                          logprobs=await _logprobs(ctx, req, c.token_ids, c.logprobs),
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason) for c in final.outputs]
     body = ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage([final]))
     return JSONResponse(body.model_dump())
 
 
-def _logprobs(ctx: ServingContext, req: ChatCompletionRequest, token_ids, logprobs) -> ChatLogprobs | None:
+async def _logprobs(ctx: ServingContext, req: ChatCompletionRequest, token_ids, logprobs) -> ChatLogprobs | None:
     if not req.logprobs or logprobs is None:
         return None
-    return chat_logprobs(ctx.tokenization.tokenizer, token_ids, logprobs, req.top_logprobs or 0)
+    return await ctx.tokenization.chat_logprobs(token_ids, logprobs, req.top_logprobs or 0)
 
 
 async def _stream(ctx: ServingContext, req: ChatCompletionRequest, request_id: str, model: str,
@@ -95,7 +94,7 @@ async def _stream(ctx: ServingContext, req: ChatCompletionRequest, request_id: s
                 d = deltas.delta(c.index, c)
                 if not d.empty:
                     choices.append(ChatChunkChoice(index=c.index, delta={"content": d.text} if d.text else {},
-                                                   logprobs=_logprobs(ctx, req, d.token_ids, d.logprobs),
+                                                   logprobs=await _logprobs(ctx, req, d.token_ids, d.logprobs),
                                                    finish_reason=c.finish_reason if d.finished else None))
             if choices:
                 yield chunk(choices)

@@ -10,7 +10,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from llmserve.outputs import RequestOutput
 from llmserve.server.errors import bad_request
-from llmserve.server.logprobs import completion_logprobs
 from llmserve.server.params import check_context, sampling_params
 from llmserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, random_id
 from llmserve.server.serving import ServingContext, read_json, usage
@@ -52,17 +51,17 @@ async def create_completion(ctx: ServingContext, raw: Request) -> Response:
     finally:
         for t in tracked:
             t.close()
-    choices = [_choice(ctx, req, i * req.n + c.index, c.text, c.token_ids, c.logprobs, 0, c.finish_reason,
-                       c.stop_reason) for i, out in enumerate(finals) for c in out.outputs]
+    choices = [await _choice(ctx, req, i * req.n + c.index, c.text, c.token_ids, c.logprobs, 0, c.finish_reason,
+                             c.stop_reason) for i, out in enumerate(finals) for c in out.outputs]
     body = CompletionResponse(id=request_id, model=model, choices=choices, usage=usage(finals))
     return JSONResponse(body.model_dump())
 
 
-def _choice(ctx: ServingContext, req: CompletionRequest, index: int, text: str, token_ids, logprobs, text_offset: int,
-            finish_reason: str | None, stop_reason) -> CompletionChoice:
+async def _choice(ctx: ServingContext, req: CompletionRequest, index: int, text: str, token_ids, logprobs,
+                  text_offset: int, finish_reason: str | None, stop_reason) -> CompletionChoice:
     lp = None
     if req.logprobs is not None and logprobs is not None:
-        lp = completion_logprobs(ctx.tokenization.tokenizer, token_ids, logprobs, req.logprobs, text_offset)
+        lp = await ctx.tokenization.completion_logprobs(token_ids, logprobs, req.logprobs, text_offset)
     return CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=finish_reason, stop_reason=stop_reason)
 
 
@@ -78,9 +77,9 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, request_id: str, 
                 index = i * req.n + c.index
                 d = deltas.delta(index, c)
                 if not d.empty:
-                    choices.append(_choice(ctx, req, index, d.text, d.token_ids, d.logprobs, d.text_offset,
-                                           c.finish_reason if d.finished else None,
-                                           c.stop_reason if d.finished else None))
+                    choices.append(await _choice(ctx, req, index, d.text, d.token_ids, d.logprobs, d.text_offset,
+                                                 c.finish_reason if d.finished else None,
+                                                 c.stop_reason if d.finished else None))
             if choices:
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices))
             if out.finished:

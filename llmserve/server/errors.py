@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmserve.engine.async_engine import EngineOverloadedError
-from llmserve.errors import EngineDeadError, InvalidRequestError, LLMServeError, PromptTooLongError
+from llmserve.errors import EngineDeadError, EngineStepError, InvalidRequestError, LLMServeError, PromptTooLongError
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def from_engine_error(e: Exception) -> APIError:
         return bad_request(str(e))
     if isinstance(e, EngineDeadError):
         return APIError(503, "The engine is not running.", "service_unavailable_error")
+    if isinstance(e, EngineStepError):  # the engine loop logged it; the engine goes on, so a retry may work
+        return internal_error()
     if isinstance(e, LLMServeError):
         return bad_request(str(e))
     log_internal(e)

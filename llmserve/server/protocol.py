@@ -3,6 +3,9 @@
 Requests are validated in pydantic's strict JSON mode, so a wrong type is a 400 rather than a
 silent coercion ("n": "2" is refused). Unknown fields are ignored, as OpenAI's clients send
 fields a server may not know. Range checks live in SamplingParams, the single source of truth.
+
+Requests and responses carry prompts and outputs, so no model's repr shows a string or a list:
+only its type and size (numbers, booleans and None are shown).
 """
 from __future__ import annotations
 
@@ -13,11 +16,30 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class _Size:
+    """Stands in for a value in a repr: its type and length, not its content."""
+
+    def __init__(self, value: Any) -> None:
+        self.text = f"<{type(value).__name__}" + (f" len={len(value)}>" if hasattr(value, "__len__") else ">")
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _Model(BaseModel):
+    """pydantic's BaseModel whose repr (and str) shows no content."""
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            shown = value is None or isinstance(value, (bool, int, float))
+            yield name, value if shown else _Size(value)
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class _Request(BaseModel):
+class _Request(_Model):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
@@ -98,14 +120,14 @@ class DetokenizeRequest(_Request):
 
 
 # ---- responses ----------------------------------------------------------------------------
-class Usage(BaseModel):
+class Usage(_Model):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] | None = None
 
 
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(_Model):
     """The legacy completions format: parallel lists, one entry per generated token."""
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float] = Field(default_factory=list)
@@ -113,7 +135,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Model):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -121,7 +143,7 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Model):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -130,7 +152,7 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(_Model):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -140,16 +162,16 @@ class TokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
-class ChatLogprobs(BaseModel):
+class ChatLogprobs(_Model):
     content: list[TokenLogprob] | None = None
 
 
-class ChatResponseMessage(BaseModel):
+class ChatResponseMessage(_Model):
     role: str = "assistant"
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_Model):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
@@ -157,7 +179,7 @@ class ChatChoice(BaseModel):
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_Model):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -166,14 +188,14 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Model):
     index: int
     delta: dict[str, Any]  # only the keys that changed: role first, then content
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Model):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -182,7 +204,7 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-class ModelCard(BaseModel):
+class ModelCard(_Model):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -190,16 +212,16 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
 
 
-class ModelList(BaseModel):
+class ModelList(_Model):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class TokenizeResponse(BaseModel):
+class TokenizeResponse(_Model):
     count: int
     max_model_len: int
     tokens: list[int]
 
 
-class DetokenizeResponse(BaseModel):
+class DetokenizeResponse(_Model):
     prompt: str

@@ -21,11 +21,15 @@ MAX_BODY_BYTES = 16 << 20
 M = TypeVar("M", bound=BaseModel)
 
 
-@dataclass
+@dataclass(repr=False)
 class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
     api_key: str | None = None
     health_stall_s: float = 60.0  # /health fails when the engine loop has not come round for this long
+
+    def __repr__(self) -> str:  # the API key is a secret: whether one is set, never its value
+        return (f"ServerSettings(served_model_names={self.served_model_names!r}, "
+                f"api_key={'<set>' if self.api_key else None}, health_stall_s={self.health_stall_s!r})")
 
 
 class ServingContext:

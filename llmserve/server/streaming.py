@@ -105,7 +105,7 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-@dataclass
+@dataclass(repr=False)
 class Delta:
     """What one choice gained since the last event: text, token ids, their logprobs, and whether
     it just finished."""
@@ -114,6 +114,10 @@ class Delta:
     logprobs: list[PositionLogprobs] | None
     text_offset: int  # characters of this choice sent before this delta
     finished: bool
+
+    def __repr__(self) -> str:  # output text and ids stay out of logs and tracebacks
+        return (f"Delta(chars={len(self.text)}, tokens={len(self.token_ids)}, text_offset={self.text_offset}, "
+                f"finished={self.finished})")
 
     @property
     def empty(self) -> bool:
