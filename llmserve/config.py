@@ -47,3 +47,8 @@ class EngineConfig:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError("num_kv_blocks must be positive")
+        from llmserve.sampling_params import MAX_SEED, MIN_SEED, seed_in_range
+
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not seed_in_range(self.seed)):
+            raise InvalidRequestError(f"seed must be an integer in [{MIN_SEED}, {MAX_SEED}]")

@@ -73,3 +73,11 @@ def test_the_samplers_seed_fixes_its_shared_draws():
     for bad in (MAX_SEED + 1, MIN_SEED - 1, True):
         with pytest.raises(ValueError):
             Sampler(bad)
+
+
+def test_engine_seed_outside_torchs_range_is_a_typed_error():
+    from llmserve.config import EngineConfig
+
+    with pytest.raises(InvalidRequestError):
+        EngineConfig(seed=1 << 64)
+    assert EngineConfig(seed=(1 << 64) - 1).seed == (1 << 64) - 1
