@@ -98,12 +98,15 @@ class TorchAttention:
     def _chunk(layer: AttentionLayer, q, keys, values, first_pos: int, ctx: int) -> torch.Tensor:
         """Queries at positions first_pos.. attending causally to the ctx tokens of keys/values."""
         qlen = q.shape[0]
+        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+        if first_pos == 0 and layer.sliding_window is None and layer.soft_cap is None:  # plain causal: SDPA's fast path
+            return F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), is_causal=True,
+                                                  scale=layer.scale, enable_gqa=True).squeeze(0).transpose(0, 1)
         qpos = torch.arange(first_pos, first_pos + qlen, device=q.device)[:, None]
         kpos = torch.arange(ctx, device=q.device)[None, :]
         mask = kpos <= qpos
         if layer.sliding_window is not None:
             mask = mask & (kpos > qpos - layer.sliding_window)
-        qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
         if layer.soft_cap is None:
             o = F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), attn_mask=mask,
                                                scale=layer.scale, enable_gqa=True).squeeze(0)

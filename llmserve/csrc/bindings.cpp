@@ -1,9 +1,6 @@
 // The Python module of llmserve's CPU kernels.
 #include <torch/extension.h>
 
-torch::Tensor paged_attention_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
-                                     torch::Tensor seq_lens, int64_t block_size, double scale);
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                               torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor query_start_loc,
                               torch::Tensor seq_lens, torch::Tensor block_tables, int64_t block_size, double scale,
@@ -19,8 +16,6 @@ void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t nu
 // then runs beside the engine thread instead of waiting for it at every switch interval.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("paged_attention_decode", &paged_attention_decode,
-        "write a step's K/V into the paged cache, then decode attention over it (CPU)", nogil);
   m.def("paged_attention", &paged_attention,
         "write a step's K/V into the paged cache, then attention for decodes, verifies and prefill chunks (CPU)",
         nogil);

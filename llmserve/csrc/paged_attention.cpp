@@ -7,11 +7,12 @@
 // query heads. Tasks are sorted by estimated cost (longest first) and pulled from a shared counter
 // by the pool's threads, so one long chunk beside many short decodes still keeps every core busy.
 //
-// Decode tasks over float32 (AVX2, head size % 32 == 0, <= 8 query heads per KV head) take the
-// two-pass path of paged_decode.cpp: all scores, one softmax, then V with the accumulators in
-// registers. Every other task is flash-attention style: the context is walked a tile of keys at a
-// time with an online softmax, tiles that no query of the task may see are never touched, and
-// within a tile each pair of rows only scores the keys one of them can see (the causal part).
+// Decode tasks over float32 (AVX2, head size % 32 == 0, <= 8 query heads per KV head) take a
+// two-pass path (all scores, one softmax, then V with the accumulators in registers), with
+// software prefetch across the scattered blocks. Every other task is
+// flash-attention style: the context is walked a tile of keys at a time with an online softmax,
+// tiles that no query of the task may see are never touched, and within a tile each pair of rows
+// only scores the keys one of them can see (the causal part).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -116,9 +117,19 @@ void decode_task_f32(const float* qf, const float* k_cache, const float* v_cache
   int64_t t = 0;
   for (int64_t pos = start; pos < len;) {  // a block's tokens are consecutive slots
     const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
-    const float* kb = k_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
+    const int64_t base = (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
+    const float* kb = k_cache + base;
+    // The cache is read once per step, from memory, one scattered block after another: fetch the
+    // next block's K ahead (the hardware prefetcher loses the stream at every block jump) and this
+    // block's V into L2 for pass 2.
+    const int64_t next = pos + cnt, next_cnt = next < len ? std::min(bs, len - next) : 0;
+    const float* kn = next_cnt ? k_cache + static_cast<int64_t>(table[next / bs]) * bs * row : nullptr;
     for (int64_t j = 0; j < cnt; ++j, ++t) {
       const float* kp = kb + j * row;
+      for (int64_t l = 0; l < D; l += 16) {
+        if (j < next_cnt) _mm_prefetch(reinterpret_cast<const char*>(kn + j * row + l), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v_cache + base + j * row + l), _MM_HINT_T1);
+      }
       for (int h = 0; h < G; ++h) {
         const float* qh = qf + h * D;
         __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
@@ -298,7 +309,8 @@ inline float online_softmax(float* s, int64_t lo, int64_t hi, int64_t zlo, int64
   for (int64_t j = lo8; j < hi8; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
   m_new = std::max(m, llmserve::hmax8(vm));
   const __m256 mv = _mm256_set1_ps(m_new);
-  for (int64_t j = lo8; j < hi8; j += 8) _mm256_storeu_ps(s + j, llmserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)));
+  for (int64_t j = lo8; j < hi8; j += 8)
+    _mm256_storeu_ps(s + j, llmserve::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)));
   // exp8 clamps, so a masked entry came out ~1e-38, not 0: zero them for real.
   for (int64_t j = std::min(zlo, lo8); j < lo; ++j) s[j] = 0.f;
   for (int64_t j = hi; j < std::max(zhi, hi8); ++j) s[j] = 0.f;
@@ -390,8 +402,10 @@ void flash_task(const Task& task, const scalar_t* q, const scalar_t* k_cache, co
         lo[i] = std::max<int64_t>(sh.window > 0 ? p - sh.window + 1 : 0, t0) - t0;
         hi[i] = std::min(p + 1, t0 + n) - t0;
       }
+      // Rows go by position, so the pair's spans touch or overlap: [plo, phi) holds no key that
+      // neither may see.
       const int64_t plo = std::min(lo[0], lo[1]), phi = std::max(hi[0], hi[1]);
-      if (plo >= phi) continue;  // (rows are ordered by position, so a pair sees one span)
+      if (plo >= phi) continue;
       float* sa = sc.s.data();
       float* sb = sa + KTp;
       float* acc_a = sc.acc.data() + r * D;
