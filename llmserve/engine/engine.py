@@ -85,11 +85,16 @@ class LLMEngine:
         self._register(group)
 
     def _register(self, group: RequestGroup) -> None:
-        # Only once every sequence is built, so a failure before leaves nothing behind.
+        """Hand a fully built group to the scheduler (so a failure while building leaves nothing
+        behind); a sequence that already holds computed KV (an imported one) goes straight to running."""
         self.groups[group.request_id] = group
         for req in group.seqs:
             self._group_of[req.request_id] = group
-            if not req.status.finished:
+            if req.status.finished:
+                continue
+            if req.num_computed_tokens:
+                self.scheduler.add_running(req)
+            else:
                 self.scheduler.add(req)
 
     def _validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
@@ -153,8 +158,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {state['request_id']!r} is already in use")
         group = RequestGroup(state["request_id"], state["prompt"], list(state["prompt_token_ids"]), [],
                              time.monotonic() - state["arrival_age"], prompt_logprobs=state["prompt_logprobs"])
-        kv_parts = state["kv"]
-        for seq_state, kv in zip(state["seqs"], kv_parts):
+        for seq_state, kv in zip(state["seqs"], state["kv"]):
             req = Request.from_state(seq_state, self.tokenizer, self.device)
             req.max_model_len = self.max_model_len
             if not req.status.finished:
@@ -164,15 +168,7 @@ class LLMEngine:
                     req.num_computed_tokens = computed
                     self.kv.commit(req, computed)
             group.seqs.append(req)
-        self.groups[group.request_id] = group
-        for req in group.seqs:
-            self._group_of[req.request_id] = group
-            if req.status.finished:
-                continue
-            if req.num_computed_tokens:
-                self.scheduler.add_running(req)
-            else:
-                self.scheduler.add(req)
+        self._register(group)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
