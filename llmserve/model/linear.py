@@ -89,6 +89,9 @@ class Projection(nn.Module):
         bias = self.bias.data if self.bias is not None else None
         self.impl = self.storage.build(weight.data, bias)
         self.weight = self.bias = None
+        # A plain attribute, not nn.Module's submodule lookup and call hooks: a decode step calls
+        # ~120 projections, and those layers of Python cost as much as a small kernel call.
+        object.__setattr__(self, "_compute", self.impl.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.impl(x)
+        return self._compute(x)
