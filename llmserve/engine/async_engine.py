@@ -315,10 +315,10 @@ class AsyncLLMEngine:
             self._fail_in_flight(e)
             return
         if any(_ended_in_error(out) for out in outputs):
-            if self._count_failure(getattr(self.engine, "last_step_error", None) or EngineStepError.__name__):
+            if self._count_failure(self.engine.last_step_error or EngineStepError.__name__):
                 self._dispatch(outputs)
                 raise EngineStepError(f"{MAX_CONSECUTIVE_STEP_FAILURES} engine steps in a row failed")
-        elif had_work and getattr(self.engine, "last_step_error", None) is None:
+        elif had_work and self.engine.last_step_error is None:
             # Only a step that ran requests proves the engine works again; one that merely handed
             # back aborted outputs proves nothing.
             self._step_failures, self._step_error = 0, None
