@@ -59,6 +59,16 @@ class BuildKernels(BuildExtension):
     def _info_path(module_path: str) -> Path:
         return Path(module_path).with_name(kernels.BUILD_INFO.name)
 
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - no compiler or a failed build must not fail the install
+            # The package still installs: at start kernels.py finds no build, tries one for the
+            # CPU it runs on, and otherwise runs plain torch, saying so once.
+            self.warn(f"llmserve: CPU kernels not built ({type(e).__name__}); starts will try a build "
+                      "of their own and otherwise run plain torch")
+            self._skipped = True
+
     def copy_extensions_to_source(self) -> None:
         """Editable installs (and --inplace) copy the module into llmserve/: its build info goes too."""
         super().copy_extensions_to_source()
@@ -70,9 +80,13 @@ class BuildKernels(BuildExtension):
                 for built, in_source in super().get_output_mapping().items() if built.endswith(".so")}
 
     def get_output_mapping(self) -> dict[str, str]:
+        if getattr(self, "_skipped", False):
+            return {}
         return {**super().get_output_mapping(), **self._info_mapping()}
 
     def get_outputs(self) -> list[str]:
+        if getattr(self, "_skipped", False):
+            return []
         outputs = super().get_outputs()  # with --inplace these already come from get_output_mapping
         infos = {str(self._info_path(o)) for o in outputs if o.endswith(".so")}
         return outputs + sorted(infos - set(outputs))
