@@ -1,4 +1,5 @@
-"""Logprob drift of each weight storage mode against float32 on a fixed prompt set.
+"""Logprob drift of each weight storage mode (and of 8-bit activations) against float32 on a fixed
+prompt set.
 
 For each mode, the same token sequences (each prompt followed by float32's greedy continuation)
 are scored with prompt_logprobs; the drift is the difference of the logprobs the modes give those
@@ -32,14 +33,17 @@ def main() -> None:
     args = ap.parse_args()
 
     # "auto" keeps the published GGUF blocks (Q4_1/Q8_0 for SmolLM2): the same weights as float32.
-    modes = {"float32": "none", "auto": "auto", "bf16": "bf16", "int8": "int8", "q8_0": "q8_0", "q4_1": "q4_1"}
+    # "q8 act" keeps them too, and quantizes the activations of those layers to 8 bits (--activations q8).
+    modes = {"float32": dict(quantization="none"), "auto": dict(quantization="auto"),
+             "q8 act": dict(quantization="auto", activations="q8"), "bf16": dict(quantization="bf16"),
+             "int8": dict(quantization="int8"), "q8_0": dict(quantization="q8_0"), "q4_1": dict(quantization="q4_1")}
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     reference: list[list[int]] = []
     ref_lps: list[list[float]] = []
     print(f"{'mode':8} {'same greedy':>12} {'mean |dlogprob|':>16} {'max |dlogprob|':>15}")
-    for name, quant in modes.items():
-        llm = LLM(args.model, quantization=quant, dtype="float32")
+    for name, kwargs in modes.items():
+        llm = LLM(args.model, dtype="float32", **kwargs)
         convs = [[{"role": "user", "content": p}] for p in PROMPTS]
         outs = llm.chat(convs, greedy, use_tqdm=False)
         prompts = [o.prompt_token_ids for o in outs]

@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from llmserve.config import QUANTIZATIONS
+from llmserve.config import ACTIVATIONS, QUANTIZATIONS
 from llmserve.errors import LLMServeError
 
 
@@ -17,6 +17,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="linear weight storage (CPU; compute stays float32). auto: keep a GGUF model's own "
                         "Q4_1/Q8_0 blocks where they are exact, else float; none: float; int8 (per-row "
                         "scales), bf16, q4_1, q8_0: every layer in that format (lossy)")
+    p.add_argument("--activations", default="float32", choices=list(ACTIVATIONS),
+                   help="activations of the GGUF Q4_1/Q8_0 layers (CPU). float32: exact; q8: quantized to "
+                        "8 bits per block of 32 with integer dot products, as llama.cpp computes them "
+                        "(faster, lossy; needs GGUF layers, e.g. --quantization auto on a GGUF model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -35,7 +39,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=getattr(args, "model", None) or args.model_flag, dtype=args.dtype, device=args.device,
-        quantization=args.quantization,
+        quantization=args.quantization, activations=getattr(args, "activations", "float32"),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 SCHEDULING_POLICIES = ("fcfs", "priority", "deadline")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "bf16", "q4_1", "q8_0")  # None means "none"
+ACTIVATIONS = ("float32", "q8")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,10 @@ class EngineConfig:
     # GGUF block format holds exactly (a GGUF model) keeps that format, the rest stay float; "none":
     # all float; "int8", "bf16", "q4_1", "q8_0": every layer in that format (lossy).
     quantization: str | None = "auto"
+    # Activations of the GGUF Q4_1/Q8_0 layers (CPU). "float32": exact; "q8": quantized to 8 bits
+    # per block of 32 with integer dot products, as llama.cpp computes them (faster, lossy). "q8"
+    # needs GGUF layers to apply to: a start without any is an error, not a silent no-op.
+    activations: str = "float32"
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     block_size: int = 16
@@ -41,6 +46,8 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype must be one of {DTYPES}")
         if self.quantization not in (None,) + QUANTIZATIONS:
             raise InvalidRequestError(f"quantization must be one of {QUANTIZATIONS}")
+        if self.activations not in ACTIVATIONS:
+            raise InvalidRequestError(f"activations must be one of {ACTIVATIONS}, not {self.activations!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise InvalidRequestError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
         if self.block_size < 1 or self.max_num_seqs < 1 or (self.max_num_batched_tokens or 1) < 1:

@@ -8,6 +8,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
 torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
+torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias, int64_t path);
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> gguf_quantize_activations(torch::Tensor x, int64_t path);
+std::vector<int64_t> gguf_q8_paths();
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor x);
 void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads);
@@ -22,6 +25,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_only_linear", &weight_only_linear, "x @ W^T with int8 or bfloat16 weights (CPU)", nogil);
   m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF Q4_1 (fmt 0) or Q8_0 (fmt 1) blocks (CPU)", nogil);
   m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF Q4_1 (0) or Q8_0 (1) blocks", nogil);
+  m.def("gguf_linear_q8", &gguf_linear_q8,
+        "x @ W^T with W in GGUF Q4_1 (0) or Q8_0 (1) blocks and x quantized to 8 bits per block of 32; "
+        "path -1 = best for this CPU, 0 scalar, 1 AVX2, 2 AVX-512 VNNI (CPU)", nogil);
+  m.def("gguf_quantize_activations", &gguf_quantize_activations,
+        "x quantized per block of 32 as gguf_linear_q8 does: (int8 q, scale d, d * sum(q))", nogil);
+  m.def("gguf_q8_paths", &gguf_q8_paths, "the gguf_linear_q8 paths this CPU can run (0 scalar, 1 AVX2, 2 VNNI)");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; return rms_norm(residual) * weight (float32)", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (float32)", nogil);
   m.def("rotary_", &rotary_, "rotate the first heads of a [T, heads, D] tensor in place (float32)", nogil);

@@ -16,6 +16,7 @@ from llmserve.errors import InvalidRequestError
 from llmserve.kernels import cpu_kernels
 from llmserve.model.arch_config import ArchConfig
 from llmserve.model.loader import load_model
+from llmserve.model.gguf_quant import GGUF_FORMATS, q8_path_name
 from llmserve.model.linear import WeightStorage, onednn_available
 from llmserve.model.ops import CpuFusedOps, TorchOps
 from llmserve.model.specs import kv_bytes_per_block
@@ -110,11 +111,26 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     max_model_len = _model_len(config, arch)
     kernels = cpu_kernels_for(device)
     onednn = kernels is not None and onednn_available()
-    storage = WeightStorage(_storage_format(config.quantization, kernels, dtype, device), kernels, onednn)
+    _check_activations(config.activations, kernels, dtype, device)
+    storage = WeightStorage(_storage_format(config.quantization, kernels, dtype, device), kernels, onednn,
+                            activations=config.activations)
+    if config.activations == "q8" and storage.fmt not in ("auto",) + tuple(GGUF_FORMATS):
+        raise InvalidRequestError(
+            f"--activations q8 applies to GGUF Q4_1/Q8_0 layers, and --quantization {config.quantization or 'none'} "
+            "stores none: use auto (a GGUF model's own blocks), q4_1 or q8_0")
     ops = CpuFusedOps(kernels) if kernels is not None else TorchOps()
     model = load_model(folder, max_model_len, dtype, device, ops, storage)
     if storage.fmt != "none":
         logger.info("linear layers stored as: %s", ", ".join(f"{n} {fmt}" for fmt, n in sorted(storage.counts.items())))
+    gguf_layers = sum(storage.counts.get(f, 0) for f in GGUF_FORMATS)
+    if config.activations == "q8":
+        if not gguf_layers:
+            raise InvalidRequestError("--activations q8 applies to GGUF Q4_1/Q8_0 layers, and this model has "
+                                      "float weights (quantization auto kept none): use --quantization q4_1 or q8_0")
+        logger.info("activations: q8 (8-bit per block of 32, integer dot products, %s kernels) in %d GGUF layers",
+                    q8_path_name(kernels), gguf_layers)
+    else:
+        logger.info("activations: float32")
     per_block = kv_bytes_per_block(model.kv_cache_specs(), config.block_size, dtype)
     num_blocks = _num_blocks(config, per_block, max_model_len, device)
     if num_blocks * config.block_size < max_model_len:
@@ -140,6 +156,19 @@ def _storage_format(quantization: str | None, kernels, dtype: torch.dtype, devic
     if dtype != torch.float32 or device.type != "cpu":
         raise InvalidRequestError("weight-only quantization runs on CPU with float32 activations (--dtype float32)")
     return quantization
+
+
+def _check_activations(activations: str, kernels, dtype: torch.dtype, device: torch.device) -> None:
+    """8-bit activations run only in the GGUF block kernels: anywhere else they would be a silent no-op."""
+    if activations == "float32":
+        return
+    if device.type != "cpu":
+        raise InvalidRequestError(f"--activations {activations} runs on CPU (the GGUF block kernels), not {device.type}")
+    if dtype != torch.float32:
+        raise InvalidRequestError(f"--activations {activations} quantizes float32 activations: use --dtype float32 (or auto)")
+    if kernels is None:
+        raise InvalidRequestError(f"--activations {activations} needs llmserve's CPU kernels, which are unavailable "
+                                  "here (LLMSERVE_CPU_KERNELS=0, or no compiler to build them)")
 
 
 def cpu_kernels_for(device: torch.device):

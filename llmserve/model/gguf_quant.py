@@ -9,6 +9,11 @@ published bytes. `find_lossless_format` checks exactly that, tensor by tensor, s
 `quantization="auto"` runs a GGUF model on the weights it was published with, at 5 or 8.5 bits a
 weight instead of 32, without changing a single weight. `--quantization q4_1|q8_0` forces a
 format on any model (then it is lossy).
+
+`activations="q8"` (opt-in, `--activations q8`) computes these layers as llama.cpp does: x is
+quantized per block of 32 values to int8 with one scale (Q8_0; with the scaled sum of the quants
+too, Q8_1, for Q4_1's offset) and the block dot products are integer ones (csrc/gguf_q8act.cpp,
+AVX-512 VNNI or AVX2 chosen at run time, a scalar fallback). Faster, and lossy: x is rounded.
 """
 from __future__ import annotations
 
@@ -23,6 +28,14 @@ from llmserve.errors import InvalidRequestError
 GGUF_FORMATS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 _KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1}  # the fmt argument of the kernels
 BLOCK_WEIGHTS = 32
+# gguf_linear_q8's `path` argument: -1 picks the best this CPU has (gguf_q8_paths() lists them).
+Q8_PATHS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
+Q8_AUTO_PATH = -1
+
+
+def q8_path_name(kernels) -> str:
+    """The instruction set gguf_linear_q8 runs on this CPU (for the start's log line)."""
+    return Q8_PATHS[kernels.gguf_q8_paths()[-1]]
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -55,17 +68,24 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
 
 
 class GgufLinear(nn.Module):
-    """y = x W^T + b with W held as GGUF blocks ([N, K / 32 * block bytes] uint8, ggml's layout)."""
+    """y = x W^T + b with W held as GGUF blocks ([N, K / 32 * block bytes] uint8, ggml's layout).
+    activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot products)."""
 
-    def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels) -> None:
+    def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
+                 activations: str = "float32") -> None:
         super().__init__()
-        self.fmt, self.in_features, self.kernels = fmt, in_features, kernels
+        if activations not in ("float32", "q8"):
+            raise InvalidRequestError(f"activations must be 'float32' or 'q8', not {activations!r}")
+        if activations == "q8" and kernels is None:
+            raise InvalidRequestError("8-bit activations need llmserve's compiled CPU kernels")
+        self.fmt, self.in_features, self.kernels, self.activations = fmt, in_features, kernels, activations
         self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("bias", torch.empty(0) if bias is None else bias.detach().float().contiguous())
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernels) -> GgufLinear:
-        return cls(quantize(weight, fmt), fmt, weight.shape[1], bias, kernels)
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str, kernels,
+                   activations: str = "float32") -> GgufLinear:
+        return cls(quantize(weight, fmt), fmt, weight.shape[1], bias, kernels, activations)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [N, K]."""
@@ -77,7 +97,10 @@ class GgufLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.kernels is not None and x2.dtype == torch.float32:
-            y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
+            if self.activations == "q8":
+                y = self.kernels.gguf_linear_q8(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias, Q8_AUTO_PATH)
+            else:
+                y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
         else:
             y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias.to(x2.dtype) if self.bias.numel() else None)
         return y.reshape(*shape[:-1], y.shape[-1])

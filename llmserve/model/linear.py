@@ -42,11 +42,13 @@ def onednn_available() -> bool:
 class WeightStorage:
     """How a model's projections store their weights. fmt: "none" (float), "auto" (a GGUF block
     format where it holds the weights exactly, float elsewhere), or a forced "q4_1", "q8_0",
-    "int8", "bf16" (lossy). counts records how many layers went to each format."""
+    "int8", "bf16" (lossy). counts records how many layers went to each format. activations:
+    what the GGUF layers compute with, "float32" (exact) or "q8" (8-bit blocks, integer dots)."""
     fmt: str = "none"
     kernels: object = None
     onednn: bool = False
     counts: dict[str, int] = field(default_factory=dict)
+    activations: str = "float32"
     _float_model: bool = False  # "auto" met a projection no format holds: the model is float
 
     def build(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -59,12 +61,12 @@ class WeightStorage:
         if self.fmt == "auto" and not self._float_model:
             found = find_lossless_format(weight)
             if found is not None:
-                return GgufLinear(found[1], found[0], weight.shape[1], bias, self.kernels)
+                return GgufLinear(found[1], found[0], weight.shape[1], bias, self.kernels, self.activations)
             # A GGUF model's projections all come in its block formats: the first that does not
             # tells a float model, so the rest are not tried (each try quantizes a row).
             self._float_model = not any(f in self.counts for f in GGUF_FORMATS)
         elif self.fmt in GGUF_FORMATS:
-            return GgufLinear.from_float(weight, bias, self.fmt, self.kernels)
+            return GgufLinear.from_float(weight, bias, self.fmt, self.kernels, self.activations)
         elif self.fmt in ("int8", "bf16"):
             return WeightOnlyLinear(weight, bias, self.fmt, self.kernels)
         return FloatLinear(weight, bias, self.onednn)

@@ -1,0 +1,260 @@
+"""8-bit activations for the GGUF block formats (--activations q8): the kernels quantize x per block
+of 32 exactly as a numpy reference does and compute the integer block dot products llama.cpp
+computes (Q4_1 x Q8_1, Q8_0 x Q8_0), equal to that reference up to summation order on every
+instruction-set path this CPU has; the engine runs a published Q4_1 model close to float
+activations; and the flag refuses to start where it would change nothing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmserve.cli import build_parser, engine_kwargs
+from llmserve.config import EngineConfig
+from llmserve.errors import InvalidRequestError
+from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, dequantize, quantize
+from llmserve.sampling_params import SamplingParams
+from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
+
+FORMATS = ["q4_1", "q8_0"]
+FMT_ARG = {"q4_1": 0, "q8_0": 1}
+BYTES = {"q4_1": 20, "q8_0": 34}
+
+
+# ---- the numpy reference ----
+
+def quantize_x_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q8_0 for activations, in float32 as the kernels compute it: d = max|x| / 127, q = x * (1 / d)
+    rounded half to even, s = d * sum(q) (Q8_1's sum, for Q4_1's offset term)."""
+    m, k = x.shape
+    xb = x.astype(np.float32).reshape(m, k // 32, 32)
+    d = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d != 0)
+    q = np.rint(xb * inv[..., None]).astype(np.int32)
+    s = (d * q.sum(-1).astype(np.float32)).astype(np.float32)
+    return q.reshape(m, k).astype(np.int8), d, s
+
+
+def parse_blocks(blocks: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [N, nb, 32] ints, d [N, nb], m [N, nb]) of GGUF blocks, from the byte layout."""
+    b = blocks.reshape(blocks.shape[0], -1, BYTES[fmt])
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    if fmt == "q4_1":
+        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        qs = b[..., 4:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+    else:
+        m = np.zeros_like(d)
+        q = b[..., 2:].copy().view(np.int8).astype(np.int64)
+    return q, d, m
+
+
+def reference(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torch.Tensor | None):
+    """y in float64 from the integer block dot products, and the magnitude sum_b |term| + |bias| of
+    each output (the scale a float32 summation error is relative to)."""
+    qx, dx, sx = quantize_x_ref(x.numpy())
+    qw, dw, mw = parse_blocks(blocks.numpy(), fmt)
+    m, k = x.shape
+    qx = qx.reshape(m, k // 32, 32).astype(np.int64)
+    sumi = np.einsum("nbk,mbk->mnb", qw, qx)
+    terms = dw[None] * dx[:, None].astype(np.float64) * sumi + mw[None] * sx[:, None].astype(np.float64)
+    y, mag = terms.sum(-1), np.abs(terms).sum(-1)
+    if bias is not None:
+        y, mag = y + bias.double().numpy(), mag + np.abs(bias.double().numpy())
+    return y, mag
+
+
+def _path_or_skip(kernels, path: int) -> int:
+    if path not in kernels.gguf_q8_paths():
+        pytest.skip(f"this CPU cannot run the {Q8_PATHS[path]} path")
+    return path
+
+
+# ---- kernels ----
+
+@pytest.mark.parametrize("path", sorted(Q8_PATHS))
+def test_activation_quantization_is_bitwise_the_reference(kernels, path):
+    _path_or_skip(kernels, path)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 160, generator=g) * 4
+    x[1, 32:64] = 0  # a zero block: d = 0, no division by zero
+    x[2, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-15, 16)])  # d = 1: ties round to even
+    x[3, 64:96] = -x[3, 64:96].abs()
+    q, d, s = kernels.gguf_quantize_activations(x, path)
+    rq, rd, rs = quantize_x_ref(x.numpy())
+    assert np.array_equal(q.numpy(), rq)
+    assert np.array_equal(d.numpy(), rd)
+    assert np.array_equal(s.numpy(), rs)
+    assert q[2, 1:4].tolist() == [-14, -14, -12]  # -14.5, -13.5, -12.5 to even
+
+
+# K: 3, 5 and 19 blocks (multiples of 32, not of 64); N: the last 16-column tile has 13, 6 and
+# 13 columns (both AVX2 halves partial, one half only).
+SHAPES = [(96, 45), (160, 70), (608, 29)]
+
+
+@pytest.mark.parametrize("path", sorted(Q8_PATHS))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 64, 300])
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
+    _path_or_skip(kernels, path)
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    weight = torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) if rows % 2 else None
+    blocks = quantize(weight, fmt)
+    x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 3
+    y = kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0) if bias is None else bias, path)
+    ref, mag = reference(x, blocks, fmt, bias)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    err = np.abs(y.double().numpy() - ref)
+    assert (err <= 1e-5 * mag + 1e-7).all(), f"max error {err.max():.3g}, relative {(err / mag).max():.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_paths_agree_and_auto_is_the_best(kernels, fmt):
+    g = torch.Generator().manual_seed(11)
+    blocks = quantize(torch.randn(50, 576, generator=g), fmt)
+    for rows in (1, 4, 33):
+        x = torch.randn(rows, 576, generator=g)
+        ys = {p: kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0), p) for p in kernels.gguf_q8_paths()}
+        best = ys[kernels.gguf_q8_paths()[-1]]
+        assert torch.equal(kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0), -1), best)
+        for y in ys.values():
+            torch.testing.assert_close(y, best, atol=1e-4, rtol=1e-5)
+
+
+def test_paths_listed_and_unavailable_path_refused(kernels):
+    paths = kernels.gguf_q8_paths()
+    assert paths[0] == 0 and paths == sorted(paths) and set(paths) <= set(Q8_PATHS)
+    blocks = quantize(torch.randn(4, 64), "q8_0")
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.gguf_linear_q8(torch.randn(2, 64), blocks, 1, torch.empty(0), 9)
+    with pytest.raises(RuntimeError, match="blocks of 32"):
+        kernels.gguf_linear_q8(torch.randn(2, 40), blocks, 1, torch.empty(0), -1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_q8_is_close_to_float_activations(kernels, fmt):
+    """Rounding x to 8 bits per block moves the output by about a percent of its scale."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(96, 576, generator=g)
+    for rows in (1, 64):
+        x = torch.randn(rows, 576, generator=g)
+        exact = GgufLinear.from_float(weight, None, fmt, kernels)
+        q8 = GgufLinear.from_float(weight, None, fmt, kernels, activations="q8")
+        assert torch.equal(exact.blocks, q8.blocks)
+        rel = (q8(x) - exact(x)).norm() / exact(x).norm()
+        assert 0 < rel < 0.02
+
+
+def test_gguf_linear_module_uses_q8_kernel(kernels):
+    weight, bias = torch.randn(40, 128), torch.randn(40)
+    layer = GgufLinear.from_float(weight, bias, "q4_1", kernels, activations="q8")
+    x = torch.randn(2, 3, 128)
+    y = layer(x)
+    assert y.shape == (2, 3, 40)
+    assert torch.equal(y.reshape(6, 40), kernels.gguf_linear_q8(x.reshape(6, 128), layer.blocks, 0, layer.bias, -1))
+    with pytest.raises(InvalidRequestError):
+        GgufLinear.from_float(weight, bias, "q4_1", None, activations="q8")  # no kernels: no silent no-op
+    with pytest.raises(InvalidRequestError):
+        GgufLinear.from_float(weight, bias, "q4_1", kernels, activations="int4")
+
+
+# ---- the engine ----
+
+def _publish_in_gguf_formats(hf_model) -> None:
+    """Projections through Q4_1 and the tied embedding through Q8_0, as SmolLM2's GGUF stores them."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(dequantize(quantize(p, "q4_1"), "q4_1", p.shape[1]))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(dequantize(quantize(p, "q8_0"), "q8_0", p.shape[1]))
+
+
+@pytest.fixture(scope="module")
+def published_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q8act")
+    hf = make_model_folder(folder, llama_config(tie_word_embeddings=True))
+    _publish_in_gguf_formats(hf)
+    hf.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q8act_float")
+    make_model_folder(folder, llama_config())
+    return folder
+
+
+def test_engine_q8_greedy_mostly_matches_float_activations(kernels, published_model):
+    """The tiny random model's next-token distributions are flat (top-2 gaps of a few hundredths),
+    so rounding x flips some greedy choices; the logprobs stay within a few hundredths."""
+    exact = make_llm(published_model)
+    q8 = make_llm(published_model, activations="q8")
+    layers = [m for m in q8.engine.runner.model.modules() if isinstance(m, GgufLinear)]
+    assert sorted(m.fmt for m in layers) == ["q4_1"] * 8 + ["q8_0"]
+    assert all(m.activations == "q8" for m in layers)
+    prompts = random_prompts(8, [3, 9, 17, 30, 45, 64, 100, 130], seed=7)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    a = exact.generate(prompts, params, use_tqdm=False)
+    b = q8.generate(prompts, params, use_tqdm=False)
+    agreed = 0  # tokens before the first difference
+    for x, y in zip(a, b):
+        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
+        agreed += next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), len(tx))
+    assert sum(x.outputs[0].token_ids[0] == y.outputs[0].token_ids[0] for x, y in zip(a, b)) >= 7
+    assert agreed >= 0.6 * 8 * 12, f"{agreed} of {8 * 12} greedy tokens before the first difference"
+    # Logprobs of float32's continuations, scored by both (the same contexts, so every token counts).
+    seqs = [p + o.outputs[0].token_ids for p, o in zip(prompts, a)]
+    score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    sa, sb = exact.generate(seqs, score, use_tqdm=False), q8.generate(seqs, score, use_tqdm=False)
+    diffs = [abs(next(iter(u.values()))[0] - next(iter(v.values()))[0])
+             for x, y in zip(sa, sb) for u, v in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:])]
+    assert len(diffs) == sum(len(s) - 1 for s in seqs)
+    assert 0 < float(np.mean(diffs)) < 0.1 and max(diffs) < 0.5, (float(np.mean(diffs)), max(diffs))
+
+
+def test_engine_forced_format_with_q8(kernels, published_model):
+    llm = make_llm(published_model, quantization="q8_0", activations="q8")
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, GgufLinear)]
+    assert layers and all(m.fmt == "q8_0" and m.activations == "q8" for m in layers)
+    out = llm.generate(random_prompts(2, [5, 40], seed=1), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
+
+
+def test_config_rejects_unknown_activations():
+    with pytest.raises(InvalidRequestError, match="activations"):
+        EngineConfig(activations="int8")
+    assert EngineConfig().activations == "float32"
+
+
+@pytest.mark.parametrize("kw", [dict(quantization="none"), dict(quantization="int8"), dict(quantization="bf16"),
+                                dict(dtype="bfloat16"), dict(device="cuda")])
+def test_q8_refused_where_it_would_change_nothing(kernels, published_model, kw):
+    with pytest.raises(InvalidRequestError, match="activations q8"):
+        make_llm(published_model, activations="q8", **kw)
+
+
+def test_q8_refused_on_a_float_model(kernels, float_model):
+    with pytest.raises(InvalidRequestError, match="float weights"):
+        make_llm(float_model, activations="q8")
+    make_llm(float_model, activations="q8", quantization="q4_1")  # forced blocks: then it applies
+
+
+def test_q8_refused_without_kernels(published_model, monkeypatch):
+    monkeypatch.setenv("LLMSERVE_CPU_KERNELS", "0")
+    with pytest.raises(InvalidRequestError, match="CPU kernels"):
+        make_llm(published_model, activations="q8", quantization="q4_1")
+
+
+def test_cli_flag():
+    parser = build_parser()
+    for argv in (["generate", "hi"], ["chat", "hi"], ["serve"], ["bench", "throughput"]):
+        assert engine_kwargs(parser.parse_args(argv))["activations"] == "float32"
+        assert engine_kwargs(parser.parse_args(argv + ["--activations", "q8"]))["activations"] == "q8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "hi", "--activations", "int4"])
