@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="a per-request seed (each request then draws with its own generator); unset: as W1")
     ap.add_argument("--json", default="bench-results/profile_w1.json")
     args = ap.parse_args()
 
@@ -87,7 +89,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     llm.generate([[11] * 16], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=1)
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=args.seed)
     for i in range(args.requests):
         engine.add_request(f"w1-{i}", torch.randint(0, vocab, (args.input_len,), generator=g).tolist(), params)
     phases = {p: defaultdict(float) for p in ("prefill", "decode")}

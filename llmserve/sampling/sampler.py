@@ -21,11 +21,12 @@ Semantics
     7. top-p on the top-k-renormalized distribution (keep the smallest most-likely set whose mass
        reaches top_p; the most likely token always stays);
     8. min-p (drop tokens whose prob < min_p * the largest prob, after steps 6-7);
-    9. sample with the exponential race: token = argmax(p / E), E ~ Exp(1) i.i.d. per token, which
-       draws exactly from p (no renormalization needed).
+    9. sample by inverse CDF: one U ~ [0, 1) per row, token = the first whose float64 cumulative
+       probability exceeds U * total, which draws exactly from p (no renormalization needed, and
+       one random number a row instead of one per vocabulary entry).
 * Randomness: a row with a generator (the engine gives one to each request with a seed) draws its
-  E with that generator alone, a full vocabulary row per step, so its tokens do not depend on the
-  rest of the batch or its position in it. Unseeded rows share one draw from the sampler's own
+  U with that generator alone, so its tokens do not depend on the rest of the batch or its
+  position in it. Unseeded rows share one draw from the sampler's own
   generator (seeded by `Sampler(seed=...)`, otherwise nondeterministically).
 * Fast path: all-greedy batches with no penalties and no banned tokens are a bare argmax.
 """
@@ -83,19 +84,25 @@ class Sampler:
         if meta.all_greedy:
             return greedy_ids
         probs = _truncated_probs(logits, meta)
-        sampled_ids = (probs / self._exponential_noise(probs, meta)).argmax(dim=-1)
+        # Inverse CDF in float64: u * total lands in token i's interval [c_{i-1}, c_i) with
+        # probability p_i / total, and an interval of zero width (a truncated token) is never hit.
+        # float64 keeps even the smallest probabilities' intervals their true width.
+        cdf = probs.to(torch.float64).cumsum_(dim=-1)
+        target = (self._uniforms(probs, meta) * cdf[:, -1]).unsqueeze(1)
+        sampled_ids = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max_(probs.shape[-1] - 1)
         return torch.where(meta.is_greedy, greedy_ids, sampled_ids)
 
-    def _exponential_noise(self, probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        """E ~ Exp(1) per (row, token): shared draw for unseeded rows, own generator for seeded ones."""
+    def _uniforms(self, probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """U ~ [0, 1) per row, float64: one shared draw for the unseeded rows, and for each seeded
+        row one from its own generator (so its tokens do not depend on the rest of the batch)."""
+        rows, device = probs.shape[0], probs.device
         if meta.any_unseeded_random:
-            noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(probs.device))
+            u = torch.rand(rows, dtype=torch.float64, device=device, generator=self._shared_generator(device))
         else:
-            noise = torch.ones_like(probs)  # greedy rows only; their sample is discarded
+            u = torch.zeros(rows, dtype=torch.float64, device=device)  # greedy rows only: discarded
         for row, generator in meta.generators.items():
-            noise[row].exponential_(generator=generator)
-        # E == 0 would turn a zero-probability token into 0/0 = nan, which argmax would pick.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            u[row] = torch.rand(1, dtype=torch.float64, device=device, generator=generator)[0]
+        return u
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
