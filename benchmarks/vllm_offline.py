@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -45,9 +45,24 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     total_in = sum(len(o.prompt_token_ids) for o in outs)
     total_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    import torch
     import vllm
 
-    res = {"engine": "vllm", "vllm_version": vllm.__version__, "elapsed_time": elapsed, "num_requests": len(outs),
+    # What this process actually runs with (benchmarks/vs_vllm.py sets these; the engine core and its
+    # worker are child processes and inherit them).
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        maps = ""
+    loaded = sorted({line.split()[-1] for line in maps.splitlines()
+                     if any(k in line for k in ("libtcmalloc", "libiomp5", "libgomp"))})
+    settings = {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE",
+                                               "VLLM_CPU_NUM_OF_RESERVED_CPU", "LD_PRELOAD", "OMP_NUM_THREADS")}
+    res = {"engine": "vllm", "vllm_version": vllm.__version__, "torch_version": torch.__version__, "dtype": args.dtype,
+           "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+           "env": settings, "libraries_loaded": loaded,
+           "elapsed_time": elapsed, "num_requests": len(outs),
            "total_prompt_tokens": total_in, "total_output_tokens": total_out, "total_num_tokens": total_in + total_out,
            "requests_per_second": len(outs) / elapsed, "output_tokens_per_second": total_out / elapsed,
            "tokens_per_second": (total_in + total_out) / elapsed}
