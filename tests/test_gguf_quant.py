@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from llmserve.errors import InvalidRequestError
 from llmserve.model.gguf_quant import GgufLinear, dequantize, find_lossless_format, quantize
 from llmserve.sampling_params import SamplingParams
-from tiny_models import hf_greedy, llama_config, make_llm, make_model_folder, random_prompts
+from tiny_models import hf_greedy, make_llm, make_published_gguf_model, random_prompts
 
 FORMATS = ["q4_1", "q8_0"]
 
@@ -76,23 +76,10 @@ def test_unknown_format_and_ragged_rows_are_typed_errors():
         quantize(torch.randn(4, 40), "q4_1")
 
 
-def _publish_in_gguf_formats(hf_model) -> None:
-    """Round every projection through Q4_1 and the tied embedding through Q8_0, as SmolLM2's GGUF
-    stores them, so the float32 checkpoint holds exactly the published weights."""
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.copy_(dequantize(quantize(p, "q4_1"), "q4_1", p.shape[1]))
-            elif name.endswith("embed_tokens.weight"):
-                p.copy_(dequantize(quantize(p, "q8_0"), "q8_0", p.shape[1]))
-
-
 @pytest.fixture(scope="module")
 def published_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("q41")
-    hf = make_model_folder(folder, llama_config(tie_word_embeddings=True))
-    _publish_in_gguf_formats(hf)
-    hf.save_pretrained(folder)
+    hf = make_published_gguf_model(folder)
     return folder, hf
 
 

@@ -12,9 +12,9 @@ import torch
 from llmserve.cli import build_parser, engine_kwargs
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
-from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, dequantize, quantize
+from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, quantize
 from llmserve.sampling_params import SamplingParams
-from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
+from tiny_models import llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts
 
 FORMATS = ["q4_1", "q8_0"]
 FMT_ARG = {"q4_1": 0, "q8_0": 1}
@@ -164,22 +164,10 @@ def test_gguf_linear_module_uses_q8_kernel(kernels):
 
 # ---- the engine ----
 
-def _publish_in_gguf_formats(hf_model) -> None:
-    """Projections through Q4_1 and the tied embedding through Q8_0, as SmolLM2's GGUF stores them."""
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            if name.endswith("proj.weight"):
-                p.copy_(dequantize(quantize(p, "q4_1"), "q4_1", p.shape[1]))
-            elif name.endswith("embed_tokens.weight"):
-                p.copy_(dequantize(quantize(p, "q8_0"), "q8_0", p.shape[1]))
-
-
 @pytest.fixture(scope="module")
 def published_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("q8act")
-    hf = make_model_folder(folder, llama_config(tie_word_embeddings=True))
-    _publish_in_gguf_formats(hf)
-    hf.save_pretrained(folder)
+    make_published_gguf_model(folder)
     return folder
 
 

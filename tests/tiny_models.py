@@ -212,3 +212,20 @@ def random_prompts(n: int, lengths: list[int] | None = None, *, seed: int = 0, v
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [1 + (7 * i + 3) % 40 for i in range(n)]
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for length in lengths[:n]]
+
+
+def make_published_gguf_model(folder: str | Path):
+    """A tiny tied Llama whose weights are exactly what a GGUF file publishes: every projection
+    rounded through Q4_1 and the embedding (the tied head) through Q8_0, as SmolLM2's GGUF stores
+    them. Returns the transformers model."""
+    from llmserve.model.gguf_quant import dequantize, quantize
+
+    hf = make_model_folder(folder, llama_config(tie_word_embeddings=True))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("proj.weight"):
+                p.copy_(dequantize(quantize(p, "q4_1"), "q4_1", p.shape[1]))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(dequantize(quantize(p, "q8_0"), "q8_0", p.shape[1]))
+    hf.save_pretrained(folder)
+    return hf
