@@ -55,7 +55,6 @@ class Step:
         for b, n in enumerate(lens):
             pos = torch.arange(n)
             slots_per_seq.append(self.tables[b, pos // BLOCK].long() * BLOCK + pos % BLOCK)
-        self.context_slots = slots_per_seq
         self.slots = torch.cat([s[pre:] for s, (ql, pre) in zip(slots_per_seq, seqs)])
         T, S = int(self.slots.shape[0]), sum(nblocks) * BLOCK
         self.k_cache = torch.randn(S, KVH, D, generator=g)

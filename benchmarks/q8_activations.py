@@ -60,19 +60,10 @@ def layers(kernels, iters: int) -> None:
 
 def w2(llm, prompt: list[int], out_len: int) -> tuple[float, float]:
     """One request through the engine's step loop: (TTFT, TPOT) in seconds."""
-    from llmserve.sampling_params import SamplingParams
+    from vs_transformers import llmserve_w2  # benchmarks/ is this script's directory
 
-    eng = llm.engine
-    t0 = time.perf_counter()
-    eng.add_request(f"w2-{t0}", prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
-    ttft, n = None, 0
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            n = len(out.outputs[0].token_ids)
-            if ttft is None and n:
-                ttft = time.perf_counter() - t0
-    e2e = time.perf_counter() - t0
-    return ttft, (e2e - ttft) / max(1, n - 1)
+    r = llmserve_w2(llm, prompt, out_len)
+    return r["ttft_s"], r["tpot_s"]
 
 
 def decode(runs: int, prompt_len: int, out_len: int) -> None:
