@@ -70,10 +70,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=None,
                     help="a per-request seed (each request then draws with its own generator); unset: as W1")
+    ap.add_argument("--activations", default="float32", choices=["float32", "q8"],
+                    help="q8: 8-bit activations on the GGUF layers (the opt-in fast path)")
     ap.add_argument("--json", default="bench-results/profile_w1.json")
     args = ap.parse_args()
 
-    llm = LLM()  # sets the thread count the engine runs with; the peaks are measured with it
+    llm = LLM(activations=args.activations)  # sets the thread count the engine runs with; the peaks are measured with it
     peaks = measure_peaks()
     engine, model = llm.engine, llm.engine.runner.model
     timers = Timers()
@@ -111,7 +113,7 @@ def main() -> None:
         counts[phase]["proj_flops"] += timers.flops
     wall = time.perf_counter() - total_start
 
-    report = {"peaks": peaks, "wall_s": wall, "threads": torch.get_num_threads(), "phases": {}}
+    report = {"peaks": peaks, "wall_s": wall, "activations": args.activations, "threads": torch.get_num_threads(), "phases": {}}
     print(f"peaks: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s (oneDNN 2048^3), read {peaks['read_gbs']:.1f} GB/s; "
           f"{torch.get_num_threads()} threads; W1 wall {wall:.1f} s")
     for phase, parts in phases.items():

@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from llmserve.config import ACTIVATIONS, QUANTIZATIONS
+from llmserve.config import ACTIVATIONS, KV_CACHE_DTYPES, QUANTIZATIONS
 from llmserve.errors import LLMServeError
 
 
@@ -21,6 +21,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="activations of the GGUF Q4_1/Q8_0 layers (CPU). float32: exact; q8: quantized to "
                         "8 bits per block of 32 with integer dot products, as llama.cpp computes them "
                         "(faster, lossy; needs GGUF layers, e.g. --quantization auto on a GGUF model)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="what the KV cache stores. auto: the model's dtype (exact); float16 or bfloat16 under "
+                        "float32 compute: half the KV memory and decode reads (lossy, as llama.cpp's f16 cache)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -40,6 +43,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=getattr(args, "model", None) or args.model_flag, dtype=args.dtype, device=args.device,
         quantization=args.quantization, activations=getattr(args, "activations", "float32"),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,

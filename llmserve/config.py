@@ -7,6 +7,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "deadline")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "bf16", "q4_1", "q8_0")  # None means "none"
 ACTIVATIONS = ("float32", "q8")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class EngineConfig:
     # per block of 32 with integer dot products, as llama.cpp computes them (faster, lossy). "q8"
     # needs GGUF layers to apply to: a start without any is an error, not a silent no-op.
     activations: str = "float32"
+    # What the KV cache stores. "auto": the model's dtype (exact). "float16"/"bfloat16" under float32
+    # compute: half the KV memory and the bytes a decode step reads; K/V are rounded when written
+    # (lossy, as llama.cpp's default f16 cache), attention itself still computes in float32.
+    kv_cache_dtype: str = "auto"
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     block_size: int = 16
@@ -48,6 +53,8 @@ class EngineConfig:
             raise InvalidRequestError(f"quantization must be one of {QUANTIZATIONS}")
         if self.activations not in ACTIVATIONS:
             raise InvalidRequestError(f"activations must be one of {ACTIVATIONS}, not {self.activations!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, not {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise InvalidRequestError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
         if self.block_size < 1 or self.max_num_seqs < 1 or (self.max_num_batched_tokens or 1) < 1:

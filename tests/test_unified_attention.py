@@ -15,12 +15,14 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
 
 
-def make_batch(seqs, *, H, KVH, D, block_size, dtype=torch.float32, fused=False, window=0, shared=None, seed=0):
+def make_batch(seqs, *, H, KVH, D, block_size, dtype=torch.float32, fused=False, window=0, shared=None, seed=0,
+               cache_dtype=None):
     """A step's inputs. seqs: (query_len, cached_prefix_len) per sequence, in batch order. Block
     ids are shuffled across the pool; every cache row the step does not own is NaN unless it holds
     a cached prefix token a query may see, so a read of anything else shows in the output.
     shared: {b: a} makes sequence b's cached prefix the first full blocks of sequence a's context,
-    which a writes this step (a prefix hit on blocks filled in the same step)."""
+    which a writes this step (a prefix hit on blocks filled in the same step). cache_dtype: the
+    caches' dtype when it differs from the queries' (float32 queries over a narrower cache)."""
     g = torch.Generator().manual_seed(seed)
     shared = shared or {}
     lens = [ql + pre for ql, pre in seqs]
@@ -37,8 +39,8 @@ def make_batch(seqs, *, H, KVH, D, block_size, dtype=torch.float32, fused=False,
         n = seqs[b][1] // block_size
         tables[b, :n] = tables[a, :n]
     S = total * block_size
-    k_cache = torch.full((S, KVH, D), NAN, dtype=dtype)
-    v_cache = torch.full((S, KVH, D), NAN, dtype=dtype)
+    k_cache = torch.full((S, KVH, D), NAN, dtype=cache_dtype or dtype)
+    v_cache = torch.full((S, KVH, D), NAN, dtype=cache_dtype or dtype)
 
     def slot(b, p):
         return int(tables[b, p // block_size]) * block_size + p % block_size
@@ -51,8 +53,8 @@ def make_batch(seqs, *, H, KVH, D, block_size, dtype=torch.float32, fused=False,
         if b not in shared:
             for p in range(first_seen, pre):
                 s = slot(b, p)
-                k_cache[s] = torch.randn(KVH, D, generator=g).to(dtype)
-                v_cache[s] = torch.randn(KVH, D, generator=g).to(dtype)
+                k_cache[s] = torch.randn(KVH, D, generator=g).to(k_cache.dtype)
+                v_cache[s] = torch.randn(KVH, D, generator=g).to(v_cache.dtype)
     T = qsl[-1]
     if fused:  # q, k, v as row-strided slices of one [T, H + 2 KVH, D] projection
         qkv = torch.randn(T, H + 2 * KVH, D, generator=g).to(dtype)
@@ -71,8 +73,8 @@ def reference(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     """Dense attention in float32: write the step's K/V, gather each sequence's context through its
     block table, mask (causal, window), soft-cap, softmax."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    k_cache[slot_mapping] = k
-    v_cache[slot_mapping] = v
+    k_cache[slot_mapping] = k.to(k_cache.dtype)  # rounded into a narrower cache
+    v_cache[slot_mapping] = v.to(v_cache.dtype)
     T, H, D = q.shape
     G = H // k_cache.shape[1]
     out = torch.zeros(T, H, D)
@@ -160,6 +162,40 @@ def test_half_precision_caches(kernels, dtype, D):
     check(kernels, batch, atol=2e-2, rtol=2e-2)
     check(kernels, make_batch(seqs, H=8, KVH=2, D=D, block_size=16, dtype=dtype, window=20), window=20,
           cap=3.0, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 80])
+def test_float_queries_over_narrow_caches(kernels, cache_dtype, D):
+    """--kv-cache-dtype: float32 K/V rounded into the cache as torch's .to() rounds (bit for bit),
+    then attention in float32 over the widened values, as tight as the float32 cache (D=64 takes
+    the vector decode path, D=80 the general one)."""
+    seqs = [(1, 40), (5, 60), (33, 17), (1, 0), (64, 0), (1, 300)]
+    check(kernels, make_batch(seqs, H=9, KVH=3, D=D, block_size=16, fused=True, cache_dtype=cache_dtype))
+    check(kernels, make_batch(seqs, H=8, KVH=2, D=D, block_size=16, window=20, cache_dtype=cache_dtype),
+          window=20, cap=3.0)
+    # Values a rounding must get right: ties to even, overflow to inf, subnormals, NaN.
+    batch = make_batch([(4, 3), (1, 9)], H=4, KVH=2, D=D, block_size=16, cache_dtype=cache_dtype)
+    special = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8, 70000.0, -1e-7, 3e-39, NAN, 2.0 ** -24])
+    batch["k"].view(-1)[: special.numel()] = special
+    batch["v"].view(-1)[-special.numel():] = special
+    args = dict(batch)
+    bs = args.pop("block_size")
+    kernels.paged_attention(*args.values(), bs, 0.125, 0, 0.0)
+    slots = batch["slot_mapping"]
+    for got, src in ((batch["k_cache"][slots], batch["k"]), (batch["v_cache"][slots], batch["v"])):
+        want = src.to(cache_dtype)
+        nan = want.isnan()  # NaN's payload is not specified (torch's own paths differ): NaN stays NaN
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(_bits(got)[~nan], _bits(want)[~nan])
+
+
+def test_narrow_cache_needs_float_queries(kernels):
+    batch = make_batch([(3, 5)], H=4, KVH=2, D=64, block_size=16, dtype=torch.bfloat16, cache_dtype=torch.float16)
+    args = dict(batch)
+    bs = args.pop("block_size")
+    with pytest.raises(RuntimeError, match="float32 queries"):
+        kernels.paged_attention(*args.values(), bs, 0.125, 0, 0.0)
 
 
 @pytest.mark.parametrize("D", [20, 48, 96])

@@ -66,15 +66,17 @@ class TorchAttention:
 
     def forward(self, layer: AttentionLayer, q, k, v) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer.index]
-        k_cache.index_copy_(0, self.batch.slot_mapping, k)
-        v_cache.index_copy_(0, self.batch.slot_mapping, v)
+        # A cache may be narrower than the activations (--kv-cache-dtype): stored rounded, read widened.
+        k_cache.index_copy_(0, self.batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, self.batch.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)
         nd = self.batch.num_decodes
         if nd:
             slots, outside = self._decode_ctx
-            out[:nd] = self._decode(layer, q[:nd], k_cache[slots], v_cache[slots], outside)
+            out[:nd] = self._decode(layer, q[:nd], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), outside)
         for rows, slots, first_pos, ctx in self._chunks:
-            out[rows] = self._chunk(layer, q[rows], k_cache[slots], v_cache[slots], first_pos, ctx)
+            out[rows] = self._chunk(layer, q[rows], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype),
+                                    first_pos, ctx)
         return out
 
     @staticmethod

@@ -7,7 +7,10 @@
 // query heads. Tasks are sorted by estimated cost (longest first) and pulled from a shared counter
 // by the pool's threads, so one long chunk beside many short decodes still keeps every core busy.
 //
-// Decode tasks over float32 (AVX2, head size % 32 == 0, <= 8 query heads per KV head) take a
+// The cache may be stored narrower than the queries (float32 queries over a bfloat16 or float16
+// cache, --kv-cache-dtype): K/V are widened to float as they are read, all arithmetic is float32.
+//
+// Decode tasks with float32 queries (AVX2, head size % 32 == 0, <= 8 query heads per KV head) take a
 // two-pass path (all scores, one softmax, then V with the accumulators in registers), with
 // software prefetch across the scattered blocks. Every other task is
 // flash-attention style: the context is walked a tile of keys at a time with an online softmax,
@@ -62,7 +65,34 @@ inline __m256 tanh8(__m256 x) {
   const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, one)));
   return _mm256_or_ps(t, _mm256_and_ps(sign, x));
 }
+
+// Eight cache values widened to float32 (bfloat16 is float32's upper half; float16 through F16C).
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
 #endif
+
+// Whether the vector paths can read a cache of type T (float16 needs F16C).
+template <typename T>
+constexpr bool vector_readable() {
+#ifdef LLMSERVE_VEC_AVX2
+#ifdef __F16C__
+  return true;
+#else
+  return !std::is_same_v<T, c10::Half>;
+#endif
+#else
+  return false;
+#endif
+}
 
 // s = cap * tanh(s / cap) over n entries.
 inline void soft_cap(float* s, int64_t n, float cap) {
@@ -76,7 +106,7 @@ inline void soft_cap(float* s, int64_t n, float cap) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode: one (sequence, KV head) task over a float32 cache.
+// Decode: one (sequence, KV head) task, float32 queries.
 
 inline void softmax_in_place(float* s, int64_t n, float& sum) {
   float m = kNegInf;
@@ -109,24 +139,25 @@ inline void softmax_in_place(float* s, int64_t n, float& sum) {
 // G query heads (qf: [G, D], scaled) against context positions [start, len). Scores are reduced
 // 8 tokens at a time (one transpose-add instead of 8 horizontal sums); the weighted sum of V
 // keeps G x 32 accumulators in registers per 32-wide slice of the head. out: G rows of D floats.
-template <int G>
-void decode_task_f32(const float* qf, const float* k_cache, const float* v_cache, const int32_t* table,
-                     int64_t start, int64_t len, const Shape& sh, float* scores, float* out) {
+template <typename ct, int G>
+void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const int32_t* table, int64_t start,
+                 int64_t len, const Shape& sh, float* scores, float* out) {
+  constexpr int64_t kLine = 64 / sizeof(ct);  // cache values per 64-byte line
   const int64_t D = sh.D, row = sh.row, bs = sh.block_size, n = len - start, padded = round_up(n, 8);
   __m256 part[G][8];
   int64_t t = 0;
   for (int64_t pos = start; pos < len;) {  // a block's tokens are consecutive slots
     const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
     const int64_t base = (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
-    const float* kb = k_cache + base;
+    const ct* kb = k_cache + base;
     // The cache is read once per step, from memory, one scattered block after another: fetch the
     // next block's K ahead (the hardware prefetcher loses the stream at every block jump) and this
     // block's V into L2 for pass 2.
     const int64_t next = pos + cnt, next_cnt = next < len ? std::min(bs, len - next) : 0;
-    const float* kn = next_cnt ? k_cache + static_cast<int64_t>(table[next / bs]) * bs * row : nullptr;
+    const ct* kn = next_cnt ? k_cache + static_cast<int64_t>(table[next / bs]) * bs * row : nullptr;
     for (int64_t j = 0; j < cnt; ++j, ++t) {
-      const float* kp = kb + j * row;
-      for (int64_t l = 0; l < D; l += 16) {
+      const ct* kp = kb + j * row;
+      for (int64_t l = 0; l < D; l += kLine) {
         if (j < next_cnt) _mm_prefetch(reinterpret_cast<const char*>(kn + j * row + l), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(v_cache + base + j * row + l), _MM_HINT_T1);
       }
@@ -134,8 +165,8 @@ void decode_task_f32(const float* qf, const float* k_cache, const float* v_cache
         const float* qh = qf + h * D;
         __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kp + d), a);
-          b = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), _mm256_loadu_ps(kp + d + 8), b);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), load8(kp + d), a);
+          b = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), load8(kp + d + 8), b);
         }
         part[h][t & 7] = _mm256_add_ps(a, b);
       }
@@ -162,11 +193,11 @@ void decode_task_f32(const float* qf, const float* k_cache, const float* v_cache
     int64_t tt = 0;
     for (int64_t pos = start; pos < len;) {
       const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
-      const float* vb = v_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row + c;
+      const ct* vb = v_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row + c;
       for (int64_t j = 0; j < cnt; ++j, ++tt) {
-        const float* vp = vb + j * row;
-        const __m256 v0 = _mm256_loadu_ps(vp), v1 = _mm256_loadu_ps(vp + 8);
-        const __m256 v2 = _mm256_loadu_ps(vp + 16), v3 = _mm256_loadu_ps(vp + 24);
+        const ct* vp = vb + j * row;
+        const __m256 v0 = load8(vp), v1 = load8(vp + 8);
+        const __m256 v2 = load8(vp + 16), v3 = load8(vp + 24);
         for (int h = 0; h < G; ++h) {
           const __m256 p = _mm256_broadcast_ss(scores + h * padded + tt);
           acc[h][0] = _mm256_fmadd_ps(p, v0, acc[h][0]);
@@ -184,17 +215,23 @@ void decode_task_f32(const float* qf, const float* k_cache, const float* v_cache
   }
 }
 
-using DecodeFn = void (*)(const float*, const float*, const float*, const int32_t*, int64_t, int64_t, const Shape&,
-                          float*, float*);
-constexpr DecodeFn kDecode[] = {nullptr,
-                                decode_task_f32<1>,
-                                decode_task_f32<2>,
-                                decode_task_f32<3>,
-                                decode_task_f32<4>,
-                                decode_task_f32<5>,
-                                decode_task_f32<6>,
-                                decode_task_f32<7>,
-                                decode_task_f32<8>};
+template <typename ct>
+using DecodeFn = void (*)(const float*, const ct*, const ct*, const int32_t*, int64_t, int64_t, const Shape&, float*,
+                          float*);
+
+template <typename ct>
+DecodeFn<ct> decode_for(int64_t G) {
+  switch (G) {
+    case 1: return decode_task<ct, 1>;
+    case 2: return decode_task<ct, 2>;
+    case 3: return decode_task<ct, 3>;
+    case 4: return decode_task<ct, 4>;
+    case 5: return decode_task<ct, 5>;
+    case 6: return decode_task<ct, 6>;
+    case 7: return decode_task<ct, 7>;
+    default: return decode_task<ct, 8>;
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -334,6 +371,17 @@ inline float online_softmax(float* s, int64_t lo, int64_t hi, int64_t zlo, int64
   return alpha;
 }
 
+// n cache values as float32.
+template <typename ct>
+inline void widen(const ct* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef LLMSERVE_VEC_AVX2
+  if constexpr (vector_readable<ct>())
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
 inline int64_t key_tile_for(int64_t D) {
   // ~16 KiB of float K per tile, so a tile's K (and V) stay in L1/L2 while every row pair reads it.
   return std::max<int64_t>(16, std::min<int64_t>(64, 4096 / D / 8 * 8));
@@ -343,10 +391,9 @@ inline int64_t query_tile_for(int64_t G) { return std::max<int64_t>(1, 32 / G); 
 
 // Rows [q0, q1) x the G heads of KV head g of sequence b, whose first query row is row0 in the
 // batch and first query position p0 (q0 counted). Output rows go straight into out.
-template <typename scalar_t>
-void flash_task(const Task& task, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                const int32_t* table, int64_t row0, int64_t p0, const Shape& sh, bool fast, Scratch& sc,
-                scalar_t* out) {
+template <typename qt, typename ct>
+void flash_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* table,
+                int64_t row0, int64_t p0, const Shape& sh, bool fast, Scratch& sc, qt* out) {
   const int64_t G = sh.G, D = sh.D, g = task.g, nq = task.q1 - task.q0, M = nq * G, Mp = round_up(M, 2);
   const int64_t KT = key_tile_for(D), KTp = round_up(KT, 8), bs = sh.block_size;
   const int64_t first = p0 + task.q0, last = p0 + task.q1 - 1;  // positions of the tile's queries
@@ -360,12 +407,12 @@ void flash_task(const Task& task, const scalar_t* q, const scalar_t* k_cache, co
   sc.zeros.assign(D, 0.f);
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t h = 0; h < G; ++h) {
-      const scalar_t* src = q + (row0 + task.q0 + i) * sh.q_stride + (g * G + h) * D;
+      const qt* src = q + (row0 + task.q0 + i) * sh.q_stride + (g * G + h) * D;
       float* dst = sc.q.data() + (i * G + h) * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * sh.scale;
     }
   if (Mp > M) std::fill(sc.q.begin() + M * D, sc.q.end(), 0.f);  // a padding row; its output is dropped
-  constexpr bool kConvert = !std::is_same_v<scalar_t, float>;
+  constexpr bool kConvert = !std::is_same_v<ct, float>;
   if (kConvert) {
     sc.kst.resize(KT * D);
     sc.vst.resize(KT * D);
@@ -378,13 +425,13 @@ void flash_task(const Task& task, const scalar_t* q, const scalar_t* k_cache, co
       const int64_t off = pos % bs, cnt = std::min(bs - off, n - j);
       const int64_t base = (static_cast<int64_t>(table[pos / bs]) * bs + off) * sh.row + g * D;
       for (int64_t i = 0; i < cnt; ++i, ++j) {
-        const scalar_t* kr = k_cache + base + i * sh.row;
-        const scalar_t* vr = v_cache + base + i * sh.row;
+        const ct* kr = k_cache + base + i * sh.row;
+        const ct* vr = v_cache + base + i * sh.row;
         if constexpr (kConvert) {
           float* kd = sc.kst.data() + j * D;
           float* vd = sc.vst.data() + j * D;
-          for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<float>(kr[d]);
-          for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<float>(vr[d]);
+          widen(kr, kd, D);
+          widen(vr, vd, D);
           sc.kp[j] = kd;
           sc.vp[j] = vd;
         } else {
@@ -430,22 +477,22 @@ void flash_task(const Task& task, const scalar_t* q, const scalar_t* k_cache, co
       const int64_t r = i * G + h;
       const float inv = 1.f / sc.l[r];
       const float* a = sc.acc.data() + r * D;
-      scalar_t* o = out + ((row0 + task.q0 + i) * sh.H + g * G + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
+      qt* o = out + ((row0 + task.q0 + i) * sh.H + g * G + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<qt>(a[d] * inv);
     }
 }
 
 // Number of context positions a query at position p sees.
 inline int64_t visible(int64_t p, int64_t window) { return window > 0 ? std::min(p + 1, window) : p + 1; }
 
-template <typename scalar_t>
-void run(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, const int32_t* qsl,
-         const int32_t* seq_lens, const int32_t* tables, int64_t B, const Shape& sh, scalar_t* out) {
+template <typename qt, typename ct>
+void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, const int32_t* seq_lens,
+         const int32_t* tables, int64_t B, const Shape& sh, qt* out) {
   const int64_t G = sh.G, D = sh.D;
   bool fast = false, fast_decode = false;
 #ifdef LLMSERVE_VEC_AVX2
   fast = D % 32 == 0;
-  fast_decode = fast && std::is_same_v<scalar_t, float> && G <= 8;
+  fast_decode = fast && std::is_same_v<qt, float> && vector_readable<ct>() && G <= 8;
 #endif
   const int64_t QT = query_tile_for(G);
   std::vector<Task> tasks;
@@ -475,37 +522,55 @@ void run(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, co
       const int64_t b = task.b, len = seq_lens[b], qlen = qsl[b + 1] - qsl[b], row0 = qsl[b];
       const int32_t* table = tables + b * sh.table_width;
 #ifdef LLMSERVE_VEC_AVX2
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if constexpr (std::is_same_v<qt, float> && vector_readable<ct>()) {
         if (task.decode) {
           const int64_t start = sh.window > 0 ? std::max<int64_t>(0, len - sh.window) : 0;
           sc.q.resize(G * D);
           const float* src = q + row0 * sh.q_stride + task.g * G * D;
           for (int64_t j = 0; j < G * D; ++j) sc.q[j] = src[j] * sh.scale;
           sc.scores.resize(G * round_up(len - start, 8));
-          kDecode[G](sc.q.data(), k_cache + task.g * D, v_cache + task.g * D, table, start, len, sh,
-                     sc.scores.data(), out + (row0 * sh.H + task.g * G) * D);
+          decode_for<ct>(G)(sc.q.data(), k_cache + task.g * D, v_cache + task.g * D, table, start, len, sh,
+                            sc.scores.data(), out + (row0 * sh.H + task.g * G) * D);
           continue;
         }
       }
 #endif
-      flash_task<scalar_t>(task, q, k_cache, v_cache, table, row0, len - qlen, sh, fast, sc, out);
+      flash_task<qt, ct>(task, q, k_cache, v_cache, table, row0, len - qlen, sh, fast, sc, out);
     }
   });
 }
 
-template <typename scalar_t>
-void write_cache(const scalar_t* k, const scalar_t* v, int64_t k_stride, int64_t v_stride, scalar_t* k_cache,
-                 scalar_t* v_cache, const int64_t* slots, int64_t T, int64_t row) {
+// n values of src rounded to the cache's type (to nearest, ties to even, as torch's .to() rounds).
+template <typename qt, typename ct>
+inline void store_row(const qt* src, ct* dst, int64_t n) {
+  if constexpr (std::is_same_v<qt, ct>) {
+    std::memcpy(dst, src, n * sizeof(ct));
+  } else {
+    int64_t i = 0;
+#if defined(LLMSERVE_VEC_AVX2) && defined(__F16C__)
+    if constexpr (std::is_same_v<qt, float> && std::is_same_v<ct, c10::Half>) {
+      for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<ct>(static_cast<float>(src[i]));
+  }
+}
+
+template <typename qt, typename ct>
+void write_cache(const qt* k, const qt* v, int64_t k_stride, int64_t v_stride, ct* k_cache, ct* v_cache,
+                 const int64_t* slots, int64_t T, int64_t row) {
   for (int64_t t = 0; t < T; ++t) {
-    std::memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(scalar_t));
-    std::memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(scalar_t));
+    store_row(k + t * k_stride, k_cache + slots[t] * row, row);
+    store_row(v + t * v_stride, v_cache + slots[t] * row, row);
   }
 }
 
 }  // namespace
 
 // q [T, H, D], k/v [T, KVH, D] (heads contiguous, rows may be strided: slices of a fused qkv),
-// caches [num_slots, KVH, D] contiguous, slot_mapping [T] int64, query_start_loc [B+1] int32,
+// caches [num_slots, KVH, D] contiguous, of q's dtype or (float32 q) bfloat16/float16, slot_mapping [T] int64, query_start_loc [B+1] int32,
 // seq_lens [B] int32 (context length after this step), block_tables [B, W] int32. Writes every
 // token's K/V at its slot first, then sequence b's queries (rows query_start_loc[b] ..
 // query_start_loc[b+1]-1, at positions seq_lens[b] - qlen_b + i) attend causally, within
@@ -521,11 +586,15 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
               "caches must be [slots, kv_heads, head_size] and alike");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV caches must be contiguous");
-  const auto dtype = k_cache.scalar_type();
-  TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16 || dtype == torch::kFloat16,
-              "paged_attention supports float32, bfloat16 and float16");
-  TORCH_CHECK(q.scalar_type() == dtype && k.scalar_type() == dtype && v.scalar_type() == dtype &&
-              v_cache.scalar_type() == dtype, "q, k, v and the caches must share a dtype");
+  const auto dtype = q.scalar_type(), cache_dtype = k_cache.scalar_type();
+  auto supported = [](c10::ScalarType t) {
+    return t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kFloat16;
+  };
+  TORCH_CHECK(supported(dtype) && supported(cache_dtype), "paged_attention supports float32, bfloat16 and float16");
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "q, k and v must share a dtype");
+  TORCH_CHECK(v_cache.scalar_type() == cache_dtype, "the K and V caches must share a dtype");
+  TORCH_CHECK(cache_dtype == dtype || dtype == torch::kFloat32,
+              "a cache dtype other than the queries' needs float32 queries");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), S = k_cache.size(0);
   TORCH_CHECK(D > 0 && KVH > 0 && H % KVH == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(k_cache.size(2) == D, "cache head size differs from the queries'");
@@ -573,15 +642,18 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const int64_t owned0 = B ? qsl[0] : 0, owned1 = B ? qsl[B] : 0;
   if (owned0 > 0) out.narrow(0, 0, owned0).zero_();
   if (owned1 < T) out.narrow(0, owned1, T - owned1).zero_();
-  auto go = [&](auto tag) {
-    using scalar_t = decltype(tag);
-    write_cache<scalar_t>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0), v.stride(0),
-                          k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slots, T, KVH * D);
-    run<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), qsl, lens,
-                  tables, B, sh, out.data_ptr<scalar_t>());
+  auto go = [&](auto q_tag, auto cache_tag) {
+    using qt = decltype(q_tag);
+    using ct = decltype(cache_tag);
+    write_cache<qt, ct>(k.data_ptr<qt>(), v.data_ptr<qt>(), k.stride(0), v.stride(0), k_cache.data_ptr<ct>(),
+                        v_cache.data_ptr<ct>(), slots, T, KVH * D);
+    run<qt, ct>(q.data_ptr<qt>(), k_cache.data_ptr<ct>(), v_cache.data_ptr<ct>(), qsl, lens, tables, B, sh,
+                out.data_ptr<qt>());
   };
-  if (dtype == torch::kFloat32) go(float{});
-  else if (dtype == torch::kBFloat16) go(c10::BFloat16{});
-  else go(c10::Half{});
+  if (dtype == torch::kBFloat16) go(c10::BFloat16{}, c10::BFloat16{});
+  else if (dtype == torch::kFloat16) go(c10::Half{}, c10::Half{});
+  else if (cache_dtype == torch::kBFloat16) go(float{}, c10::BFloat16{});
+  else if (cache_dtype == torch::kFloat16) go(float{}, c10::Half{});
+  else go(float{}, float{});
   return out;
 }

@@ -131,19 +131,31 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                     q8_path_name(kernels), gguf_layers)
     else:
         logger.info("activations: float32")
-    per_block = kv_bytes_per_block(model.kv_cache_specs(), config.block_size, dtype)
+    kv_dtype = _kv_cache_dtype(config.kv_cache_dtype, dtype)
+    per_block = kv_bytes_per_block(model.kv_cache_specs(), config.block_size, kv_dtype)
     num_blocks = _num_blocks(config, per_block, max_model_len, device)
     if num_blocks * config.block_size < max_model_len:
         logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
         max_model_len = num_blocks * config.block_size
     backend = partial(CpuPagedAttention, kernels) if kernels is not None else TorchAttention
-    runner = ModelRunner(model, num_blocks, config.block_size, dtype, device, backend, seed=config.seed)
+    runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device, backend, seed=config.seed)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
-                str(dtype).removeprefix("torch."), device)
+                str(kv_dtype).removeprefix("torch."), device)
     name = Path(config.model).name if config.model else _default_name()
     return EngineParts(tokenizer, arch, runner, max_model_len, num_blocks,
                        eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor)
+
+
+def _kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the model's, or a narrower one under float32 compute."""
+    if name == "auto":
+        return dtype
+    kv_dtype = resolve_dtype(name, torch.device("cpu"))
+    if kv_dtype != dtype and dtype != torch.float32:
+        raise InvalidRequestError(f"kv_cache_dtype {name} needs float32 compute or the same dtype as the model "
+                                  f"(dtype is {str(dtype).removeprefix('torch.')})")
+    return kv_dtype
 
 
 def _storage_format(quantization: str | None, kernels, dtype: torch.dtype, device: torch.device) -> str:
