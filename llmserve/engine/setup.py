@@ -70,9 +70,6 @@ def _model_len(config: EngineConfig, arch: ArchConfig) -> int:
         if config.max_model_len > limit:
             raise InvalidRequestError(f"max_model_len {config.max_model_len} exceeds the model's context of {limit} tokens")
         limit = config.max_model_len
-    if arch.sliding_window is not None and arch.sliding_window < limit:
-        logger.info("context capped at the sliding window of %d tokens", arch.sliding_window)
-        limit = arch.sliding_window
     return limit
 
 

@@ -12,9 +12,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    @property
+    def scale(self) -> torch.Tensor:
+        """What the normalized x is multiplied by (the fused kernels take it)."""
+        return self.weight
+
+    def finalize(self) -> None:
+        """After the weights are loaded (a subclass derives its scale from them)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused op; in float32 it is bit-identical to transformers' LlamaRMSNorm.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.scale, self.eps)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's norm: x / rms(x) * (1 + w), in float32 whatever the model dtype (transformers'
+    Gemma3RMSNorm). The checkpoint holds w; 1 + w is computed once, after loading."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        self.register_buffer("_scale", torch.ones(dim), persistent=False)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self._scale
+
+    def finalize(self) -> None:
+        self._scale = 1.0 + self.weight.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self._scale, self.eps).to(x.dtype)
 
 
 def rotary_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral-style, Qwen2, SmolLM2) over a paged KV cache.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
 
 Q/K/V and gate/up are stored fused, so each layer runs two input matmuls instead of five, and
 the rotary embedding turns Q and K in one pass. Every op here runs once per layer per step, so
@@ -20,19 +20,28 @@ from llmserve.model.specs import FullAttentionSpec, LayerSpec
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig, index: int, storage: WeightStorage) -> None:
+    """norm: the RMSNorm kind of the per-head q/k norms, where the config has them (Qwen3, Gemma 3)."""
+
+    def __init__(self, cfg: ArchConfig, index: int, storage: WeightStorage, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Projection(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, storage)
         self.o_proj = Projection(self.q_size, cfg.hidden_size, False, storage)
-        self.layer = AttentionLayer(index, self.head_dim ** -0.5, cfg.sliding_window)
+        if cfg.qk_norm:
+            self.q_norm = norm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = norm(self.head_dim, cfg.rms_norm_eps)
+        scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.layer = AttentionLayer(index, scale, cfg.layer_window(index), cfg.attn_logit_softcapping)
 
     def forward(self, x, cos, sin, backend: AttentionBackend, ops: TorchOps) -> torch.Tensor:
         t = x.shape[0]
         h, kvh = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
+        if hasattr(self, "q_norm"):
+            qkv[:, :h] = self.q_norm(qkv[:, :h])
+            qkv[:, h:h + kvh] = self.k_norm(qkv[:, h:h + kvh])
         ops.rotary_(qkv, cos, sin, h + kvh)
         o = backend.forward(self.layer, qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:])
         return self.o_proj(o.reshape(t, self.q_size))
@@ -44,9 +53,11 @@ class MLP(nn.Module):
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = Projection(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, storage)
         self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, storage)
+        self.gelu = cfg.hidden_act == "gelu_tanh"
 
     def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(ops.gelu_tanh_mul(gate_up) if self.gelu else ops.silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -88,13 +99,16 @@ class LlamaForCausalLM(nn.Module):
 
     def kv_cache_specs(self) -> list[LayerSpec]:
         cfg = self.cfg
-        return [FullAttentionSpec(cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window) for _ in range(cfg.num_layers)]
+        return [FullAttentionSpec(cfg.num_kv_heads, cfg.head_dim, cfg.layer_window(i)) for i in range(cfg.num_layers)]
 
     def process_weights(self) -> None:
-        """After loading: every projection hands its float weights to the chosen storage."""
+        """After loading: every projection hands its float weights to the chosen storage, every
+        norm derives what it multiplies by."""
         for module in self.modules():
             if isinstance(module, Projection) and module is not self.lm_head:
                 module.process_weights()
+            elif isinstance(module, RMSNorm):
+                module.finalize()
         self.lm_head.process_weights(self.embed_tokens.weight if self.cfg.tie_word_embeddings else None)
 
     def init_rope(self) -> None:
@@ -116,4 +130,6 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.add_rms_norm(h, residual, self.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap

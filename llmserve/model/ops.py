@@ -21,6 +21,10 @@ class TorchOps:
         half = gate_up.shape[-1] // 2
         return F.silu(gate_up[:, :half]) * gate_up[:, half:]
 
+    def gelu_tanh_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        half = gate_up.shape[-1] // 2
+        return F.gelu(gate_up[:, :half], approximate="tanh") * gate_up[:, half:]
+
     def rotary_(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
         """Rotate the first num_heads heads of qkv [T, heads, D] in place."""
         qkv[:, :num_heads] = apply_rotary(qkv[:, :num_heads], cos, sin)
@@ -33,7 +37,7 @@ class CpuFusedOps(TorchOps):
     def add_rms_norm(self, x, residual, norm):
         if residual.dtype != torch.float32:
             return super().add_rms_norm(x, residual, norm)
-        return self.k.add_rms_norm_(x, residual, norm.weight, norm.eps), residual
+        return self.k.add_rms_norm_(x, residual, norm.scale, norm.eps), residual
 
     def silu_mul(self, gate_up):
         if gate_up.dtype != torch.float32:

@@ -6,11 +6,14 @@ import importlib
 
 from llmserve.errors import UnsupportedArchitectureError
 
-# HF name -> (module, class). Mistral and Qwen2 are Llama-shaped (Qwen2 adds a QKV bias).
+# HF name -> (module, class). Mistral, Qwen2 and Qwen3 are Llama-shaped (Qwen2 adds a QKV bias,
+# Qwen3 per-head Q/K norms; Mistral's and Qwen2's sliding windows come from the config).
 ARCHITECTURES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
+    "Gemma3ForCausalLM": ("llmserve.model.gemma3", "Gemma3ForCausalLM"),
 }
 
 
