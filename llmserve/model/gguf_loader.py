@@ -44,12 +44,14 @@ _HASH_INDEX = "hash_index.json"
 SUPPORTED_ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 # convert_hf_to_gguf permutes attn_q/attn_k rows (rope layout) for llama only; transformers'
 # TENSOR_PROCESSORS agrees: qwen2 tensors are stored as in the HF checkpoint.
 _PERMUTED_ARCHITECTURES = {"llama"}
 
-_SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+_SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -67,6 +69,29 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Per architecture: names that differ from llama's or that llama lacks.
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_ARCH_BLOCK_NAMES = {
+    "qwen3": {**_BLOCK_NAMES, **_QK_NORMS},
+    "gemma3": {**_BLOCK_NAMES, **_QK_NORMS, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+}
+# llama.cpp's converter stores Gemma's norm weights as 1 + w (its graph multiplies by them as they
+# are); transformers' GGUF loader subtracts the 1 again, and so do we.
+_SHIFTED_NORMS = {"gemma3"}
+# Gemma 3 in llama.cpp: every 6th layer global, the rest local with base 10000; the 27B model
+# scales scores by (hidden / heads) ** -0.5, the others by head_dim ** -0.5.
+_GEMMA3_GLOBAL_EVERY, _GEMMA3_LOCAL_BASE, _GEMMA3_27B_LAYERS = 6, 10000.0, 62
+# Gemma's turn format, for files that carry no chat template (the system prompt opens the first
+# user turn, as Gemma's own template does).
+_GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set sys = '' %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set sys = m['content'] + '\n\n' %}{% continue %}{% endif %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if loop.first or (loop.index0 == 1 and messages[0]['role'] == 'system') %}{{ sys }}{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+_DEFAULT_CHAT_TEMPLATES = {"gemma3": _GEMMA_CHAT_TEMPLATE}
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _ROPE_FREQS = "rope_freqs.weight"
 # llama.cpp's converter assumes this original context for llama3 rope when the file does not say.
@@ -237,7 +262,7 @@ def _convert(path: Path, out: Path) -> int:
     _write_safetensors(out / "model.safetensors", plans, path)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(config))
-    _write_tokenizer(path, out, _field(reader, "tokenizer.chat_template"))
+    _write_tokenizer(path, out, _field(reader, "tokenizer.chat_template") or _DEFAULT_CHAT_TEMPLATES.get(arch))
     return len(plans)
 
 
@@ -285,13 +310,14 @@ def _hparams(reader, path: Path, arch: str, tensors: dict[str, Any]) -> _Hparams
     )
 
 
-def _hf_name(gguf_name: str, num_layers: int) -> str | None:
+def _hf_name(gguf_name: str, num_layers: int, arch: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _ARCH_BLOCK_NAMES.get(arch, _BLOCK_NAMES)
     m = _BLOCK_RE.match(gguf_name)
-    if m is None or m.group(2) not in _BLOCK_NAMES or int(m.group(1)) >= num_layers:
+    if m is None or m.group(2) not in names or int(m.group(1)) >= num_layers:
         return None
-    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
 
 
 def _tensor_plans(path: Path, hp: _Hparams, tensors: dict[str, Any]) -> list[_TensorPlan]:
@@ -299,7 +325,7 @@ def _tensor_plans(path: Path, hp: _Hparams, tensors: dict[str, Any]) -> list[_Te
     for name, tensor in tensors.items():
         if name == _ROPE_FREQS:
             continue  # folded into config.json's rope_scaling
-        hf_name = _hf_name(name, hp.num_layers)
+        hf_name = _hf_name(name, hp.num_layers, hp.arch)
         if hf_name is None:
             raise ModelLoadError(f"GGUF file {path} has tensor {name!r}, which the {hp.arch} loader does not know")
         type_name = _type_name(tensor.tensor_type)
@@ -308,7 +334,8 @@ def _tensor_plans(path: Path, hp: _Hparams, tensors: dict[str, Any]) -> list[_Te
                                  f"dequantize; supported: {sorted(_SUPPORTED_TYPES)}")
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         heads = _permuted_heads(name, hp)
-        plans.append(_TensorPlan(hf_name, shape, _loader(path, tensor, shape, heads)))
+        shift = hp.arch in _SHIFTED_NORMS and hf_name.endswith("norm.weight")
+        plans.append(_TensorPlan(hf_name, shape, _loader(path, tensor, shape, heads, shift)))
     _check_complete(path, hp, {p.hf_name for p in plans})
     return plans
 
@@ -335,16 +362,20 @@ def _permuted_heads(gguf_name: str, hp: _Hparams) -> int | None:
 
 def _check_complete(path: Path, hp: _Hparams, names: set[str]) -> None:
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{part}.weight" for i in range(hp.num_layers) for part in _BLOCK_NAMES.values()}
+        f"model.layers.{i}.{part}.weight" for i in range(hp.num_layers)
+        for part in _ARCH_BLOCK_NAMES.get(hp.arch, _BLOCK_NAMES).values()}
     missing = sorted(expected - names)
     if missing:
         raise ModelLoadError(f"GGUF file {path} lacks {len(missing)} tensors the {hp.arch} model needs, "
                              f"e.g. {missing[0]!r}")
 
 
-def _loader(path: Path, tensor: Any, shape: tuple[int, ...], heads: int | None) -> Callable[[], np.ndarray]:
+def _loader(path: Path, tensor: Any, shape: tuple[int, ...], heads: int | None,
+            norm_shift: bool = False) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         w = _dequantize(path, tensor, shape)
+        if norm_shift:
+            w = w - np.float32(1.0)
         return _unpermute(w, heads) if heads is not None else w
     return load
 
@@ -398,23 +429,49 @@ def _hf_config(reader, path: Path, hp: _Hparams, tensors: dict[str, Any]) -> dic
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "mlp_bias": False,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _eos_token_ids(reader),
+        "eos_token_id": _eos_token_ids(reader, arch),
         "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     }
     rope_scaling = _rope_scaling(reader, path, hp, tensors, rope_theta)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    if arch == "gemma3":
+        config.update(_gemma3_config(reader, hp, rope_theta, rope_scaling))
     return config
 
 
-def _eos_token_ids(reader) -> int | list[int] | None:
-    """eos, plus end-of-turn tokens (Llama 3's <|eot_id|>) that must also stop generation."""
+def _gemma3_config(reader, hp: _Hparams, rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[str, Any]:
+    """What llama.cpp fixes for Gemma 3 rather than storing it, in transformers' config terms."""
+    layer_types = ["full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+                   for i in range(hp.num_layers)]
+    scalar = hp.hidden_size // hp.num_heads if hp.num_layers == _GEMMA3_27B_LAYERS else hp.head_dim
+    full = {"rope_type": "default", "rope_theta": rope_theta, **(rope_scaling or {})}
+    return {
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": int(_field(reader, "gemma3.attention.sliding_window", 512)),
+        "layer_types": layer_types, "query_pre_attn_scalar": scalar,
+        "rope_parameters": {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_BASE}},
+        "final_logit_softcapping": None, "attn_logit_softcapping": None,
+    }
+
+
+def _eos_token_ids(reader, arch: str = "") -> int | list[int] | None:
+    """eos, plus end-of-turn tokens (Llama 3's <|eot_id|>, Gemma's <end_of_turn> where the file does
+    not name it) that must also stop generation."""
     ids: list[int] = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         value = _field(reader, key)
         if value is not None and int(value) not in ids:
             ids.append(int(value))
+    if arch == "gemma3" and _field(reader, "tokenizer.ggml.eot_token_id") is None:
+        tokens = reader.get_field("tokenizer.ggml.tokens")
+        if tokens is not None:
+            for i, part in enumerate(tokens.data):  # indices of each string's bytes, in order
+                if bytes(tokens.parts[part]) == b"<end_of_turn>":
+                    ids.append(i)
+                    break
     return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
