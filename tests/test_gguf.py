@@ -438,10 +438,13 @@ def test_unknown_architecture(tmp_path, cache):
 
 def test_unsupported_tensor_type(tmp_path, cache):
     config = tiny_config(num_hidden_layers=1)
-    name = "model.layers.0.mlp.up_proj.weight"
-    write_gguf(tmp_path / "q5.gguf", config, hf_state(tiny_model(config)), {name: Q.Q5_0})
-    with pytest.raises(ModelLoadError, match=r"blk\.0\.ffn_up\.weight.*Q5_0"):
-        gguf_to_hf_folder(tmp_path / "q5.gguf")
+    name = "model.layers.0.mlp.down_proj.weight"  # rows of 256 weights: one Q2_K block
+    state = hf_state(tiny_model(config))
+    rows, cols = state[name].shape  # Q2_K: 84 bytes a block of 256 weights (gguf-py cannot quantize it)
+    blocks = np.zeros((rows, cols * 84 // 256), np.uint8)
+    write_gguf(tmp_path / "q2k.gguf", config, state, {}, raw={name: (blocks, Q.Q2_K)})
+    with pytest.raises(ModelLoadError, match=r"blk\.0\.ffn_down\.weight.*Q2_K"):
+        gguf_to_hf_folder(tmp_path / "q2k.gguf")
 
 
 def test_unknown_tensor(tmp_path, cache):
