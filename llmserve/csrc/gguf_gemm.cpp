@@ -19,31 +19,13 @@
 #include <cstring>
 #include <vector>
 
-#include "vec_math.h"
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define LLMSERVE_AVX2 1
-#endif
+#include "gguf_common.h"
 
 namespace {
+using namespace llmserve::gguf;
 
 constexpr int64_t QK = 32;  // weights per block, both formats
 constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;
-// Up to this many rows of x, stream each weight row once per 4 rows (no widened copy); beyond it,
-// widen 16-row tiles and run the register-tiled GEMM.
-constexpr int64_t STREAM_MAX_ROWS = 4;
-enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1 };
-
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-#ifdef LLMSERVE_AVX2
-  return _cvtsh_ss(h);
-#else
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-#endif
-}
 
 #ifdef LLMSERVE_AVX2
 inline __m256 i8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -173,8 +155,6 @@ void gemm(const float* x, const uint8_t* w, const float* bias, float* y, int64_t
 // ---- Batches of more than a few rows: widen a tile of 16 output rows once, then a register-tiled
 // GEMM over all M rows of x. The widened tile is stored transposed, tile[k][16], so each step of
 // k is one outer product (16 weights x up to 6 rows of x) with no horizontal sums.
-constexpr int64_t TILE_N = 16, TILE_M = 6;
-
 inline void transpose8(__m256* r) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
@@ -234,58 +214,6 @@ void widen_tile(const uint8_t* w, int64_t n0, int64_t rows, int64_t nb, float* t
   }
 }
 
-// x rows packed in panels of 6: panel[k * 6 + r] = x[m0 + r, k] (zero past M), so the kernel's
-// broadcasts read one contiguous stream (three times faster here than six strided ones).
-void pack_x(const float* x, int64_t M, int64_t K, float* packed) {
-  const int64_t panels = (M + TILE_M - 1) / TILE_M;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* dst = packed + p * K * TILE_M;
-    for (int64_t r = 0; r < TILE_M; ++r) {
-      const int64_t m = p * TILE_M + r;
-      for (int64_t k = 0; k < K; ++k) dst[k * TILE_M + r] = m < M ? x[m * K + k] : 0.f;
-    }
-  }
-}
-
-// The 6 x 16 outer-product kernel: y[r, n0 + j] = panel row r . tile column j (+ bias), for the
-// rows and cols that exist. The 12 accumulators are named variables: held in an array, GCC also
-// stored them to the stack on every step of k, which made the loop three times slower.
-inline void kernel_6x16(const float* panel, int64_t K, const float* tile, const float* bias, float* y, int64_t N,
-                        int64_t n0, int64_t rows, int64_t cols) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(tile + k * TILE_N), w1 = _mm256_loadu_ps(tile + k * TILE_N + 8);
-    const float* a = panel + k * TILE_M;
-    __m256 xv = _mm256_broadcast_ss(a);
-    c00 = _mm256_fmadd_ps(xv, w0, c00);
-    c01 = _mm256_fmadd_ps(xv, w1, c01);
-    xv = _mm256_broadcast_ss(a + 1);
-    c10 = _mm256_fmadd_ps(xv, w0, c10);
-    c11 = _mm256_fmadd_ps(xv, w1, c11);
-    xv = _mm256_broadcast_ss(a + 2);
-    c20 = _mm256_fmadd_ps(xv, w0, c20);
-    c21 = _mm256_fmadd_ps(xv, w1, c21);
-    xv = _mm256_broadcast_ss(a + 3);
-    c30 = _mm256_fmadd_ps(xv, w0, c30);
-    c31 = _mm256_fmadd_ps(xv, w1, c31);
-    xv = _mm256_broadcast_ss(a + 4);
-    c40 = _mm256_fmadd_ps(xv, w0, c40);
-    c41 = _mm256_fmadd_ps(xv, w1, c41);
-    xv = _mm256_broadcast_ss(a + 5);
-    c50 = _mm256_fmadd_ps(xv, w0, c50);
-    c51 = _mm256_fmadd_ps(xv, w1, c51);
-  }
-  alignas(32) float out[TILE_M][TILE_N];
-  const __m256 acc[TILE_M][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int r = 0; r < TILE_M; ++r) {
-    _mm256_store_ps(out[r], acc[r][0]);
-    _mm256_store_ps(out[r] + 8, acc[r][1]);
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cols; ++j) y[r * N + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.f);
-}
-
 template <Format fmt>
 void tiled_gemm(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t nb = K / QK, tiles = (N + TILE_N - 1) / TILE_N, panels = (M + TILE_M - 1) / TILE_M;
@@ -304,28 +232,36 @@ void tiled_gemm(const float* x, const uint8_t* w, const float* bias, float* y, i
 }
 #endif
 
-int64_t block_bytes(int64_t fmt) {
-  TORCH_CHECK(fmt == kQ4_1 || fmt == kQ8_0, "unknown GGUF block format ", fmt);
-  return fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+Geometry checked_geometry(int64_t fmt) {
+  TORCH_CHECK(known_format(fmt), "unknown GGUF block format ", fmt);
+  return geometry(fmt);
 }
 
 }  // namespace
 
-// x: [M, K] float32; weight: [N, K / 32 * block bytes] uint8 in the given format (0 = Q4_1,
-// 1 = Q8_0); bias: [N] float32 or empty. Returns [M, N] float32.
+// x: [M, K] float32; weight: [N, K / block weights * block bytes] uint8 in the given format (0 = Q4_1,
+// 1 = Q8_0, 2 = Q5_0, 3 = Q4_K, 4 = Q5_K, 5 = Q6_K); bias: [N] float32 or empty. Returns [M, N] float32.
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
               "x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
               "GGUF weights must be a contiguous 2-D uint8 tensor");
   const int64_t K = x.size(1), N = weight.size(0), M = x.size(0);
-  TORCH_CHECK(K % QK == 0 && weight.size(1) == K / QK * block_bytes(fmt), "weight bytes do not match x");
+  const Geometry g = checked_geometry(fmt);
+  TORCH_CHECK(K % g.weights == 0 && weight.size(1) == K / g.weights * g.bytes, "weight bytes do not match x");
+  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.numel() == N && bias.is_contiguous()),
+              "bias must be empty or [N] float32");
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
+  if (M == 0 || N == 0) return y;
+  if (fmt >= kQ5_0) {
+    kquant_linear(xp, wp, static_cast<Format>(fmt), b, yp, M, N, K);
+    return y;
+  }
 #ifdef LLMSERVE_AVX2
   if (M > STREAM_MAX_ROWS) {
     if (fmt == kQ4_1) tiled_gemm<kQ4_1>(xp, wp, b, yp, M, N, K);
@@ -343,11 +279,16 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, to
 torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K) {
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
               "GGUF weights must be a contiguous 2-D uint8 tensor");
-  const int64_t bytes = block_bytes(fmt), nb = K / QK, N = weight.size(0);
-  TORCH_CHECK(K % QK == 0 && weight.size(1) == nb * bytes, "weight bytes do not match K");
+  const Geometry g = checked_geometry(fmt);
+  const int64_t bytes = g.bytes, nb = K / g.weights, N = weight.size(0);
+  TORCH_CHECK(K % g.weights == 0 && weight.size(1) == nb * bytes, "weight bytes do not match K");
   auto out = torch::empty({N, K}, torch::kFloat32);
   const uint8_t* w = weight.data_ptr<uint8_t>();
   float* o = out.data_ptr<float>();
+  if (fmt >= kQ5_0) {
+    kquant_dequantize(w, static_cast<Format>(fmt), N * nb, o);
+    return out;
+  }
   at::parallel_for(0, N * nb, 256, [&](int64_t begin, int64_t end) {
     float q[QK], d, m;
     for (int64_t i = begin; i < end; ++i) {

@@ -25,8 +25,14 @@ from torch import nn
 
 from llmserve.errors import InvalidRequestError
 
+# Formats a float weight can be quantized into here (gguf-py quantizes them as ggml does).
 GGUF_FORMATS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1}  # the fmt argument of the kernels
+# Every format kept as blocks when a GGUF file holds it (K-quants come only from a file: there is
+# no quantizer for them here).
+BLOCK_FORMATS = {**GGUF_FORMATS, "q5_0": gguf.GGMLQuantizationType.Q5_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
+                 "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
+_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}  # the kernels' fmt argument
+Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0")  # the formats gguf_linear_q8 computes
 BLOCK_WEIGHTS = 32
 # gguf_linear_q8's `path` argument: -1 picks the best this CPU has (gguf_q8_paths() lists them).
 Q8_PATHS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -48,8 +54,14 @@ def quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data))
 
 
+def block_format(ggml_type_name: str) -> str | None:
+    """The storage name of a ggml tensor type kept as blocks ("Q4_K" -> "q4_k"), or None."""
+    name = ggml_type_name.lower()
+    return name if name in BLOCK_FORMATS else None
+
+
 def dequantize(blocks: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
-    data = gguf.quants.dequantize(blocks.numpy(), GGUF_FORMATS[fmt])
+    data = gguf.quants.dequantize(blocks.numpy(), BLOCK_FORMATS[fmt])
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(-1, k)
 
 
@@ -68,8 +80,9 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
 
 
 class GgufLinear(nn.Module):
-    """y = x W^T + b with W held as GGUF blocks ([N, K / 32 * block bytes] uint8, ggml's layout).
-    activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot products)."""
+    """y = x W^T + b with W held as GGUF blocks ([N, K / block weights * block bytes] uint8, ggml's
+    layout). activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot
+    products; Q4_1 and Q8_0 layers only, the others stay exact)."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
                  activations: str = "float32") -> None:
@@ -78,6 +91,10 @@ class GgufLinear(nn.Module):
             raise InvalidRequestError(f"activations must be 'float32' or 'q8', not {activations!r}")
         if activations == "q8" and kernels is None:
             raise InvalidRequestError("8-bit activations need llmserve's compiled CPU kernels")
+        if fmt not in BLOCK_FORMATS:
+            raise InvalidRequestError(f"unknown GGUF block format {fmt!r}; choose from {sorted(BLOCK_FORMATS)}")
+        if activations == "q8" and fmt not in Q8_ACTIVATION_FORMATS:
+            activations = "float32"
         self.fmt, self.in_features, self.kernels, self.activations = fmt, in_features, kernels, activations
         self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("bias", torch.empty(0) if bias is None else bias.detach().float().contiguous())
