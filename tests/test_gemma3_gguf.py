@@ -41,6 +41,17 @@ def test_greedy_equals_transformers_past_the_sliding_window(gemma):
     assert out[0].outputs[0].token_ids == want
 
 
+def test_layers_compute_with_the_files_own_blocks(gemma):
+    from llmserve.model.linear import Projection
+
+    llm, _ = gemma
+    model = llm.engine.runner.model
+    formats = {getattr(m.impl, "fmt", "float") for m in model.modules() if isinstance(m, Projection)}
+    # Q4_K_M: Q4_K and Q6_K layers, q/k in Q5_0 beside v in Q8_0 in the fused qkv, the tied head Q8_0
+    assert {"q4_k", "q6_k", "q5_0+q8_0", "q8_0"} <= formats
+    assert model.lm_head.impl.fmt == "q8_0"
+
+
 def test_chat_through_gemmas_turn_format(gemma):
     llm, _ = gemma
     # The file carries no chat template: Gemma's turn format is supplied, with <end_of_turn> a stop.

@@ -119,7 +119,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     model = load_model(folder, max_model_len, dtype, device, ops, storage)
     if storage.fmt != "none":
         logger.info("linear layers stored as: %s", ", ".join(f"{n} {fmt}" for fmt, n in sorted(storage.counts.items())))
-    gguf_layers = sum(storage.counts.get(f, 0) for f in GGUF_FORMATS)
+    gguf_layers = storage.block_layers
     if config.activations == "q8":
         if not gguf_layers:
             raise InvalidRequestError("--activations q8 applies to GGUF Q4_1/Q8_0 layers, and this model has "

@@ -7,7 +7,8 @@ by transformers' own GGUF tokenizer conversion, so it encodes exactly as
 `AutoTokenizer.from_pretrained(dir, gguf_file=name)` does.
 
 Layout of a converted folder:
-    config.json, generation_config.json, model.safetensors,
+    config.json, generation_config.json, model.safetensors, gguf_blocks.safetensors (the file's
+    quantized tensors as published, which `--quantization auto` computes with),
     tokenizer.json, tokenizer_config.json (+ chat_template.jinja), llmserve_gguf.json (written last)
 """
 from __future__ import annotations
@@ -34,10 +35,13 @@ from llmserve.errors import ModelLoadError, UnsupportedArchitectureError
 logger = logging.getLogger(__name__)
 
 # Bump when the folder contents change meaning, so stale caches are rebuilt instead of reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: the file's quantized blocks are kept beside the float weights
 _MARKER = "llmserve_gguf.json"
+# The file's tensors in the block formats llmserve computes with, as uint8 [rows, bytes] under
+# their HF names, the format of each in the metadata: `--quantization auto` runs on them as published.
+BLOCKS_FILE = "gguf_blocks.safetensors"
 _REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                   "tokenizer_config.json", _MARKER)
+                   "tokenizer_config.json", BLOCKS_FILE, _MARKER)
 _HASH_INDEX = "hash_index.json"
 
 # GGUF general.architecture -> (HF architectures entry, HF model_type)
@@ -260,6 +264,7 @@ def _convert(path: Path, out: Path) -> int:
     plans = _tensor_plans(path, hp, tensors)  # validates names and types before any heavy work
     config = _hf_config(reader, path, hp, tensors)
     _write_safetensors(out / "model.safetensors", plans, path)
+    _write_blocks(out / BLOCKS_FILE, path, hp, tensors)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", _generation_config(config))
     _write_tokenizer(path, out, _field(reader, "tokenizer.chat_template") or _DEFAULT_CHAT_TEMPLATES.get(arch))
@@ -565,6 +570,26 @@ def _write_safetensors(out: Path, plans: list[_TensorPlan], path: Path) -> None:
                 raise ModelLoadError(f"GGUF tensor for {plan.hf_name!r} of {path} dequantized to shape "
                                      f"{w.shape}, expected {plan.shape}")
             f.write(memoryview(w.astype("<f4", copy=False)))  # no copy on little-endian hosts
+
+
+def _write_blocks(out: Path, path: Path, hp: _Hparams, tensors: dict[str, Any]) -> None:
+    """The 2-D tensors stored in a block format, raw (rows in HF order), for the weight storage."""
+    from safetensors.numpy import save_file
+
+    from llmserve.model.gguf_quant import block_format
+
+    blocks: dict[str, np.ndarray] = {}
+    formats: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        fmt = block_format(_type_name(tensor.tensor_type))
+        hf_name = _hf_name(name, hp.num_layers, hp.arch)
+        if fmt is None or hf_name is None or len(tensor.shape) != 2:
+            continue
+        rows = np.asarray(tensor.data, dtype=np.uint8).reshape(int(tensor.shape[1]), -1)
+        heads = _permuted_heads(name, hp)
+        blocks[hf_name] = _unpermute(rows, heads) if heads is not None else np.ascontiguousarray(rows)
+        formats[hf_name] = fmt
+    save_file(blocks, str(out), metadata={"formats": json.dumps(formats)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 A model builds every projection (and its logits head) as a `Projection` with the engine's
 `WeightStorage`. The loader fills the float weights; `Projection.process_weights()` then hands them
 to the storage, which returns the module that computes with them: float (through oneDNN on CPU
-where it is faster), GGUF blocks (Q4_1/Q8_0, kept only where exact for "auto", forced otherwise)
-or weight-only int8/bf16.
+where it is faster), GGUF blocks (for "auto": the blocks a GGUF file was published with, or Q4_1/
+Q8_0 where they hold the float weights exactly; forced Q4_1/Q8_0 otherwise) or weight-only int8/bf16.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmserve.model.gguf_quant import GGUF_FORMATS, GgufLinear, find_lossless_format
+from llmserve.model.gguf_quant import BLOCK_FORMATS, GGUF_FORMATS, GgufLinear, find_lossless_format
 from llmserve.model.weight_only import WeightOnlyLinear
 
 
@@ -34,6 +34,19 @@ class FloatLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class ShardedLinear(nn.Module):
+    """A fused projection whose shards a GGUF file stored in different formats (Gemma 3's Q4_K_M:
+    q and k in Q5_0, v in Q8_0): one layer per shard, outputs side by side."""
+
+    def __init__(self, parts: list[GgufLinear]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.fmt = "+".join(p.fmt for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -51,11 +64,40 @@ class WeightStorage:
     activations: str = "float32"
     _float_model: bool = False  # "auto" met a projection no format holds: the model is float
 
-    def build(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        layer = self._build(weight, bias)
+    @property
+    def block_layers(self) -> int:
+        """How many layers compute with GGUF blocks (of any format, mixed shards included)."""
+        return sum(n for fmt, n in self.counts.items() if fmt not in ("float", "int8", "bf16"))
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None,
+              blocks: list[tuple[str, torch.Tensor]] | None = None) -> nn.Module:
+        """blocks: the shards of this weight as a GGUF file published them (format, [rows, bytes]),
+        which "auto" computes with (they dequantize to `weight` by construction)."""
+        layer = self._from_blocks(weight, bias, blocks) if self.fmt == "auto" and blocks else None
+        layer = layer or self._build(weight, bias)
         fmt = getattr(layer, "fmt", "float")
         self.counts[fmt] = self.counts.get(fmt, 0) + 1
         return layer
+
+    def _from_blocks(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                     blocks: list[tuple[str, torch.Tensor]]) -> nn.Module | None:
+        if self.kernels is None or any(fmt not in BLOCK_FORMATS for fmt, _ in blocks):
+            return None
+        if sum(b.shape[0] for _, b in blocks) != weight.shape[0]:
+            return None
+        runs: list[tuple[str, list[torch.Tensor]]] = []  # neighbouring shards of one format go together
+        for fmt, b in blocks:
+            if runs and runs[-1][0] == fmt:
+                runs[-1][1].append(b)
+            else:
+                runs.append((fmt, [b]))
+        parts, start, k = [], 0, weight.shape[1]
+        for fmt, group in runs:
+            rows = torch.cat(group)
+            part_bias = None if bias is None else bias[start:start + rows.shape[0]]
+            parts.append(GgufLinear(rows, fmt, k, part_bias, self.kernels, self.activations))
+            start += rows.shape[0]
+        return parts[0] if len(parts) == 1 else ShardedLinear(parts)
 
     def _build(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         if self.fmt == "auto" and not self._float_model:
@@ -84,13 +126,15 @@ class Projection(nn.Module):
         self.weight = None if tied else nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.impl: nn.Module | None = None
+        # Set by the loader for a converted GGUF model: [(format, blocks)] per fused shard.
+        self.source_blocks: list[tuple[str, torch.Tensor]] | None = None
 
     def process_weights(self, tied_weight: torch.Tensor | None = None) -> None:
         """Hand the loaded weights to the storage; the float copies go unless they are shared."""
         weight = tied_weight if tied_weight is not None else self.weight
         bias = self.bias.data if self.bias is not None else None
-        self.impl = self.storage.build(weight.data, bias)
-        self.weight = self.bias = None
+        self.impl = self.storage.build(weight.data, bias, self.source_blocks)
+        self.weight = self.bias = self.source_blocks = None
         # A plain attribute, not nn.Module's submodule lookup and call hooks: a decode step calls
         # ~120 projections, and those layers of Python cost as much as a small kernel call.
         object.__setattr__(self, "_compute", self.impl.forward)

@@ -1,6 +1,7 @@
 """Build a model from an HF folder: config.json plus one or sharded *.safetensors files."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -51,7 +52,9 @@ def _shard_slice(model: nn.Module, param_name: str, shard: int) -> slice:
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
+    from llmserve.model.gguf_loader import BLOCKS_FILE
+
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != BLOCKS_FILE)
     if not files:
         raise ModelLoadError(f"no *.safetensors files in model folder {folder}")
     return files
@@ -89,10 +92,38 @@ def load_model(folder: Path, max_model_len: int, dtype: torch.dtype, device: tor
     if missing:
         raise ModelLoadError(f"model folder {folder} lacks tensors for {missing[:5]}")
     model.eval().requires_grad_(False)
+    _attach_source_blocks(model, folder, cfg)
     model.process_weights()
     model.init_rope()
     logger.info("loaded %s (%d layers) in %.2fs", cfg.architecture, cfg.num_layers, time.perf_counter() - start)
     return model
+
+
+def _attach_source_blocks(model: nn.Module, folder: Path, cfg: ArchConfig) -> None:
+    """A converted GGUF folder keeps the file's quantized tensors: hand each projection the blocks
+    of its shards (in shard order), for a storage that computes with them as published."""
+    from llmserve.model.gguf_loader import BLOCKS_FILE
+    from llmserve.model.linear import Projection
+
+    path = folder / BLOCKS_FILE
+    if not path.is_file():
+        return
+    shards: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        formats = json.loads((f.metadata() or {}).get("formats", "{}"))
+        for name in f.keys():
+            target = _target(name)
+            if target is None or name not in formats:
+                continue
+            pname, shard = target
+            shards.setdefault(pname, {})[shard or 0] = (formats[name], f.get_tensor(name))
+    modules = dict(model.named_modules())
+    for pname, parts in shards.items():
+        owner = modules.get(pname.removesuffix(".weight"))
+        if cfg.tie_word_embeddings and pname == "embed_tokens.weight":
+            owner = model.lm_head
+        if isinstance(owner, Projection) and len(parts) == _expected_shards(pname):
+            owner.source_blocks = [parts[i] for i in range(len(parts))]
 
 
 def _expected_shards(pname: str) -> int:
