@@ -50,6 +50,14 @@ def test_layers_compute_with_the_files_own_blocks(gemma):
     # Q4_K_M: Q4_K and Q6_K layers, q/k in Q5_0 beside v in Q8_0 in the fused qkv, the tied head Q8_0
     assert {"q4_k", "q6_k", "q5_0+q8_0", "q8_0"} <= formats
     assert model.lm_head.impl.fmt == "q8_0"
+    # and nothing is widened to float32: the loaded model is about the file's size
+    seen, total = set(), 0
+    for m in model.modules():
+        for t in [*m._parameters.values(), *m._buffers.values(), getattr(m, "blocks", None)]:
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    assert total < 1.3 * gemma_package.assemble().stat().st_size
 
 
 def test_chat_through_gemmas_turn_format(gemma):

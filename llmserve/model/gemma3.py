@@ -64,7 +64,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     def init_rope(self) -> None:
         cfg = self.cfg
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device  # the embedding may have no float table
         cos, sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.max_model_len,
                                 cfg.max_position_embeddings)
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)

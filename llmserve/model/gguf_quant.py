@@ -121,3 +121,19 @@ class GgufLinear(nn.Module):
         else:
             y = F.linear(x2, self.dequantized().to(x2.dtype), self.bias.to(x2.dtype) if self.bias.numel() else None)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class BlockEmbedding(nn.Module):
+    """Token embeddings looked up from GGUF blocks: a step's rows are dequantized as they are read,
+    bit for bit the float table's rows, without holding the float table (Gemma 3's 262k x 640
+    would be 671 MB in float32, 178 MB as its Q8_0 blocks). A tied logits head shares the blocks."""
+
+    def __init__(self, blocks: torch.Tensor, fmt: str, dim: int, kernels) -> None:
+        super().__init__()
+        self.fmt, self.dim, self.kernels = fmt, dim, kernels
+        self.blocks = blocks  # not a buffer: it may be the logits head's own tensor
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.blocks.index_select(0, ids.reshape(-1))
+        out = self.kernels.gguf_dequantize(rows, _KERNEL_FORMAT[self.fmt], self.dim)
+        return out.reshape(*ids.shape, self.dim)

@@ -13,6 +13,7 @@ from llmserve.attention.backend import AttentionBackend
 from llmserve.attention.metadata import AttentionLayer
 from llmserve.model.arch_config import ArchConfig
 from llmserve.model.layers import RMSNorm, rotary_tables
+from llmserve.model.gguf_quant import BLOCK_FORMATS, BlockEmbedding, GgufLinear
 from llmserve.model.linear import Projection, WeightStorage
 from llmserve.model.ops import TorchOps
 from llmserve.model.rope import rope_cos_sin
@@ -110,13 +111,27 @@ class LlamaForCausalLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.finalize()
         self.lm_head.process_weights(self.embed_tokens.weight if self.cfg.tie_word_embeddings else None)
+        self._embed_from_blocks()
+
+    def _embed_from_blocks(self) -> None:
+        """Where the projections run on a GGUF file's own blocks, so does the embedding lookup
+        (sharing the tied head's blocks): the float table is dropped."""
+        fmt, blocks = getattr(self.embed_tokens, "source_blocks", None) or (None, None)
+        self.embed_tokens.source_blocks = None
+        storage = self.lm_head.storage
+        if fmt is None or storage.fmt != "auto" or storage.kernels is None or fmt not in BLOCK_FORMATS:
+            return
+        head = self.lm_head.impl
+        if self.cfg.tie_word_embeddings and isinstance(head, GgufLinear) and head.fmt == fmt:
+            blocks = head.blocks
+        self.embed_tokens = BlockEmbedding(blocks, fmt, self.cfg.hidden_size, storage.kernels)
 
     def init_rope(self) -> None:
         """(Re)build the rotary tables on the model's device; the loader calls it after placing weights."""
         cfg = self.cfg
         cos, sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.max_model_len,
                                 cfg.max_position_embeddings)
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device  # the embedding may have no float table
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:

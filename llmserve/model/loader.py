@@ -1,6 +1,7 @@
 """Build a model from an HF folder: config.json plus one or sharded *.safetensors files."""
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import time
@@ -95,8 +96,18 @@ def load_model(folder: Path, max_model_len: int, dtype: torch.dtype, device: tor
     _attach_source_blocks(model, folder, cfg)
     model.process_weights()
     model.init_rope()
+    _return_freed_memory()
     logger.info("loaded %s (%d layers) in %.2fs", cfg.architecture, cfg.num_layers, time.perf_counter() - start)
     return model
+
+
+def _return_freed_memory() -> None:
+    """Loading frees the float copies of every weight stored as blocks; glibc keeps freed heap
+    pages (tensors under its mmap threshold) unless asked to hand them back."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _attach_source_blocks(model: nn.Module, folder: Path, cfg: ArchConfig) -> None:
@@ -120,8 +131,10 @@ def _attach_source_blocks(model: nn.Module, folder: Path, cfg: ArchConfig) -> No
     modules = dict(model.named_modules())
     for pname, parts in shards.items():
         owner = modules.get(pname.removesuffix(".weight"))
-        if cfg.tie_word_embeddings and pname == "embed_tokens.weight":
-            owner = model.lm_head
+        if pname == "embed_tokens.weight":
+            model.embed_tokens.source_blocks = parts[0]
+            if cfg.tie_word_embeddings:
+                owner = model.lm_head
         if isinstance(owner, Projection) and len(parts) == _expected_shards(pname):
             owner.source_blocks = [parts[i] for i in range(len(parts))]
 
