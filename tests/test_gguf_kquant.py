@@ -34,6 +34,8 @@ def test_dequantize_is_bitwise_ggml(kernels, fmt):
     want = gguf.quants.dequantize(blocks.numpy(), BLOCK_FORMATS[fmt]).astype(np.float32)
     got = kernels.gguf_dequantize(blocks, list(LAYOUT).index(fmt) + 2, k)
     assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want)).reshape(13, k))
+    # the portable code, which a vector build does not run otherwise
+    assert torch.equal(kernels.gguf_dequantize_portable(blocks, list(LAYOUT).index(fmt) + 2, k), got)
     assert torch.equal(dequantize(blocks, fmt, k), got)
 
 

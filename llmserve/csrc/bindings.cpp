@@ -8,6 +8,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
 torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
+torch::Tensor gguf_dequantize_portable(torch::Tensor weight, int64_t fmt, int64_t K);
 torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias, int64_t path);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> gguf_quantize_activations(torch::Tensor x, int64_t path);
 std::vector<int64_t> gguf_q8_paths();
@@ -23,8 +24,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write a step's K/V into the paged cache, then attention for decodes, verifies and prefill chunks (CPU)",
         nogil);
   m.def("weight_only_linear", &weight_only_linear, "x @ W^T with int8 or bfloat16 weights (CPU)", nogil);
-  m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF Q4_1 (fmt 0) or Q8_0 (fmt 1) blocks (CPU)", nogil);
-  m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF Q4_1 (0) or Q8_0 (1) blocks", nogil);
+  m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF blocks: Q4_1 (fmt 0), Q8_0 (1), Q5_0 (2), Q4_K (3), "
+        "Q5_K (4), Q6_K (5) (CPU)", nogil);
+  m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF blocks (fmt as gguf_linear)", nogil);
+  m.def("gguf_dequantize_portable", &gguf_dequantize_portable,
+        "gguf_dequantize of Q5_0/Q4_K/Q5_K/Q6_K through the portable code (for tests)", nogil);
   m.def("gguf_linear_q8", &gguf_linear_q8,
         "x @ W^T with W in GGUF Q4_1 (0) or Q8_0 (1) blocks and x quantized to 8 bits per block of 32; "
         "path -1 = best for this CPU, 0 scalar, 1 AVX2, 2 AVX-512 VNNI (CPU)", nogil);

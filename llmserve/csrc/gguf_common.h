@@ -48,7 +48,7 @@ inline float half_at(const uint8_t* p) {
 // dequantization, `blocks` blocks in a row.
 void kquant_linear(const float* x, const uint8_t* w, Format fmt, const float* bias, float* y, int64_t M, int64_t N,
                    int64_t K);
-void kquant_dequantize(const uint8_t* w, Format fmt, int64_t blocks, float* out);
+void kquant_dequantize(const uint8_t* w, Format fmt, int64_t blocks, float* out, bool portable = false);
 
 #ifdef LLMSERVE_AVX2
 // ---- Batches of more than a few rows: a tile of 16 output rows is widened once, stored

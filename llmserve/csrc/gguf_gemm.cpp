@@ -298,3 +298,17 @@ torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K) {
   });
   return out;
 }
+
+// gguf_dequantize through the portable (non-vector) code of the K-quant formats, which a build
+// with AVX2 never runs otherwise: tests compare both with ggml.
+torch::Tensor gguf_dequantize_portable(torch::Tensor weight, int64_t fmt, int64_t K) {
+  TORCH_CHECK(fmt >= kQ5_0 && known_format(fmt), "the portable dequantizer covers Q5_0, Q4_K, Q5_K and Q6_K");
+  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
+              "GGUF weights must be a contiguous 2-D uint8 tensor");
+  const Geometry g = geometry(fmt);
+  TORCH_CHECK(K % g.weights == 0 && weight.size(1) == K / g.weights * g.bytes, "weight bytes do not match K");
+  auto out = torch::empty({weight.size(0), K}, torch::kFloat32);
+  kquant_dequantize(weight.data_ptr<uint8_t>(), static_cast<Format>(fmt), weight.size(0) * (K / g.weights),
+                    out.data_ptr<float>(), true);
+  return out;
+}

@@ -10,7 +10,8 @@
 // block comes out bit for bit as ggml (and gguf-py) dequantize it, and a layer equals a float32
 // matmul with those weights up to summation order.
 //
-// A block is dequantized to float32 by plain loops the compiler vectorizes. Up to 4 rows of x, each
+// A block is dequantized to float32 (AVX2 where the build has it for Q5_0, Q4_K and Q6_K, the
+// formats of Q4_K_M files; portable loops otherwise, which tests check too). Up to 4 rows of x, each
 // weight row is dequantized block by block into a small buffer and dotted with every row (decode);
 // beyond that, tiles of 16 weight rows are dequantized once into the transposed tile of
 // gguf_common.h's 6 x 16 kernel, which then runs over all rows.
@@ -101,14 +102,97 @@ void dequant_q6_k(const uint8_t* b, float* y) {
   }
 }
 
+#ifdef LLMSERVE_AVX2
+// The same blocks, eight weights a step. Scale times quant is exact, so the fused forms below round
+// once, exactly where the scalar forms do.
+inline __m256 u8x8(const uint8_t* p) {  // 8 bytes as 8 int32 lanes
+  return _mm256_castsi256_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m256i lanes(__m256 v) { return _mm256_castps_si256(v); }
+
+void dequant_q5_0_avx2(const uint8_t* b, float* y) {
+  const __m256 d = _mm256_set1_ps(half_at(b));
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  const __m256i bits = _mm256_set1_epi32(static_cast<int>(qh)), nib = _mm256_set1_epi32(0x0F);
+  const __m256i one = _mm256_set1_epi32(1), sixteen = _mm256_set1_epi32(16);
+  for (int c = 0; c < 2; ++c) {
+    const __m256i v = lanes(u8x8(b + 6 + 8 * c));
+    const __m256i j = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * c));
+    const __m256i h0 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, j), one), 4);
+    const __m256i h1 = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(bits, _mm256_add_epi32(j, sixteen)), one), 4);
+    const __m256i q0 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(v, nib), h0), sixteen);
+    const __m256i q1 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32(v, 4), h1), sixteen);
+    _mm256_storeu_ps(y + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(q0), d));
+    _mm256_storeu_ps(y + 16 + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(q1), d));
+  }
+}
+
+void dequant_q4_k_avx2(const uint8_t* b, float* y) {
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const __m256i nib = _mm256_set1_epi32(0x0F);
+  for (int i = 0; i < 4; ++i, y += 64) {
+    int sc, m;
+    scale_min(2 * i, b + 4, sc, m);
+    const __m256 d1 = _mm256_set1_ps(d * static_cast<float>(sc)), m1 = _mm256_set1_ps(dmin * static_cast<float>(m));
+    scale_min(2 * i + 1, b + 4, sc, m);
+    const __m256 d2 = _mm256_set1_ps(d * static_cast<float>(sc)), m2 = _mm256_set1_ps(dmin * static_cast<float>(m));
+    const uint8_t* q = b + 16 + 32 * i;
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = lanes(u8x8(q + 8 * c));
+      _mm256_storeu_ps(y + 8 * c, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nib)), d1, m1));
+      _mm256_storeu_ps(y + 32 + 8 * c, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d2, m2));
+    }
+  }
+}
+
+void dequant_q6_k_avx2(const uint8_t* b, float* y) {
+  const float d = half_at(b + 208);
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const __m256i nib = _mm256_set1_epi32(0x0F), two = _mm256_set1_epi32(3), bias = _mm256_set1_epi32(32);
+  for (int half = 0; half < 2; ++half, y += 128, sc += 8) {
+    const uint8_t* ql = b + 64 * half;
+    const uint8_t* qh = b + 128 + 32 * half;
+    for (int c = 0; c < 4; ++c) {  // weights l = 8c .. 8c + 7 of each quarter
+      const int is = c / 2;
+      const __m256i lo = lanes(u8x8(ql + 8 * c)), hi = lanes(u8x8(ql + 32 + 8 * c)), h = lanes(u8x8(qh + 8 * c));
+      const __m256i q[4] = {
+          _mm256_or_si256(_mm256_and_si256(lo, nib), _mm256_slli_epi32(_mm256_and_si256(h, two), 4)),
+          _mm256_or_si256(_mm256_and_si256(hi, nib), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2), two), 4)),
+          _mm256_or_si256(_mm256_srli_epi32(lo, 4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 4), two), 4)),
+          _mm256_or_si256(_mm256_srli_epi32(hi, 4), _mm256_slli_epi32(_mm256_srli_epi32(h, 6), 4))};
+      for (int part = 0; part < 4; ++part) {
+        const __m256 ds = _mm256_set1_ps(d * static_cast<float>(sc[is + 2 * part]));
+        _mm256_storeu_ps(y + 32 * part + 8 * c, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q[part], bias)), ds));
+      }
+    }
+  }
+}
+#endif
+
 using Dequant = void (*)(const uint8_t*, float*);
 
-Dequant dequant_for(Format fmt) {
+Dequant portable_dequant_for(Format fmt) {
   switch (fmt) {
     case kQ5_0: return dequant_q5_0;
     case kQ4_K: return dequant_q4_k;
-    case kQ5_K: return dequant_q5_k;
-    default: return dequant_q6_k;
+    case kQ6_K: return dequant_q6_k;
+    default: return dequant_q5_k;
+  }
+}
+
+Dequant dequant_for(Format fmt) {
+  switch (fmt) {
+#ifdef LLMSERVE_AVX2
+    case kQ5_0: return dequant_q5_0_avx2;
+    case kQ4_K: return dequant_q4_k_avx2;
+    case kQ6_K: return dequant_q6_k_avx2;
+#else
+    case kQ5_0: return dequant_q5_0;
+    case kQ4_K: return dequant_q4_k;
+    case kQ6_K: return dequant_q6_k;
+#endif
+    default: return dequant_q5_k;
   }
 }
 
@@ -117,17 +201,24 @@ template <int R>
 void stream_row(const float* const* xs, const uint8_t* w, int64_t nb, Geometry g, Dequant dq, float* buf,
                 float* out) {
 #ifdef LLMSERVE_AVX2
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  // A row's sum is split over A accumulators: one chain of dependent FMAs would wait on each.
+  constexpr int A = R <= 2 ? 4 : 2;
+  __m256 acc[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     dq(w + b * g.bytes, buf);
     for (int r = 0; r < R; ++r) {
       const float* xb = xs[r] + b * g.weights;
-      for (int64_t i = 0; i < g.weights; i += 8)
-        acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + i), _mm256_loadu_ps(buf + i), acc[r]);
+      for (int64_t i = 0; i < g.weights; i += 8 * A)
+        for (int a = 0; a < A; ++a)
+          acc[r][a] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + i + 8 * a), _mm256_loadu_ps(buf + i + 8 * a), acc[r][a]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = llmserve::hsum8(acc[r]);
+  for (int r = 0; r < R; ++r) {
+    for (int a = 1; a < A; ++a) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][a]);
+    out[r] = llmserve::hsum8(acc[r][0]);
+  }
 #else
   float acc[R] = {};
   for (int64_t b = 0; b < nb; ++b) {
@@ -217,9 +308,9 @@ void kquant_linear(const float* x, const uint8_t* w, Format fmt, const float* bi
   stream_gemm(x, w, fmt, bias, y, M, N, K);
 }
 
-void kquant_dequantize(const uint8_t* w, Format fmt, int64_t blocks, float* out) {
+void kquant_dequantize(const uint8_t* w, Format fmt, int64_t blocks, float* out, bool portable) {
   const Geometry g = geometry(fmt);
-  const Dequant dq = dequant_for(fmt);
+  const Dequant dq = portable ? portable_dequant_for(fmt) : dequant_for(fmt);
   at::parallel_for(0, blocks, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dq(w + i * g.bytes, out + i * g.weights);
   });
