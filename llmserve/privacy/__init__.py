@@ -1,0 +1,2 @@
+"""Private mode: stateless computation, no privileged access, non-targetability and verifiable
+transparency (DESIGN.md, principle 7)."""
