@@ -1,0 +1,185 @@
+"""Oblivious HTTP (RFC 9458): key configurations, request encapsulation and response
+encapsulation, for the gateway (server side) and for clients. HPKE (RFC 9180) is pyhpke's;
+HKDF and the AEADs are the `cryptography` package's.
+
+Suites: KEM DHKEM(X25519, HKDF-SHA256), KDF HKDF-SHA256, AEAD AES-128-GCM or ChaCha20-Poly1305.
+
+  request:  hdr = key_id(1) kem_id(2) kdf_id(2) aead_id(2)
+            enc, ctx = SetupBaseS(pkR, "message/bhttp request" || 0x00 || hdr)
+            enc_request = hdr || enc || ctx.Seal("", request)
+  response: secret = ctx.Export("message/bhttp response", max(Nn, Nk))
+            prk = Extract(enc || response_nonce, secret), key = Expand(prk, "key", Nk),
+            nonce = Expand(prk, "nonce", Nn), enc_response = response_nonce || Seal(key, nonce, "", response)
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKeyPair
+
+KEM_X25519, KDF_HKDF_SHA256, AEAD_AES_128_GCM, AEAD_CHACHA20_POLY1305 = 0x0020, 0x0001, 0x0001, 0x0003
+_AEADS = {AEAD_AES_128_GCM: (AEADId.AES128_GCM, AESGCM, 16, 12), AEAD_CHACHA20_POLY1305: (AEADId.CHACHA20_POLY1305, ChaCha20Poly1305, 32, 12)}
+REQUEST_LABEL, RESPONSE_LABEL = b"message/bhttp request", b"message/bhttp response"
+REQUEST_MEDIA_TYPE, RESPONSE_MEDIA_TYPE, KEYS_MEDIA_TYPE = "message/ohttp-req", "message/ohttp-res", "application/ohttp-keys"
+_NENC = 32  # X25519's encapsulated key
+
+
+class OhttpError(ValueError):
+    """A malformed or undecryptable message, an unknown key or suite (never any content)."""
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    key_id: int
+    public_key: bytes
+    suites: tuple[tuple[int, int], ...] = ((KDF_HKDF_SHA256, AEAD_AES_128_GCM), (KDF_HKDF_SHA256, AEAD_CHACHA20_POLY1305))
+    kem_id: int = KEM_X25519
+
+    def encode(self) -> bytes:
+        algs = b"".join(struct.pack(">HH", kdf, aead) for kdf, aead in self.suites)
+        return struct.pack(">BH", self.key_id, self.kem_id) + self.public_key + struct.pack(">H", len(algs)) + algs
+
+    @classmethod
+    def parse(cls, data: bytes) -> KeyConfig:
+        if len(data) < 3 + _NENC + 2:
+            raise OhttpError("truncated key configuration")
+        key_id, kem_id = struct.unpack(">BH", data[:3])
+        if kem_id != KEM_X25519:
+            raise OhttpError("unsupported KEM")
+        public_key = data[3:3 + _NENC]
+        (n,) = struct.unpack(">H", data[3 + _NENC:5 + _NENC])
+        algs = data[5 + _NENC:]
+        if n != len(algs) or n % 4 or n == 0:
+            raise OhttpError("malformed key configuration")
+        suites = tuple(struct.unpack(">HH", algs[i:i + 4]) for i in range(0, n, 4))
+        return cls(key_id, public_key, suites, kem_id)
+
+
+def encode_key_configs(configs: list[KeyConfig]) -> bytes:
+    """application/ohttp-keys: each configuration prefixed by its 2-byte length (RFC 9458, 3.2)."""
+    return b"".join(struct.pack(">H", len(c.encode())) + c.encode() for c in configs)
+
+
+def parse_key_configs(data: bytes) -> list[KeyConfig]:
+    out, pos = [], 0
+    while pos < len(data):
+        if pos + 2 > len(data):
+            raise OhttpError("truncated key configuration list")
+        (n,) = struct.unpack(">H", data[pos:pos + 2])
+        if pos + 2 + n > len(data):
+            raise OhttpError("truncated key configuration list")
+        out.append(KeyConfig.parse(data[pos + 2:pos + 2 + n]))
+        pos += 2 + n
+    return out
+
+
+def _suite(kdf_id: int, aead_id: int) -> CipherSuite:
+    if kdf_id != KDF_HKDF_SHA256 or aead_id not in _AEADS:
+        raise OhttpError("unsupported cipher suite")
+    return CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, _AEADS[aead_id][0])
+
+
+def _header(key_id: int, kdf_id: int, aead_id: int) -> bytes:
+    return struct.pack(">BHHH", key_id, KEM_X25519, kdf_id, aead_id)
+
+
+def _response_keys(secret: bytes, enc: bytes, nonce: bytes, aead_id: int) -> tuple[bytes, bytes]:
+    _, _, nk, nn = _AEADS[aead_id]
+    h = hmac.HMAC(enc + nonce, hashes.SHA256())  # HKDF-Extract(salt = enc || response_nonce, secret)
+    h.update(secret)
+    prk = h.finalize()
+    key = HKDFExpand(hashes.SHA256(), nk, b"key").derive(prk)
+    return key, HKDFExpand(hashes.SHA256(), nn, b"nonce").derive(prk)
+
+
+@dataclass
+class ResponseContext:
+    """What answering one request needs: its HPKE exporter secret and enc."""
+    secret: bytes
+    enc: bytes
+    aead_id: int
+
+    def encapsulate(self, response: bytes, nonce: bytes | None = None) -> bytes:
+        _, aead_cls, nk, nn = _AEADS[self.aead_id]
+        nonce = nonce if nonce is not None else os.urandom(max(nk, nn))
+        key, aead_nonce = _response_keys(self.secret, self.enc, nonce, self.aead_id)
+        return nonce + aead_cls(key).encrypt(aead_nonce, response, b"")
+
+    def decapsulate(self, enc_response: bytes) -> bytes:
+        """The client's side of the same: open the gateway's answer."""
+        _, aead_cls, nk, nn = _AEADS[self.aead_id]
+        size = max(nk, nn)
+        if len(enc_response) < size + 16:
+            raise OhttpError("truncated encapsulated response")
+        key, aead_nonce = _response_keys(self.secret, self.enc, enc_response[:size], self.aead_id)
+        try:
+            return aead_cls(key).decrypt(aead_nonce, enc_response[size:], b"")
+        except Exception:
+            raise OhttpError("the encapsulated response does not decrypt") from None
+
+
+class GatewayKey:
+    """One live key of the gateway: its id, X25519 private key and configuration."""
+
+    def __init__(self, key_id: int, private_key: bytes | None = None) -> None:
+        suite = _suite(KDF_HKDF_SHA256, AEAD_AES_128_GCM)
+        secret = X25519PrivateKey.from_private_bytes(private_key) if private_key else X25519PrivateKey.generate()
+        self.key_id = key_id
+        self._private = suite.kem.deserialize_private_key(secret.private_bytes_raw())
+        self.config = KeyConfig(key_id, secret.public_key().public_bytes_raw())
+
+
+class Gateway:
+    """Opens encapsulated requests addressed to any of its live keys."""
+
+    def __init__(self, keys: list[GatewayKey]) -> None:
+        self.keys = {k.key_id: k for k in keys}
+
+    def key_configs(self) -> bytes:
+        return encode_key_configs([k.config for k in self.keys.values()])
+
+    def decapsulate(self, enc_request: bytes) -> tuple[bytes, ResponseContext]:
+        if len(enc_request) < 7 + _NENC + 16:
+            raise OhttpError("truncated encapsulated request")
+        key_id, kem_id, kdf_id, aead_id = struct.unpack(">BHHH", enc_request[:7])
+        key = self.keys.get(key_id)
+        if key is None:
+            raise OhttpError("unknown key id")
+        if kem_id != KEM_X25519 or (kdf_id, aead_id) not in key.config.suites:
+            raise OhttpError("unsupported cipher suite")
+        suite = _suite(kdf_id, aead_id)
+        hdr, enc, ct = enc_request[:7], enc_request[7:7 + _NENC], enc_request[7 + _NENC:]
+        try:
+            ctx = suite.create_recipient_context(enc, key._private, info=REQUEST_LABEL + b"\x00" + hdr)
+            request = ctx.open(ct, aad=b"")
+        except Exception:
+            raise OhttpError("the encapsulated request does not decrypt") from None
+        _, _, nk, nn = _AEADS[aead_id]
+        return request, ResponseContext(ctx.export(RESPONSE_LABEL, max(nk, nn)), enc, aead_id)
+
+
+def encapsulate_request(config: KeyConfig, request: bytes, aead_id: int | None = None,
+                        ephemeral_private_key: bytes | None = None) -> tuple[bytes, ResponseContext]:
+    """The client's side: seal `request` to the gateway's configuration. Returns the encapsulated
+    request and the context that opens the answer. (A fixed ephemeral key is for test vectors.)"""
+    kdf_id = KDF_HKDF_SHA256
+    aead_id = aead_id or next((a for k, a in config.suites if k == kdf_id and a in _AEADS), None)
+    if aead_id is None or (kdf_id, aead_id) not in config.suites:
+        raise OhttpError("no cipher suite in common with the gateway")
+    suite = _suite(kdf_id, aead_id)
+    hdr = _header(config.key_id, kdf_id, aead_id)
+    eks = None
+    if ephemeral_private_key is not None:
+        public = X25519PrivateKey.from_private_bytes(ephemeral_private_key).public_key().public_bytes_raw()
+        eks = KEMKeyPair(suite.kem.deserialize_private_key(ephemeral_private_key),
+                         suite.kem.deserialize_public_key(public))
+    enc, ctx = suite.create_sender_context(suite.kem.deserialize_public_key(config.public_key),
+                                           info=REQUEST_LABEL + b"\x00" + hdr, eks=eks)
+    _, _, nk, nn = _AEADS[aead_id]
+    return hdr + enc + ctx.seal(request, aad=b""), ResponseContext(ctx.export(RESPONSE_LABEL, max(nk, nn)), enc, aead_id)
