@@ -179,7 +179,161 @@ def encapsulate_request(config: KeyConfig, request: bytes, aead_id: int | None =
         public = X25519PrivateKey.from_private_bytes(ephemeral_private_key).public_key().public_bytes_raw()
         eks = KEMKeyPair(suite.kem.deserialize_private_key(ephemeral_private_key),
                          suite.kem.deserialize_public_key(public))
-    enc, ctx = suite.create_sender_context(suite.kem.deserialize_public_key(config.public_key),
-                                           info=REQUEST_LABEL + b"\x00" + hdr, eks=eks)
+    try:
+        enc, ctx = suite.create_sender_context(suite.kem.deserialize_public_key(config.public_key),
+                                               info=REQUEST_LABEL + b"\x00" + hdr, eks=eks)
+    except ValueError:  # a low-order or malformed X25519 key
+        raise OhttpError("the gateway's public key is not usable") from None
     _, _, nk, nn = _AEADS[aead_id]
     return hdr + enc + ctx.seal(request, aad=b""), ResponseContext(ctx.export(RESPONSE_LABEL, max(nk, nn)), enc, aead_id)
+
+
+# ---- Chunked Oblivious HTTP (draft-ietf-ohai-chunked-ohttp, the working group draft's labels
+# "message/bhttp chunked request|response" and final-chunk AAD "final"): a request or response
+# travels as length-prefixed sealed chunks, the last one after a zero length, so a streamed answer
+# is readable chunk by chunk.
+
+CHUNKED_REQUEST_MEDIA_TYPE, CHUNKED_RESPONSE_MEDIA_TYPE = "message/ohttp-chunked-req", "message/ohttp-chunked-res"
+CHUNKED_REQUEST_LABEL, CHUNKED_RESPONSE_LABEL = b"message/bhttp chunked request", b"message/bhttp chunked response"
+_FINAL = b"final"
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    if pos >= len(data):
+        raise OhttpError("truncated chunk")
+    size = 1 << (data[pos] >> 6)
+    if pos + size > len(data):
+        raise OhttpError("truncated chunk")
+    return int.from_bytes(data[pos:pos + size], "big") & ((1 << (8 * size - 2)) - 1), pos + size
+
+
+def _encode_varint(v: int) -> bytes:
+    from llmserve.privacy.bhttp import encode_varint
+
+    return encode_varint(v)
+
+
+class ChunkedResponseSealer:
+    """The gateway's side of a chunked response: the nonce first, then chunk after chunk."""
+
+    def __init__(self, secret: bytes, enc: bytes, aead_id: int, nonce: bytes | None = None) -> None:
+        _, aead_cls, nk, nn = _AEADS[aead_id]
+        self.nonce = nonce if nonce is not None else os.urandom(max(nk, nn))
+        key, self._base = _response_keys(secret, enc, self.nonce, aead_id)
+        self._aead, self._nn, self._counter = aead_cls(key), nn, 0
+
+    def _seal(self, chunk: bytes, aad: bytes) -> bytes:
+        nonce = bytes(a ^ b for a, b in zip(self._base, self._counter.to_bytes(self._nn, "big")))
+        self._counter += 1
+        return self._aead.encrypt(nonce, chunk, aad)
+
+    def chunk(self, data: bytes) -> bytes:
+        sealed = self._seal(data, b"")
+        return _encode_varint(len(sealed)) + sealed
+
+    def final(self, data: bytes = b"") -> bytes:
+        return b"\x00" + self._seal(data, _FINAL)
+
+
+class ChunkedResponseOpener:
+    """The client's side: feed bytes as they arrive, get each chunk's plaintext as soon as it is whole."""
+
+    def __init__(self, secret: bytes, enc: bytes, aead_id: int) -> None:
+        self._secret, self._enc, self._aead_id = secret, enc, aead_id
+        _, self._aead_cls, nk, self._nn = _AEADS[aead_id]
+        self._nonce_len = max(nk, self._nn)
+        self._buf, self._aead, self._base, self._counter, self.done = b"", None, b"", 0, False
+
+    def _open(self, sealed: bytes, aad: bytes) -> bytes:
+        nonce = bytes(a ^ b for a, b in zip(self._base, self._counter.to_bytes(self._nn, "big")))
+        self._counter += 1
+        try:
+            return self._aead.decrypt(nonce, sealed, aad)
+        except Exception:
+            raise OhttpError("a response chunk does not decrypt") from None
+
+    def feed(self, data: bytes, end: bool = False) -> list[bytes]:
+        """Plaintext chunks now complete; `end` says the stream ended (the final chunk is its rest)."""
+        self._buf += data
+        out = []
+        if self._aead is None:
+            if len(self._buf) < self._nonce_len:
+                return out
+            key, self._base = _response_keys(self._secret, self._enc, self._buf[:self._nonce_len], self._aead_id)
+            self._aead, self._buf = self._aead_cls(key), self._buf[self._nonce_len:]
+        while self._buf and not self.done:
+            try:
+                length, pos = _varint(self._buf, 0)
+            except OhttpError:
+                break  # the length itself is not all here yet
+            if length == 0:
+                if not end:
+                    break  # the final chunk runs to the end of the stream
+                out.append(self._open(self._buf[pos:], _FINAL))
+                self._buf, self.done = b"", True
+                break
+            if pos + length > len(self._buf):
+                break
+            out.append(self._open(self._buf[pos:pos + length], b""))
+            self._buf = self._buf[pos + length:]
+        if end and not self.done:
+            raise OhttpError("the response ended without its final chunk")
+        return out
+
+
+def encapsulate_chunked_request(config: KeyConfig, chunks: list[bytes], aead_id: int | None = None,
+                                ) -> tuple[bytes, ChunkedResponseOpener]:
+    """The client's side of a chunked request (all chunks at once here: requests are small)."""
+    kdf_id = KDF_HKDF_SHA256
+    aead_id = aead_id or next((a for k, a in config.suites if k == kdf_id and a in _AEADS), None)
+    if aead_id is None or (kdf_id, aead_id) not in config.suites:
+        raise OhttpError("no cipher suite in common with the gateway")
+    suite = _suite(kdf_id, aead_id)
+    hdr = _header(config.key_id, kdf_id, aead_id)
+    try:
+        enc, ctx = suite.create_sender_context(suite.kem.deserialize_public_key(config.public_key),
+                                               info=CHUNKED_REQUEST_LABEL + b"\x00" + hdr)
+    except ValueError:
+        raise OhttpError("the gateway's public key is not usable") from None
+    body = b""
+    for chunk in chunks[:-1]:
+        sealed = ctx.seal(chunk, aad=b"")
+        body += _encode_varint(len(sealed)) + sealed
+    body += b"\x00" + ctx.seal(chunks[-1] if chunks else b"", aad=_FINAL)
+    _, _, nk, nn = _AEADS[aead_id]
+    return hdr + enc + body, ChunkedResponseOpener(ctx.export(CHUNKED_RESPONSE_LABEL, max(nk, nn)), enc, aead_id)
+
+
+def decapsulate_chunked_request(gateway: Gateway, data: bytes) -> tuple[bytes, ChunkedResponseSealer]:
+    """The gateway's side: a whole chunked request in, its plaintext and the response sealer out."""
+    if len(data) < 7 + _NENC + 1:
+        raise OhttpError("truncated encapsulated request")
+    key_id, kem_id, kdf_id, aead_id = struct.unpack(">BHHH", data[:7])
+    key = gateway.keys.get(key_id)
+    if key is None:
+        raise OhttpError("unknown key id")
+    if kem_id != KEM_X25519 or (kdf_id, aead_id) not in key.config.suites:
+        raise OhttpError("unsupported cipher suite")
+    suite = _suite(kdf_id, aead_id)
+    enc, pos = data[7:7 + _NENC], 7 + _NENC
+    try:
+        ctx = suite.create_recipient_context(enc, key._private, info=CHUNKED_REQUEST_LABEL + b"\x00" + data[:7])
+    except Exception:
+        raise OhttpError("the encapsulated request does not decrypt") from None
+    plain = b""
+    while True:
+        length, pos = _varint(data, pos)
+        try:
+            if length == 0:
+                plain += ctx.open(data[pos:], aad=_FINAL)
+                break
+            if pos + length > len(data):
+                raise OhttpError("truncated chunk")
+            plain += ctx.open(data[pos:pos + length], aad=b"")
+        except OhttpError:
+            raise
+        except Exception:
+            raise OhttpError("the encapsulated request does not decrypt") from None
+        pos += length
+    _, _, nk, nn = _AEADS[aead_id]
+    return plain, ChunkedResponseSealer(ctx.export(CHUNKED_RESPONSE_LABEL, max(nk, nn)), enc, aead_id)
