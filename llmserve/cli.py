@@ -37,6 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wipe-kv-on-free", action="store_true")
     p.add_argument("--ttft-slo", type=float, default=None, help="seconds; default TTFT deadline for --scheduling-policy deadline")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative-config", default=None,
+                   help='speculative decoding, as JSON (vLLM\'s shape): {"method": "ngram" | "self_quantized" | '
+                        '"self_early_exit" | "draft_model", "num_speculative_tokens": 4, ...}; off by default')
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -48,7 +51,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
-        wipe_kv_on_free=args.wipe_kv_on_free, ttft_slo=args.ttft_slo, seed=args.seed)
+        wipe_kv_on_free=args.wipe_kv_on_free, ttft_slo=args.ttft_slo, seed=args.seed,
+        speculative_config=getattr(args, "speculative_config", None))
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

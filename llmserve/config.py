@@ -43,9 +43,19 @@ class EngineConfig:
     ttft_slo: float | None = None  # seconds; under the "deadline" policy, a request's default TTFT deadline
     max_waiting_requests: int | None = None  # admission bound used by the server (429 beyond it)
     seed: int = 0
+    # Private mode (privacy/threats.py decides what it changes; privacy/hardening.py hardens the
+    # process). Set through privacy.threats.private_config, which also puts every gated
+    # optimization in its safe form.
+    private: bool = False
+    # Speculative decoding (vLLM's shape): a dict or JSON string, e.g. {"method": "ngram",
+    # "num_speculative_tokens": 4}; validated into a spec.config.SpeculativeConfig. None: off.
+    speculative_config: object = None
 
     def __post_init__(self) -> None:
         from llmserve.errors import InvalidRequestError
+        from llmserve.spec.config import SpeculativeConfig
+
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
 
         if self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be one of {DTYPES}")

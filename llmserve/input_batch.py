@@ -48,6 +48,14 @@ class InputBatch:
         self.num_blocks[row] = nb  # a table only grows at its end or is cut back (rejected drafts)
         return row
 
+    def write_drafts(self, row: int, drafts: list[int]) -> None:
+        """Put draft tokens after the row's known tokens (num_tokens is unchanged: the next sync
+        overwrites them with what was accepted). The verify run reads them from here, and the
+        sampler's penalty history of a draft position sees the drafts before it."""
+        n = int(self.num_tokens[row])
+        self._fit(width=n + len(drafts))
+        self.token_ids[row, n:n + len(drafts)] = drafts
+
     def _new_row(self, request_id: str, num_prompt_tokens: int) -> int:
         if not self._free_rows:
             self._grow_rows()

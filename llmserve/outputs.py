@@ -36,6 +36,9 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Speculative decoding, over the request's sequences: draft tokens verified, and accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, num_prompt_tokens={len(self.prompt_token_ids)}, "

@@ -23,6 +23,7 @@ from llmserve.sampling.logprobs import compute_logprobs, gather_logprobs
 from llmserve.outputs import PositionLogprobs
 from llmserve.sampling.metadata import SamplingMetadata, TokenHistory
 from llmserve.sampling.sampler import Sampler, SamplerOutput
+from llmserve.sampling.verify import num_accepted, rewind_generator, verify_rows
 
 
 @dataclass
@@ -32,10 +33,13 @@ class StepResult:
     sampler_output: SamplerOutput | None
     # request_id -> prompt logprobs of the prompt positions computed this step (ids, values, ranks)
     prompt_logprobs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # Speculative decoding: each sampling request scored 1 + its drafts positions (its rows in the
+    # sampler output, in order) and accepted this many drafts. None when no request had drafts.
+    accepted: list[int] | None = None
 
     def sampled_tokens(self) -> list[SampledTokens]:
-        """Each sampling request's new tokens (one per request until speculative decoding), with
-        logprob entries for the requests that asked for them."""
+        """Each sampling request's new tokens (the accepted drafts and then the target's own token),
+        with logprob entries for the requests that asked for them."""
         out = self.sampler_output
         if out is None:
             return []
@@ -44,12 +48,15 @@ class StepResult:
         lp_vals = out.logprobs.tolist() if out.logprobs is not None else None
         ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
         result = []
+        row = 0
         for i, s in enumerate(self.sampled):
+            emitted = 1 + (self.accepted[i] if self.accepted is not None else 0)
             k = s.request.params.logprobs
             entries = None
             if k is not None and lp_ids is not None:
-                entries = [position_logprobs(lp_ids[i], lp_vals[i], ranks[i], k)]
-            result.append(SampledTokens(s.request, [token_ids[i]], entries))
+                entries = [position_logprobs(lp_ids[r], lp_vals[r], ranks[r], k) for r in range(row, row + emitted)]
+            result.append(SampledTokens(s.request, token_ids[row:row + emitted], entries, s.num_draft))
+            row += 1 + s.num_draft
         return result
 
 
@@ -130,6 +137,9 @@ class ModelRunner:
         b = self.batch
         rows = np.fromiter((b.sync(s.request.request_id, s.request.token_ids, s.request.num_prompt_tokens,
                                    block_tables[s.request.request_id]) for s in items), dtype=np.int64, count=len(items))
+        for row, s in zip(rows.tolist(), items):
+            if s.num_draft:
+                b.write_drafts(row, s.draft_token_ids)
         starts = np.fromiter((s.start for s in items), dtype=np.int64, count=len(items))
         counts = np.fromiter((s.num_new_tokens for s in items), dtype=np.int64, count=len(items))
         ids, positions, slots = b.gather(rows, starts, counts)
@@ -144,20 +154,18 @@ class ModelRunner:
         hidden = self.model(self._to_device("ids", ids), self._to_device("pos", positions), self.backend)
 
         sampled = [s for s in items if s.samples]
-        sample_at = [int(qsl[i + 1]) - 1 for i, s in enumerate(items) if s.samples]
+        sample_idx = [i for i, s in enumerate(items) if s.samples]
+        # Each sampling request's last 1 + k positions (k drafts verified; k = 0 for most).
+        widths = np.fromiter((1 + s.num_draft for s in sampled), dtype=np.int64, count=len(sampled))
+        within = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
+        sample_at = (np.repeat(qsl[1:][sample_idx] - widths, widths) + within).tolist() if sampled else []
         scored = self._prompt_positions(items, qsl)
         at = sample_at + [p for _, first, n in scored for p in range(first, first + n)]
         logits = self.model.compute_logits(hidden[self._to_device("logits_at", np.asarray(at, dtype=np.int64))]) \
             if at else None
-        out = None
+        out, accepted = None, None
         if sampled:
-            sample_rows = rows[[i for i, s in enumerate(items) if s.samples]]
-
-            def history() -> TokenHistory:
-                return TokenHistory(b.token_ids[sample_rows], b.prompt_lens[sample_rows], b.num_tokens[sample_rows])
-
-            meta = SamplingMetadata.from_rows([s.request for s in sampled], logits.shape[-1], self.device, history)
-            out = self.sampler(logits[:len(sampled)], meta)
+            out, accepted = self._sample(sampled, rows[sample_idx], widths, within, logits[:len(sample_at)])
         prompt_lp = {}
         offset = len(sample_at)
         for s, _, n in scored:
@@ -166,7 +174,39 @@ class ModelRunner:
             prompt_lp[req.request_id] = gather_logprobs(compute_logprobs(logits[offset:offset + n]), targets,
                                                         req.params.prompt_logprobs)
             offset += n
-        return StepResult(sampled, out, prompt_lp)
+        return StepResult(sampled, out, prompt_lp, accepted)
+
+    def _sample(self, sampled: list[ScheduledRequest], sample_rows: np.ndarray, widths: np.ndarray,
+                within: np.ndarray, logits: torch.Tensor) -> tuple[SamplerOutput, list[int] | None]:
+        """Sample every scored position in one sampler call; with drafts, verify them
+        (sampling/verify.py) and return how many each request accepted."""
+        b = self.batch
+        speculative = any(s.num_draft for s in sampled)
+        if speculative:
+            rows = [r for s in sampled for r in verify_rows(s.request, s.draft_token_ids)]
+            hist_rows = np.repeat(sample_rows, widths)
+            # A seeded request's generator is rewound after verification to one uniform per emitted token.
+            states = {i: s.request.generator.get_state() for i, s in enumerate(sampled)
+                      if s.num_draft and s.request.generator is not None and not s.request.params.greedy}
+        else:
+            rows, hist_rows, states = [s.request for s in sampled], sample_rows, {}
+
+        def history() -> TokenHistory:
+            return TokenHistory(b.token_ids[hist_rows], b.prompt_lens[hist_rows], b.num_tokens[hist_rows] + within)
+
+        meta = SamplingMetadata.from_rows(rows, logits.shape[-1], self.device, history)
+        out = self.sampler(logits, meta)
+        if not speculative:
+            return out, None
+        targets = out.token_ids.tolist()
+        accepted, row = [], 0
+        for i, s in enumerate(sampled):
+            a = num_accepted(targets[row:row + s.num_draft], s.draft_token_ids)
+            accepted.append(a)
+            if i in states:
+                rewind_generator(s.request.generator, states[i], a + 1, self.device)
+            row += 1 + s.num_draft
+        return out, accepted
 
     @staticmethod
     def _prompt_positions(items: list[ScheduledRequest], qsl: np.ndarray) -> list[tuple[ScheduledRequest, int, int]]:

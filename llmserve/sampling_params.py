@@ -4,8 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from llmserve.errors import InvalidRequestError
+from llmserve.structured.params import StructuredOutputsParams
 
 MAX_STOP_STRINGS = 16
+# Stop strings are searched for in the text's tail as long as the longest one, and text that could
+# begin one is held back: their length bounds the work per token, so it is bounded too.
+MAX_STOP_CHARS = 4096  # all stop strings of a request together
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_LOGPROBS = 20
 MAX_N = 16
 # torch.Generator.manual_seed takes any integer that fits a uint64 or an int64 (a negative seed is
@@ -39,8 +44,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # top-N logprobs per generated token (the sampled one is always given)
     prompt_logprobs: int | None = None
+    # token id -> a bias in [-100, 100] added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: dict[int, float] | None = None
+    # The output must match a JSON schema, regex, choice or grammar (see llmserve.structured).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.logit_bias is not None:  # keys arrive as strings from JSON (and from to_state round trips)
+            self.logit_bias = {_token_key(k): v for k, v in self.logit_bias.items()} if isinstance(
+                self.logit_bias, dict) else self.logit_bias
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -83,6 +96,18 @@ class SamplingParams:
             bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
+        if sum(len(s) for s in self.stop) > MAX_STOP_CHARS:
+            bad(f"stop strings must total at most {MAX_STOP_CHARS} characters")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                bad(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to biases")
+            for t, b in self.logit_bias.items():
+                if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                    bad("logit_bias keys must be non-negative token ids")
+                if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100.0 <= b <= 100.0:
+                    bad("logit_bias values must be numbers in [-100, 100]")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
         for name in ("logprobs", "prompt_logprobs"):
@@ -97,9 +122,19 @@ class SamplingParams:
 
     def __repr__(self) -> str:
         # Stop strings and stop token ids are the client's words and ids: counted, never shown.
-        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("stop", "stop_token_ids")}
+        # So are logit_bias's ids; structured_outputs shows its kind and size only.
+        hidden = ("stop", "stop_token_ids", "logit_bias")
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        bias = None if self.logit_bias is None else f"<{len(self.logit_bias)} ids>"
         return (f"SamplingParams({args}, stop=<{len(self.stop)} strings>, "
-                f"stop_token_ids=<{len(self.stop_token_ids)} ids>)")
+                f"stop_token_ids=<{len(self.stop_token_ids)} ids>, logit_bias={bias})")
 
     __str__ = __repr__
+
+
+def _token_key(key: object) -> object:
+    """A logit_bias key: an int, or a string of digits (JSON object keys are strings)."""
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    return key

@@ -25,7 +25,8 @@ IDS = [31337, 42424, 27182]
 
 # Every dataclass in these modules, and why its repr is safe: a new one must be added here after review.
 CONTENT_FREE = {"APIError": "messages name fields and sizes only", "FinishedRequest": "counts and timings",
-                "EngineStats": "counts", "EngineHealth": "states and an exception type", "_Abort": "an id"}
+                "EngineStats": "counts", "EngineHealth": "states and an exception type", "_Abort": "an id",
+                "Operation": "an OpenAPI route's summary, model classes and statuses"}
 REDACTED = {"_Add", "Prompt", "Delta", "ServerSettings"}
 
 

@@ -18,7 +18,8 @@ def _add_workload_args(p: argparse.ArgumentParser, num_prompts: int) -> None:
     g.add_argument("--workload", choices=WORKLOADS, default="random",
                    help="random: fixed (or --range-ratio) lengths; chat/code/summarization: log-normal trace "
                         "shapes; shared-prefix: --num-prefixes prefixes of --prefix-len tokens plus "
-                        "--input-len tokens each; file: --workload-file")
+                        "--input-len tokens each; copy: a passage of --input-len tokens the answer repeats "
+                        "(speculative decoding's case); file: --workload-file")
     g.add_argument("--workload-file", default=None,
                    help="JSONL: {\"prompt\": str} or {\"prompt_token_ids\": [int]}, and {\"output_len\": int}")
     g.add_argument("--num-prompts", type=int, default=None,
@@ -72,7 +73,7 @@ def _workload_config(args) -> dict:
     cfg = {"workload": name, "seed": args.workload_seed, "ignore_eos": _ignore_eos(args)}
     if name == "file":
         cfg["workload_file"] = str(args.workload_file)
-    elif name in ("random", "shared-prefix"):
+    elif name in ("random", "shared-prefix", "copy"):
         cfg.update(input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio)
         if name == "shared-prefix":
             cfg.update(prefix_len=args.prefix_len, num_prefixes=args.num_prefixes)

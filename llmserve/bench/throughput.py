@@ -19,9 +19,11 @@ def measure_throughput(llm, reqs: Sequence[BenchRequest], *, ignore_eos: bool, t
     prompts = [r.prompt for r in reqs]
     params = [SamplingParams(temperature=temperature, max_tokens=r.output_len, ignore_eos=ignore_eos,
                              seed=None if temperature == 0 else seed + i) for i, r in enumerate(reqs)]
+    before = llm.engine.stats()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=progress)
     elapsed = time.perf_counter() - start
+    spec = spec_decode_stats(before, llm.engine.stats())
     total_in = sum(len(o.prompt_token_ids) for o in outs)
     total_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in outs)
@@ -36,11 +38,29 @@ def measure_throughput(llm, reqs: Sequence[BenchRequest], *, ignore_eos: bool, t
         "requests_per_second": len(outs) / elapsed,
         "output_tokens_per_second": total_out / elapsed,
         "tokens_per_second": (total_in + total_out) / elapsed,
+        **spec,
     }
+
+
+def spec_decode_stats(before: dict, after: dict) -> dict:
+    """Speculative decoding over a run, from the engine's counters: verify runs, draft tokens,
+    accepted ones, the acceptance rate and the tokens each verify run yields (accepted + 1)."""
+    drafts, tokens, accepted = (after[k] - before.get(k, 0) for k in (
+        "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"))
+    if not drafts:
+        return {}
+    return {"spec_decode_num_drafts": drafts, "spec_decode_num_draft_tokens": tokens,
+            "spec_decode_num_accepted_tokens": accepted,
+            "spec_decode_acceptance_rate": accepted / tokens if tokens else 0.0,
+            "spec_decode_mean_tokens_per_verify": 1 + accepted / drafts}
 
 
 def format_throughput(r: dict) -> str:
     return (f"Throughput: {r['requests_per_second']:.3f} requests/s, "
             f"{r['tokens_per_second']:.2f} total tokens/s, {r['output_tokens_per_second']:.2f} output tokens/s\n"
             f"  {r['num_requests']} requests, {r['total_prompt_tokens']} prompt + {r['total_output_tokens']} output "
-            f"tokens in {r['elapsed_time']:.2f} s ({r['num_cached_prompt_tokens']} prompt tokens from the prefix cache)")
+            f"tokens in {r['elapsed_time']:.2f} s ({r['num_cached_prompt_tokens']} prompt tokens from the prefix cache)"
+            + (f"\n  speculative decoding: acceptance rate {r['spec_decode_acceptance_rate']:.1%} "
+               f"({r['spec_decode_num_accepted_tokens']} of {r['spec_decode_num_draft_tokens']} draft tokens), "
+               f"{r['spec_decode_mean_tokens_per_verify']:.2f} tokens per verify step"
+               if r.get("spec_decode_num_drafts") else ""))

@@ -6,6 +6,9 @@ generate. Lengths come from one of
   - `chat`, `code`, `summarization`: log-normal fits of ln(tokens) from public traces (DESIGN.md,
     "Reference points"), truncated to a maximum length;
   - `shared-prefix`: a few long shared prefixes, each request adding its own suffix;
+  - `copy`: copy-heavy, the shape speculative decoding (n-gram prompt lookup) is for: the prompt
+    holds a passage of input_len tokens and asks for it again word for word, so most of the answer
+    repeats the prompt (as "rewrite this with one change" or quoting summaries do);
   - `file`: a JSONL file, one request a line.
 
 Prompts are random: random token ids for an engine we drive directly, or random common English
@@ -28,7 +31,8 @@ SHAPES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "code": ((7.00, 1.36), (2.79, 0.85)),  # Azure LLM inference trace, code
     "summarization": ((7.72, 0.75), (5.19, 0.80)),  # arXiv summarization (skewed to the cap)
 }
-WORKLOADS = ("random", *SHAPES, "shared-prefix", "file")
+WORKLOADS = ("random", *SHAPES, "shared-prefix", "copy", "file")
+COPY_INSTRUCTION = "\n\nThe text above, repeated word for word:\n"
 
 # Common short English words; with a leading space each is one token in GPT-2-style BPE vocabularies.
 WORDS = (  # noqa: SIM905 - a word list reads better as text
@@ -97,7 +101,7 @@ def sample_lengths(workload: str, n: int, *, seed: int = 0, input_len: int = 256
         (pmu, psig), (omu, osig) = SHAPES[workload]
         ins = lognormal_lengths(rng, n, pmu, psig, max_input_len)
         outs = lognormal_lengths(rng, n, omu, osig, max_output_len)
-    elif workload in ("random", "shared-prefix"):
+    elif workload in ("random", "shared-prefix", "copy"):
         ins = uniform_lengths(rng, n, input_len, range_ratio)
         outs = uniform_lengths(rng, n, output_len, range_ratio)
     else:
@@ -139,6 +143,13 @@ class PromptFactory:
         if self.tokenizer is None:
             return len(text.split())
         return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def copy_prompt(self, n: int) -> tuple[str, int]:
+        """A passage of about n tokens, then the request to repeat it and its first words (so a
+        model starts the copy at once)."""
+        passage, _ = self.text(n)
+        text = passage + COPY_INSTRUCTION + " ".join(passage.split()[:3])
+        return text, self.count(text)
 
     def text(self, n: int) -> tuple[str, int]:
         """A text of about n tokens and its token count."""
@@ -184,8 +195,15 @@ def build_requests(workload: str, n: int, factory: PromptFactory, *, as_ids: boo
         if max_total_len is not None:
             plen = max(1, min(plen, max_total_len - 1 - pre))
             olen = max(1, min(olen, max_total_len - pre - plen))
-        if as_ids:
-            prompt: str | list[int] = factory.ids(plen)
+        if workload == "copy":
+            prompt, count = factory.copy_prompt(plen)
+            if as_ids:
+                if factory.tokenizer is None:
+                    raise ValueError("the copy workload as token ids needs a tokenizer")
+                prompt = factory.tokenizer.encode(prompt)
+                count = len(prompt)
+        elif as_ids:
+            prompt = factory.ids(plen)
             count = plen
             if prefixes:
                 prompt = prefixes[i % len(prefixes)] + prompt

@@ -21,6 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from llmserve.config import EngineConfig
@@ -28,6 +29,7 @@ from llmserve.engine.engine import LLMEngine
 from llmserve.errors import EngineDeadError, EngineStepError, LLMServeError
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
+from llmserve.structured import StructuredOutputsParams
 from llmserve.tokenizer import clone_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ class EngineStats:
     kv_usage: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # Speculative decoding (vLLM's spec_decode_num_*): verify runs, draft tokens, accepted ones.
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,8 @@ class AsyncLLMEngine:
         self._step_error: str | None = None  # the type of the last step failure, until a step succeeds
         self._step_failures = 0  # failed steps in a row
         self._client_tokenizer = None  # the callers' own copy; the loop thread uses the engine's
+        # Grammar compilation runs here, off the loop thread and off the event loop.
+        self._grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmserve-grammar")
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(build,), name="llmserve-engine", daemon=True)
@@ -251,6 +259,11 @@ class AsyncLLMEngine:
             raise
         return stream
 
+    async def compile_grammar(self, so: StructuredOutputsParams) -> None:
+        """Compile so's grammar on the grammar thread (cached by spec), so that admitting the request
+        on the loop thread finds it compiled. Raises GrammarError when it cannot be compiled."""
+        await asyncio.get_running_loop().run_in_executor(self._grammar_pool, self.engine.grammars.compile, so)
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
                        prompt: str | None = None, priority: int = 0, cache_salt: str | None = None,
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -282,6 +295,7 @@ class AsyncLLMEngine:
         try:
             self.engine = build()
             self._client_tokenizer = clone_tokenizer(self.engine.tokenizer)  # before any step uses it
+            self.engine.grammars.prepare()  # reads the tokenizer here, on its own thread
         except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
             self._build_error = e
             self._error = type(e).__name__
@@ -395,7 +409,9 @@ class AsyncLLMEngine:
     def _publish(self) -> None:
         s = self.engine.stats()
         self._stats = EngineStats(int(s["num_running"]), int(s["num_waiting"]), float(s["kv_usage"]),
-                                  int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]))
+                                  int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]),
+                                  int(s["spec_decode_num_drafts"]), int(s["spec_decode_num_draft_tokens"]),
+                                  int(s["spec_decode_num_accepted_tokens"]))
         self._heartbeat = time.monotonic()
 
     def _die(self, e: BaseException) -> None:
@@ -427,6 +443,7 @@ class AsyncLLMEngine:
             self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():  # stuck in a step: its streams stay its own
             logger.warning("engine loop did not stop within %.0f s", timeout)
             return

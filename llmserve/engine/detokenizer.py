@@ -85,8 +85,19 @@ class IncrementalDetokenizer:
         """Text safe to show now: all of it once finished, otherwise without a possible stop prefix."""
         if finished or self._hold == 0:
             return self.text
-        for k in range(min(self._hold, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return self.text[:-k]
-        return self.text
+        held = self._held_back()
+        return self.text[:len(self.text) - held] if held else self.text
+
+    def _held_back(self) -> int:
+        """Length of the longest end of the text (at most the longest stop string - 1 characters)
+        that starts a stop string. Only positions where a stop string's first character occurs are
+        tried, longest first, so the usual cost is one find per stop string."""
+        text, n, best = self.text, len(self.text), 0
+        for s in self.stop:
+            i = text.find(s[0], max(0, n - min(len(s), self._hold)))
+            while i != -1 and n - i > best:
+                if s.startswith(text[i:]):
+                    best = n - i
+                    break
+                i = text.find(s[0], i + 1)
+        return best

@@ -17,6 +17,7 @@ from llmserve.errors import InvalidRequestError, PromptTooLongError
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from llmserve.runner import StepResult, position_logprobs
 from llmserve.sampling_params import SamplingParams
+from llmserve.structured.compiler import GrammarCompiler, GrammarState
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ class LLMEngine:
         self.device = p.device
         self.thread_governor = p.thread_governor
         self.last_step_error: str | None = None  # exception type of the last failed step, until one succeeds
+        # Structured outputs: compiled grammars cached by spec; the tokenizer's JSON is read lazily.
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        # Speculative decoding: drafts proposed after each update, verified in the next step.
+        self.proposer = p.proposer
+        if self.proposer is not None:
+            self.proposer.bind(self.kv)
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
@@ -67,6 +74,14 @@ class LLMEngine:
         ids = self._validate_prompt(prompt_token_ids)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if params.min_tokens > room:
+            raise PromptTooLongError(f"min_tokens is {params.min_tokens} but the prompt leaves room for {room} "
+                                     f"tokens in the model's context of {self.max_model_len}")
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        # Compiled here only when not compiled before (the server compiles off the loop thread first).
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         now = time.monotonic() if arrival_time is None else arrival_time
         group = RequestGroup(request_id, prompt, ids, [], now,
                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
@@ -76,7 +91,8 @@ class LLMEngine:
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, ids, params, max_tokens, self.eos_token_ids, priority, cache_salt, deadline, now,
                           max_model_len=self.max_model_len,
-                          logprobs=[] if params.logprobs is not None else None)
+                          logprobs=[] if params.logprobs is not None else None,
+                          grammar=GrammarState(grammar.deep_copy()) if grammar is not None else None)
             if params.seed is not None and not params.greedy:
                 req.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             req.detok = IncrementalDetokenizer(self.tokenizer, ids[-PROMPT_TAIL:], params.stop,
@@ -116,7 +132,7 @@ class LLMEngine:
             group = self._remove(rid, RequestStatus.FINISHED_ABORTED)
             if group is not None:
                 self._aborted.append(self._make_output(group))
-        self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
+        self._wipe()
 
     def _remove(self, request_id: str, status: RequestStatus) -> RequestGroup | None:
         group = self.groups.pop(request_id, None)
@@ -127,6 +143,13 @@ class LLMEngine:
                 self.scheduler.finish(req, status)
             self._group_of.pop(req.request_id, None)
         return group
+
+    def _wipe(self) -> None:
+        """Zero freed blocks (under wipe_kv_on_free) in the target's KV and in a draft model's own."""
+        block_ids = self.kv.take_blocks_to_wipe()
+        self.runner.wipe_blocks(block_ids)
+        if self.proposer is not None and block_ids:
+            self.proposer.wipe_blocks(block_ids)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -148,7 +171,7 @@ class LLMEngine:
             state["kv"].append(self.runner.export_blocks(self.kv.block_ids(req.request_id), req.num_computed_tokens)
                                if with_kv and running else None)
         self._remove(request_id, RequestStatus.FINISHED_ABORTED)
-        self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
+        self._wipe()
         return state
 
     def import_request(self, state: dict) -> None:
@@ -158,9 +181,13 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {state['request_id']!r} is already in use")
         group = RequestGroup(state["request_id"], state["prompt"], list(state["prompt_token_ids"]), [],
                              time.monotonic() - state["arrival_age"], prompt_logprobs=state["prompt_logprobs"])
-        for seq_state, kv in zip(state["seqs"], state["kv"]):
-            req = Request.from_state(seq_state, self.tokenizer, self.device)
+        seqs = [Request.from_state(seq_state, self.tokenizer, self.device) for seq_state in state["seqs"]]
+        for req in seqs:  # before any block is allocated, so a refusal leaves nothing behind
             req.max_model_len = self.max_model_len
+            if req.params.structured_outputs is not None and not req.status.finished:
+                # The matcher is not carried: a fresh one replays the tokens produced so far.
+                req.grammar = self.grammars.state(req.params.structured_outputs, replay=req.output_token_ids)
+        for req, kv in zip(seqs, state["kv"]):
             if not req.status.finished:
                 req.status, computed, req.num_computed_tokens = RequestStatus.WAITING, req.num_computed_tokens, 0
                 if kv is not None and self.kv.allocate(req, computed):
@@ -178,9 +205,11 @@ class LLMEngine:
             self.thread_governor.tick()
         sched = self.scheduler.schedule()
         self.runner.remove_requests(sched.left_ids)
+        if self.proposer is not None:
+            self.proposer.forget(sched.left_ids)
         # Blocks freed by preemption may already be handed to another request: wipe them before
         # this step's forward pass writes into them, not after.
-        self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
+        self._wipe()
         if sched.empty:
             return outputs
         start = time.perf_counter()
@@ -193,12 +222,23 @@ class LLMEngine:
         changed = {self._group_of[r.request_id].request_id: self._group_of[r.request_id]
                    for r in self.scheduler.update(sched, result.sampled_tokens())}
         changed.update(self._record_prompt_logprobs(result, {s.request.request_id: s.start for s in sched.scheduled}))
-        self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
+        self._wipe()
+        if self.proposer is not None:
+            self._propose()
         for group in changed.values():
             outputs.append(self._make_output(group))
             if group.finished:
                 self._retire(group)
         return outputs
+
+    def _propose(self) -> None:
+        """Draft the next step's tokens. A proposer that fails costs only its drafts, never a request."""
+        try:
+            self.proposer.propose_for(self.scheduler.running)
+        except Exception as e:  # noqa: BLE001 - drafts are an optimization; verification keeps outputs exact
+            logger.warning("draft proposal failed with %s; this step verifies no drafts", type(e).__name__)
+            for req in self.scheduler.running:
+                req.draft_token_ids = []
 
     def _fail_step(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         """End the requests of a failed step with finish_reason "error" and free their blocks; the
@@ -212,7 +252,7 @@ class LLMEngine:
             group = self._remove(rid, RequestStatus.FINISHED_ERROR)
             if group is not None:
                 outputs.append(self._make_output(group))
-        self.runner.wipe_blocks(self.kv.take_blocks_to_wipe())
+        self._wipe()
         return outputs
 
     def _record_prompt_logprobs(self, result: StepResult, starts: dict[str, int]) -> dict[str, RequestGroup]:
@@ -260,7 +300,9 @@ class LLMEngine:
             metrics["finished_time"] = max(s.finished_time or 0.0 for s in group.seqs)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions, finished,
                              prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
-                             num_cached_tokens=first.num_cached_tokens, metrics=metrics)
+                             num_cached_tokens=first.num_cached_tokens, metrics=metrics,
+                             num_draft_tokens=sum(s.num_draft_tokens for s in group.seqs),
+                             num_accepted_tokens=sum(s.num_accepted_tokens for s in group.seqs))
 
     # ---- introspection ------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -271,4 +313,8 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_queries,
             "prefix_cache_hits": self.kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            # Speculative decoding (zero without it): verify runs, draft tokens, accepted ones.
+            "spec_decode_num_drafts": self.scheduler.num_spec_drafts,
+            "spec_decode_num_draft_tokens": self.scheduler.num_spec_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.scheduler.num_spec_accepted_tokens,
         }

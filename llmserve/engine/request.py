@@ -2,7 +2,10 @@
 
 Its token ids and text never appear in its repr. `to_state()` gives plain picklable data (no
 tensors, no tokenizer), `from_state()` rebuilds the request in another engine, where it continues
-with exactly the tokens it would have produced (its seeded generator travels with it).
+with exactly the tokens it would have produced (its seeded generator travels with it). A
+structured-output request's grammar matcher is not carried: its spec travels in the params, and
+the importing engine compiles it and replays the output tokens through a fresh matcher
+(`LLMEngine.import_request`), which puts it in exactly the state it had.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.outputs import PositionLogprobs
 from llmserve.sampling_params import SamplingParams
+from llmserve.structured.compiler import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -64,9 +68,17 @@ class Request:
     # What the engine tracks beside the ids; the update point (Scheduler.update) advances them.
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None  # seeded requests only; its state carries over steps
+    grammar: GrammarState | None = None  # structured outputs only; advanced with every accepted token
     logprobs: list[PositionLogprobs] | None = None  # per output token, when params.logprobs is set
     cumulative_logprob: float = 0.0
     max_model_len: int | None = None  # the engine's context limit (a length stop)
+    # Speculative decoding: tokens a proposer drafted for the next step (verified there, never
+    # part of token_ids until accepted), the counts so far, and an estimate of the chance that a
+    # draft token is accepted (the proposer sizes the next draft from it).
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    spec_acceptance: float = 0.7
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -100,7 +112,8 @@ class Request:
         """The whole request as plain data (picklable; ids are data here, never logged)."""
         now = time.monotonic()
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name not in ("detok", "generator", "params", "token_ids", "status") + _TIMES}
+                 if f.name not in ("detok", "generator", "grammar", "params", "token_ids", "status", "draft_token_ids")
+                 + _TIMES}
         state["output_token_ids"] = list(self.output_token_ids)
         state["prompt_token_ids"] = list(self.prompt_token_ids)
         state["logprobs"] = [dict(p) for p in self.logprobs] if self.logprobs is not None else None

@@ -23,22 +23,31 @@ from llmserve.outputs import PositionLogprobs
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # known tokens and draft tokens alike: a verify run is 1 + k tokens
     start: int  # num_computed_tokens when scheduled: the position of the first new token
+    # Draft tokens verified this step: the last num_draft of the new tokens (speculative decoding).
+    draft_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_draft(self) -> int:
+        return len(self.draft_token_ids)
 
     @property
     def samples(self) -> bool:
-        """True when this chunk reaches the request's last known token, so a new one is sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        """True when this chunk reaches the request's last known token, so a new one is sampled
+        (with drafts: 1 + k positions are scored and the accepted run comes back)."""
+        return self.start + self.num_new_tokens - self.num_draft == self.request.num_tokens
 
 
 @dataclass
 class SampledTokens:
     """What one request accepted this step: its new tokens in order (0..k+1 of them), with their
-    logprob entries when the request asked for logprobs."""
+    logprob entries when the request asked for logprobs. With k draft tokens verified, the first
+    len(token_ids) - 1 are accepted drafts and the last is the target's own next token."""
     request: Request
     token_ids: list[int]
     logprobs: list[PositionLogprobs] | None = None
+    num_draft: int = 0  # draft tokens verified this step (0 without speculation)
 
 
 @dataclass
@@ -68,6 +77,11 @@ class Scheduler:
         self.running: list[Request] = []
         self.prefill_seconds_per_token = 1e-3  # refined by observe_step
         self.num_preemptions = 0
+        # Speculative decoding counters (vLLM's spec_decode_num_*): verify runs, tokens drafted
+        # into them, tokens of those accepted.
+        self.num_spec_drafts = 0
+        self.num_spec_draft_tokens = 0
+        self.num_spec_accepted_tokens = 0
         self._left: list[str] = []
 
     # ---- queue management -------------------------------------------------------------
@@ -139,6 +153,11 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            drafts = self._drafts(req, n, budget)
+            req.draft_token_ids = []  # consumed: the next step's drafts are proposed after this one
+            if drafts and not self.kv.allocate(req, n + len(drafts)):
+                drafts = []  # memory is short: verify nothing rather than preempt anyone
+            n += len(drafts)
             while not self.kv.allocate(req, n):
                 # Out of blocks: preempt the least deserving running request, even one already
                 # given tokens this step (its tokens go back to the budget).
@@ -152,7 +171,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                sched = ScheduledRequest(req, n, req.num_computed_tokens)
+                sched = ScheduledRequest(req, n, req.num_computed_tokens, drafts)
                 chosen[id(req)] = sched
                 out.scheduled.append(sched)
                 budget -= n
@@ -186,7 +205,19 @@ class Scheduler:
         out.left_ids, self._left = self._left, []
         return out
 
+    @staticmethod
+    def _drafts(req: Request, n: int, budget: int) -> list[int]:
+        """The draft tokens req verifies this step: only a decode (one known token behind) has
+        any, as many as the budget leaves room for after its own token."""
+        if not req.draft_token_ids or n != 1 or req.num_tokens - req.num_computed_tokens != 1:
+            return []
+        room = budget - 1
+        if req.max_model_len is not None:  # a draft's position must stay inside the context
+            room = min(room, req.max_model_len - req.num_tokens)
+        return req.draft_token_ids[:max(room, 0)]
+
     def _preempt(self, req: Request) -> None:
+        req.draft_token_ids = []
         self._left.append(req.request_id)
         self.running.remove(req)
         self.kv.free(req)
@@ -204,7 +235,8 @@ class Scheduler:
         requests that gained tokens."""
         for s in out.scheduled:
             req = s.request
-            req.num_computed_tokens = s.start + s.num_new_tokens
+            # Draft positions count as computed only once accepted (below).
+            req.num_computed_tokens = s.start + s.num_new_tokens - s.num_draft
             self.kv.commit(req, min(req.num_computed_tokens, req.num_tokens))
         self.kv.end_step()
         now = time.monotonic()
@@ -217,10 +249,30 @@ class Scheduler:
                 self._append(req, token, new.logprobs[i] if new.logprobs is not None else None)
                 if req.status.finished:
                     break
+            if new.num_draft:
+                self._settle_drafts(req, new.num_draft, len(new.token_ids) - 1)
             if req.first_token_time is None:
                 req.first_token_time = now
             changed.append(req)
         return changed
+
+    def _settle_drafts(self, req: Request, num_draft: int, num_accepted: int) -> None:
+        """After a verify run: count it, and (unless the request finished) make the accepted drafts'
+        KV computed and published, and roll the rejected drafts' blocks back, unpublished."""
+        self.num_spec_drafts += 1
+        self.num_spec_draft_tokens += num_draft
+        self.num_spec_accepted_tokens += num_accepted
+        req.num_draft_tokens += num_draft
+        req.num_accepted_tokens += num_accepted
+        # Acceptance per draft token, as a geometric run estimates it (a run that stopped at a
+        # rejection counts that one trial), smoothed over the recent verify runs.
+        trials = num_accepted + (1 if num_accepted < num_draft else 0)
+        req.spec_acceptance += 0.3 * (num_accepted / trials - req.spec_acceptance)
+        if req.status.finished:
+            return
+        req.num_computed_tokens += num_accepted
+        self.kv.commit(req, min(req.num_computed_tokens, req.num_tokens))
+        self.kv.truncate(req, req.num_tokens)
 
     def _append(self, req: Request, token: int, logprobs: PositionLogprobs | None) -> None:
         req.append_token(token)
@@ -230,6 +282,9 @@ class Scheduler:
         # Stop conditions count only from min_tokens on. A stop token's text is left out of the
         # output (as a stop string's is) unless include_stop_str_in_output.
         p = req.params
+        # Structured outputs: the grammar sees every accepted token. One that completes it (no
+        # token but EOS could follow) ends the sequence here, as a stop, as vLLM's does.
+        grammar_done = req.grammar is not None and req.grammar.advance(token)
         may_stop = req.num_output_tokens >= p.min_tokens
         stop_token = may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids))
         hit_stop_string = False
@@ -239,6 +294,8 @@ class Scheduler:
             # As in vLLM: the stop string or stop token id that ended it; None for EOS.
             req.stop_reason = req.detok.stop_string if hit_stop_string else (
                 token if token in p.stop_token_ids else None)
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif grammar_done:
             self.finish(req, RequestStatus.FINISHED_STOPPED)
         elif req.num_output_tokens >= req.max_tokens or (
                 req.max_model_len is not None and req.num_tokens >= req.max_model_len):

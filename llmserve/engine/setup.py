@@ -42,6 +42,7 @@ class EngineParts:
     model_name: str
     model_folder: Path
     thread_governor: ThreadGovernor | None = None
+    proposer: object = None  # spec.proposer.Proposer when speculative decoding is on
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -140,8 +141,17 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                 str(kv_dtype).removeprefix("torch."), device)
     name = Path(config.model).name if config.model else _default_name()
+    proposer = None
+    if config.speculative_config is not None:
+        from llmserve.spec.build import TargetParts, build_proposer
+
+        proposer = build_proposer(config.speculative_config, TargetParts(
+            folder, model, runner, dtype, device, kernels, onednn, ops, max_model_len, num_blocks,
+            config.block_size, kv_dtype, backend, arch.vocab_size))
+        logger.info("speculative decoding: %s, up to %d draft tokens", config.speculative_config.method,
+                    config.speculative_config.num_speculative_tokens)
     return EngineParts(tokenizer, arch, runner, max_model_len, num_blocks,
-                       eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor)
+                       eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor, proposer)
 
 
 def _kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:

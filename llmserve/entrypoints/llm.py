@@ -15,7 +15,7 @@ from llmserve.sampling_params import SamplingParams
 from llmserve.tokenizer import apply_chat_template
 
 Prompt = str | list[int]
-Message = dict[str, str]
+Message = dict
 
 
 class LLM:
@@ -42,9 +42,14 @@ class LLM:
 
     def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              *, use_tqdm: bool = True, add_generation_prompt: bool = True,
-             cache_salt: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+             cache_salt: str | Sequence[str | None] | None = None, tools: list[dict] | None = None,
+             split_special_tokens: bool = True) -> list[RequestOutput]:
+        """tools: OpenAI tool objects, shown to the model through its chat template (parse calls out
+        of the text with `llmserve.tools.get_tool_parser().extract`). split_special_tokens: special-token
+        text inside messages stays text (the default); False parses it as control tokens."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        token_lists = [apply_chat_template(self.engine.tokenizer, c, add_generation_prompt) for c in conversations]
+        token_lists = [apply_chat_template(self.engine.tokenizer, c, add_generation_prompt, tools=tools,
+                                           split_special_tokens=split_special_tokens) for c in conversations]
         return self._run(token_lists, [None] * len(token_lists), sampling_params, use_tqdm, None, cache_salt)
 
     def _encode(self, prompt: Prompt) -> list[int]:

@@ -59,6 +59,14 @@ class SamplingMetadata:
     # Flat (row, token) pairs to set to -inf.
     banned_rows: torch.Tensor | None = None  # [M] int64
     banned_ids: torch.Tensor | None = None  # [M] int64
+    # logit_bias as flat (row, token, bias) triples added to the logits. None when no row has one.
+    bias_rows: torch.Tensor | None = None  # [M] int64
+    bias_ids: torch.Tensor | None = None  # [M] int64
+    bias_values: torch.Tensor | None = None  # [M] float32
+    # Structured outputs: the rows with a grammar and their packed allowed-token bitmask
+    # ([G, ceil(V / 32)] int32, llguidance's layout). None when no row has a grammar.
+    grammar_rows: torch.Tensor | None = None  # [G] int64
+    grammar_bitmask: torch.Tensor | None = None  # [G, W] int32
     # Non-greedy rows with their own generator: row index -> generator.
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     # Rows that draw from the sampler's shared generator (non-greedy and unseeded).
@@ -84,7 +92,7 @@ class SamplingMetadata:
 
     @property
     def no_banned(self) -> bool:
-        return self.banned_rows is None
+        return self.banned_rows is None and self.bias_rows is None
 
     @classmethod
     def from_rows(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device,
@@ -101,6 +109,8 @@ class SamplingMetadata:
         )
         meta.max_num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         _fill_banned(meta, rows, vocab_size, device)
+        _fill_logit_bias(meta, params, vocab_size, device)
+        _fill_grammar(meta, rows, vocab_size, device)
         _fill_penalties(meta, rows, vocab_size, device, history)
         if not meta.all_greedy:
             _fill_random(meta, rows, vocab_size, device)
@@ -123,6 +133,30 @@ def _fill_banned(meta: SamplingMetadata, rows: list[SamplingRow], vocab_size: in
         row_idx, tok_idx = zip(*pairs)
         meta.banned_rows = torch.tensor(row_idx, dtype=torch.int64, device=device)
         meta.banned_ids = torch.tensor(tok_idx, dtype=torch.int64, device=device)
+
+
+def _fill_logit_bias(meta: SamplingMetadata, params: list[SamplingParams], vocab_size: int,
+                     device: torch.device) -> None:
+    triples = [(i, t, b) for i, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()
+               if 0 <= t < vocab_size]
+    if triples:
+        row_idx, tok_idx, bias = zip(*triples)
+        meta.bias_rows = torch.tensor(row_idx, dtype=torch.int64, device=device)
+        meta.bias_ids = torch.tensor(tok_idx, dtype=torch.int64, device=device)
+        meta.bias_values = _floats(list(bias), device)
+
+
+def _fill_grammar(meta: SamplingMetadata, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> None:
+    """The grammar rows' next-token bitmask (rows are Requests; a grammar is a GrammarState)."""
+    idx = [i for i, r in enumerate(rows) if getattr(r, "grammar", None) is not None]
+    if not idx:
+        return
+    from llmserve.structured.bitmask import fill_bitmask
+
+    eos = getattr(rows[idx[0]], "eos_token_ids", ())
+    mask = fill_bitmask([rows[i].grammar for i in idx], vocab_size, eos)
+    meta.grammar_rows = torch.tensor(idx, dtype=torch.int64, device=device)
+    meta.grammar_bitmask = torch.from_numpy(mask).to(device)
 
 
 @dataclass

@@ -5,12 +5,17 @@ Semantics
 * Logits arrive float32 or bf16/fp16 and are upcast to float32. The caller's tensor is never
   modified. `logits.shape[-1]` must equal `meta.vocab_size`.
 * Reported logprobs are the model's raw distribution: `log_softmax` of the logits *before*
-  banning, penalties, temperature and truncation (what OpenAI and vLLM V1 report). Column 0 is
+  banning, logit_bias, penalties, temperature and truncation (what OpenAI and vLLM V1 report),
+  except for the grammar: a row with structured outputs has its disallowed tokens set to -inf
+  first, so its logprobs are those of the grammar-masked distribution (as in vLLM V1, which
+  applies the grammar bitmask to the logits before its sampler computes logprobs). Column 0 is
   the sampled token, columns 1..k the top-k (k = the largest `logprobs` any row asked for; a row
   that asked for fewer keeps only its first columns). `sampled_ranks` is 1 + the number of tokens
   with a strictly higher raw logprob.
 * Processing order, all batched:
-    1. banned tokens -> -inf (eos + stop ids while below min_tokens; filled by the engine);
+    0. the grammar bitmask (rows with structured outputs): disallowed tokens -> -inf;
+    1. banned tokens -> -inf (eos + stop ids while below min_tokens; filled by the engine), then
+       logit_bias added;
     2. repetition penalty over prompt + output tokens (HF/vLLM: a positive logit is divided by the
        penalty, a negative one multiplied);
     3. frequency and presence penalties over output tokens only:
@@ -28,7 +33,9 @@ Semantics
   U with that generator alone, so its tokens do not depend on the rest of the batch or its
   position in it. Unseeded rows share one draw from the sampler's own
   generator (seeded by `Sampler(seed=...)`, otherwise nondeterministically).
-* Fast path: all-greedy batches with no penalties and no banned tokens are a bare argmax.
+* Fast path: all-greedy batches with no penalties, no banned tokens and no logit_bias are a bare
+  argmax (of the grammar-masked logits when a row has a grammar). A batch without grammar rows
+  does no bitmask work at all.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ import torch
 
 from llmserve.sampling.logprobs import compute_logprobs, gather_logprobs
 from llmserve.sampling.metadata import SamplingMetadata
+from llmserve.structured.bitmask import apply_bitmask
 from llmserve.sampling_params import MAX_SEED, MIN_SEED, seed_in_range
 
 _NEG_INF = float("-inf")
@@ -63,6 +71,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if logits.shape[-1] != meta.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} columns, metadata expects {meta.vocab_size}")
+        logits = _grammar_masked(logits, meta)
         raw_logprobs = compute_logprobs(logits) if meta.max_num_logprobs is not None else None
         if meta.all_greedy and meta.no_penalties and meta.no_banned:
             token_ids = logits.argmax(dim=-1)
@@ -75,7 +84,7 @@ class Sampler:
 
         Greedy rows get their penalized distribution at temperature 1; callers use argmax for them.
         """
-        logits = _penalized(logits, meta)
+        logits = _penalized(_grammar_masked(logits, meta), meta)
         return _truncated_probs(logits, meta)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -123,11 +132,22 @@ def _make_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, k: 
     return SamplerOutput(token_ids=token_ids, logprobs=values, logprob_token_ids=ids, sampled_ranks=ranks)
 
 
+def _grammar_masked(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Step 0 on a float32 copy; the logits themselves when no row has a grammar."""
+    if meta.grammar_rows is None:
+        return logits
+    logits = logits.to(torch.float32, copy=True)
+    apply_bitmask(logits, meta.grammar_rows, meta.grammar_bitmask)
+    return logits
+
+
 def _penalized(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """Steps 1-3 on a float32 copy (the caller's logits stay untouched)."""
     logits = logits.to(torch.float32, copy=True)
     if meta.banned_rows is not None:
         logits[meta.banned_rows, meta.banned_ids] = _NEG_INF
+    if meta.bias_rows is not None:
+        logits.index_put_((meta.bias_rows, meta.bias_ids), meta.bias_values, accumulate=True)
     if meta.repetition_penalty is not None:
         apply_repetition_penalty(logits, meta.prompt_output_ids, meta.repetition_penalty)
     if meta.frequency_penalty is not None:

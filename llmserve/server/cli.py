@@ -6,6 +6,7 @@ import logging
 import os
 
 logger = logging.getLogger("llmserve.server")
+API_KEY_ENV = "LLMSERVE_API_KEY"
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -16,18 +17,34 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("LLMSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on the API (default: $LLMSERVE_API_KEY)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), action=_ApiKeyOnCommandLine,
+                   help=f"require 'Authorization: Bearer KEY' on the API. Prefer setting ${API_KEY_ENV} "
+                        "(the default): a command-line value is visible to every user in the process list")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="web origins (e.g. https://app.example.com) allowed to call the API from a browser "
+                        "(CORS); none by default")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names the API answers to; the first is reported in responses")
     p.add_argument("--max-waiting-requests", type=int, default=256,
-                   help="beyond this many waiting requests, new ones get 429 with Retry-After")
+                   help="beyond this many waiting sequences, new requests get 429 with Retry-After; a request "
+                        "with more sequences than this (prompts x n) gets 400")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
+    p.add_argument("--drain-delay", type=float, default=2.0,
+                   help="seconds /ready answers 503 after SIGTERM before new connections are refused (so a "
+                        "load balancer stops sending first); a second signal cuts it short")
     p.add_argument("--disable-log-requests", action="store_true", help="no per-request log line")
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
-    p.set_defaults(func=run_serve)
+    p.set_defaults(func=run_serve, api_key_on_command_line=False)
     return p
+
+
+class _ApiKeyOnCommandLine(argparse.Action):
+    """Stores --api-key and notes that it came from the command line, for the warning at start."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.api_key_on_command_line = True
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -38,22 +55,33 @@ def run_serve(args: argparse.Namespace) -> None:
     from llmserve.engine.async_engine import AsyncLLMEngine
     from llmserve.server.app import ServerSettings, build_app
     from llmserve.server.graceful import GracefulServer
+    from llmserve.server.streaming import cut_streams
 
     _configure_logging(args.disable_log_requests)
+    warn_if_key_on_command_line(args)
     config = EngineConfig(**engine_kwargs(args), max_waiting_requests=args.max_waiting_requests)
     engine = AsyncLLMEngine.from_config(config)
     try:
-        app = build_app(engine, ServerSettings(served_model_names=args.served_model_name or [], api_key=args.api_key))
+        settings = ServerSettings(served_model_names=args.served_model_name or [], api_key=args.api_key,
+                                  allowed_origins=list(args.allowed_origins))
+        app = build_app(engine, settings)
         uv_config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,
                                    access_log=not args.disable_uvicorn_access_log, log_level="info")
         ctx = app.state.ctx
         server = GracefulServer(
             uv_config, on_exit=lambda: setattr(ctx, "draining", True),
-            on_started=lambda: logger.info("serving %s on http://%s:%d", ctx.model_name, args.host, args.port))
+            on_started=lambda: logger.info("serving %s on http://%s:%d", ctx.model_name, args.host, args.port),
+            drain_delay_s=args.drain_delay, on_grace_ending=lambda: cut_streams(ctx))
         server.run()
     finally:
         engine.shutdown()
         logger.info("engine stopped")
+
+
+def warn_if_key_on_command_line(args: argparse.Namespace) -> None:
+    if args.api_key_on_command_line:
+        logger.warning("--api-key is visible to every user of this machine in the process list; set %s instead",
+                       API_KEY_ENV)
 
 
 def _configure_logging(disable_log_requests: bool) -> None:

@@ -11,7 +11,7 @@ import re
 import traceback
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -26,8 +26,20 @@ RETRY_AFTER_S = 1
 INTERNAL_MESSAGE = "The server had an error while processing your request."
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
 _STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                 503: "service_unavailable_error"}
+                 405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+                 429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error response's body (and a stream's in-band error event); the OpenAPI schema's too."""
+    error: ErrorDetail
 
 
 @dataclass
@@ -40,7 +52,8 @@ class APIError(Exception):
     headers: dict[str, str] = field(default_factory=dict)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorBody(error=detail).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -17,14 +17,21 @@ def _clamp(lp: float) -> float:
     return max(lp, MIN_LOGPROB)
 
 
-def completion_logprobs(tokenizer, token_ids: list[int], positions: list[PositionLogprobs], k: int,
+def completion_logprobs(tokenizer, token_ids: list[int], positions: list[PositionLogprobs | None], k: int,
                         text_offset: int = 0) -> CompletionLogprobs:
-    """Legacy format: parallel lists of tokens, their logprobs, top-k dicts and text offsets."""
+    """Legacy format: parallel lists of tokens, their logprobs, top-k dicts and text offsets. A None
+    position (the first prompt token, echoed: nothing predicts it) has None logprobs, as in OpenAI."""
     out = CompletionLogprobs()
     offset = text_offset
     for tid, position in zip(token_ids, positions):
         token = tokenizer.decode([tid])
         out.tokens.append(token)
+        if position is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(token)
+            continue
         out.token_logprobs.append(_clamp(position[tid][0]))
         top: dict[str, float] = {}
         for t, lp in _top(position, k):

@@ -66,9 +66,14 @@ class ServerMetrics:
         r, labels = self.registry, ["model_name"]
         self.prompt_tokens = Counter("llmserve:prompt_tokens", "Prompt tokens of finished requests.", labels,
                                      registry=r)
-        self.generation_tokens = Counter("llmserve:generation_tokens", "Generated tokens.", labels, registry=r)
+        self.generation_tokens = Counter("llmserve:generation_tokens", "Generated tokens, counted as they stream.",
+                                         labels, registry=r)
         self.request_success = Counter("llmserve:request_success", "Finished completions by finish reason.",
                                        labels + ["finished_reason"], registry=r)
+        self.withdrawn = Counter("llmserve:withdrawn_sequences",
+                                 "Sequences admitted, then withdrawn before any output because another prompt "
+                                 "of the same request was refused (that request got an error status).", labels,
+                                 registry=r)
         self.ttft = Histogram("llmserve:time_to_first_token_seconds", "Arrival to first token.", labels,
                               buckets=TTFT_BUCKETS, registry=r)
         self.itl = Histogram("llmserve:inter_token_latency_seconds", "Gap between consecutive output tokens.",
@@ -85,10 +90,15 @@ class ServerMetrics:
         for _ in range(num_tokens):
             child.observe(gap_s / num_tokens)
 
+    def observe_generated(self, num_tokens: int) -> None:
+        self.generation_tokens.labels(self.model_name).inc(num_tokens)
+
+    def observe_withdrawn(self, num_sequences: int) -> None:
+        self.withdrawn.labels(self.model_name).inc(num_sequences)
+
     def observe_finished(self, r: FinishedRequest) -> None:
         m = self.model_name
         self.prompt_tokens.labels(m).inc(r.prompt_tokens)
-        self.generation_tokens.labels(m).inc(r.output_tokens)
         for reason in r.finish_reasons:
             self.request_success.labels(m, reason).inc()
         if r.ttft_s is not None:

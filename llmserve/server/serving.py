@@ -11,7 +11,7 @@ from starlette.requests import Request
 from llmserve.engine.async_engine import AsyncLLMEngine
 from llmserve.outputs import RequestOutput
 from llmserve.sampling_params import SamplingParams
-from llmserve.server.errors import APIError, from_engine_error, from_validation_error
+from llmserve.server.errors import APIError, bad_request, from_engine_error, from_validation_error
 from llmserve.server.inputs import Prompt, Tokenization
 from llmserve.server.metrics import ServerMetrics
 from llmserve.server.protocol import Usage
@@ -26,10 +26,12 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
     api_key: str | None = None
     health_stall_s: float = 60.0  # /health fails when the engine loop has not come round for this long
+    allowed_origins: list[str] = field(default_factory=list)  # CORS: web origins that may call the API
 
     def __repr__(self) -> str:  # the API key is a secret: whether one is set, never its value
         return (f"ServerSettings(served_model_names={self.served_model_names!r}, "
-                f"api_key={'<set>' if self.api_key else None}, health_stall_s={self.health_stall_s!r})")
+                f"api_key={'<set>' if self.api_key else None}, health_stall_s={self.health_stall_s!r}, "
+                f"allowed_origins={self.allowed_origins!r})")
 
 
 class ServingContext:
@@ -39,7 +41,7 @@ class ServingContext:
         self.model_names = list(settings.served_model_names) or [engine.model_name]
         self.model_name = self.model_names[0]
         self.metrics = ServerMetrics(engine, self.model_name)
-        self.tokenization = Tokenization(engine.tokenizer, engine.vocab_size)
+        self.tokenization = Tokenization(engine.tokenizer, engine.vocab_size, engine.max_model_len)
         self.draining = False  # set when shutdown begins: /ready turns 503
 
     def check_model(self, model: str | None) -> str:
@@ -51,7 +53,8 @@ class ServingContext:
     async def start(self, request_id: str, prompts: list[Prompt], params: SamplingParams, *,
                     cache_salt: str | None, priority: int, arrival_time: float) -> list[TrackedRequest]:
         """Submit every prompt at once, then wait for all admissions; if any is refused, the rest are
-        aborted and the refusal is raised (as an APIError)."""
+        withdrawn and the refusal is raised (as an APIError)."""
+        self._check_fits(len(prompts), params.n)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
             *(self.engine.add_request(rid, p.token_ids, params, cache_salt=cache_salt, priority=priority,
@@ -62,11 +65,20 @@ class ServingContext:
         error = next((r for r in results if isinstance(r, BaseException)), None)
         if error is not None:
             for t in tracked:
-                t.close()
+                t.withdraw(params.n)
             if isinstance(error, asyncio.CancelledError):
                 raise error
             raise from_engine_error(error) from None
         return tracked
+
+    def _check_fits(self, num_prompts: int, n: int) -> None:
+        """A request with more sequences than may wait at once would be refused (429) even by an
+        idle server, and a retry would not help: that is a 400."""
+        bound = self.engine.max_waiting_requests
+        if num_prompts * n > bound:
+            raise bad_request(f"This request asks for {num_prompts * n} sequences ({num_prompts} prompts x n={n}), "
+                              f"more than the {bound} this server queues at once, so it can never be admitted. "
+                              "Send fewer prompts or a smaller n per request.", "n" if num_prompts == 1 else "prompt")
 
 
 async def read_json(request: Request, model: type[M]) -> M:

@@ -4,11 +4,17 @@ A streaming client that disconnects is noticed by Starlette, which cancels the r
 iterator: the CancelledError runs our `finally` blocks, which close the requests (abort, blocks
 freed before the next step). A non-streaming response has no body to cancel, so its handler
 races the generation against the ASGI disconnect message instead.
+
+At shutdown, streams still running when the grace period ends would be cancelled mid-body (no
+error event, no [DONE]: a cancelled response cannot send any more). `cut_streams(ctx)`, called
+by the shutdown path shortly before that, ends every open stream of the app properly instead: an
+OpenAI-style error event (503) and then `[DONE]`.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,7 +24,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from llmserve.server.errors import from_engine_error
+from llmserve.server.errors import APIError, from_engine_error
 from llmserve.server.tracking import TrackedRequest
 
 T = TypeVar("T")
@@ -40,13 +46,56 @@ def sse_error(e: BaseException) -> str:
     return sse(from_engine_error(e).body())
 
 
-async def merge(requests: list[TrackedRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(index, output) from every request as it comes. Closing the iterator closes them all."""
+class StreamCut:
+    """An app's shutdown signal for its open streams; `cut()` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the app's loop, once a stream used it
+
+    def cut(self) -> None:
+        if self.loop is None:  # no stream has waited on it yet
+            self.event.set()
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.event.set)
+        except RuntimeError:  # the event loop is closed: no stream is left to end
+            pass
+
+
+_CUTS: weakref.WeakKeyDictionary[object, StreamCut] = weakref.WeakKeyDictionary()
+
+
+def stream_cut(ctx: object) -> StreamCut:
+    """ctx's (the ServingContext's) stream cut; call it on the app's event loop."""
+    cut = _CUTS.setdefault(ctx, StreamCut())
+    if cut.loop is None:
+        cut.loop = asyncio.get_running_loop()
+    return cut
+
+
+def cut_streams(ctx: object) -> None:
+    """End every open stream of ctx with a 503 error event and [DONE]; thread-safe. Streams
+    started afterwards end the same way at once."""
+    _CUTS.setdefault(ctx, StreamCut()).cut()
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; the response was cut short.", "service_unavailable_error",
+                    code="server_shutdown")
+
+
+async def merge(requests: list[TrackedRequest], cut: StreamCut | None = None
+                ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index, output) from every request as it comes. Closing the iterator closes them all. When
+    cut is set (the server shuts down), it raises the 503 shutting_down() error."""
     try:
-        if len(requests) == 1:
+        if len(requests) == 1 and cut is None:
             async for out in requests[0]:
                 yield 0, out
             return
+        if cut is not None and cut.event.is_set():
+            raise shutting_down()
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(i: int, r: TrackedRequest) -> None:
@@ -57,9 +106,15 @@ async def merge(requests: list[TrackedRequest]) -> AsyncIterator[tuple[int, Requ
             except Exception as e:  # noqa: BLE001 - handed to the consumer, who raises it
                 queue.put_nowait((i, e))
 
+        async def watch(c: StreamCut) -> None:
+            await c.event.wait()
+            queue.put_nowait((-1, shutting_down()))
+
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        if cut is not None:
+            tasks.append(asyncio.create_task(watch(cut)))
         try:
-            remaining = len(tasks)
+            remaining = len(requests)
             while remaining:
                 i, item = await queue.get()
                 if item is None:
@@ -97,6 +152,14 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     finally:
         for t in (task, watcher):
             t.cancel()
+            # A cancelled gather() ends with its CancelledError set as an exception, which asyncio
+            # logs as "never retrieved" unless someone reads it: read it when it comes.
+            t.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -22,6 +22,7 @@ class TrackedRequest:
         self.num_prompt_tokens = num_prompt_tokens
         self.last: RequestOutput | None = None
         self._tokens = 0  # the longest completion's length so far: one token per step
+        self._generated = 0  # tokens of all completions so far, counted as they arrive
         self._last_token_time: float | None = None
         self._recorded = False
 
@@ -36,6 +37,10 @@ class TrackedRequest:
         out = await self.stream.__anext__()
         now = time.monotonic()
         tokens = max((len(c.token_ids) for c in out.outputs), default=0)
+        generated = sum(len(c.token_ids) for c in out.outputs)
+        if generated > self._generated:  # live, so a scrape's tokens/s follows the stream, not its end
+            self.metrics.observe_generated(generated - self._generated)
+            self._generated = generated
         if tokens > self._tokens:
             if self._last_token_time is not None:
                 self.metrics.observe_inter_token(now - self._last_token_time, tokens - self._tokens)
@@ -58,6 +63,14 @@ class TrackedRequest:
         """Abort the request if it is still going and record it. Safe to call more than once."""
         self.stream.close()
         self._record()
+
+    def withdraw(self, num_sequences: int) -> None:
+        """Abort a request that was admitted but will not run, because another prompt of its batch
+        was refused: it is counted as withdrawn, not as a finished (aborted) completion."""
+        self.stream.close()
+        if not self._recorded:
+            self._recorded = True
+            self.metrics.observe_withdrawn(num_sequences)
 
     def _record(self) -> None:
         if self._recorded:
