@@ -46,3 +46,31 @@ def test_process_hardening_in_a_child():
     # Locked where the OS allows (root here); otherwise the problem is reported, never silent.
     assert locked == "True" or int(problems) > 0
     assert (locked == "True") == (int(vm_locked) > 0) or locked == "False"
+
+
+def test_private_engine_wipes_what_a_request_leaves_and_keeps_only_salted_prefixes(tmp_path):
+    from llmserve.sampling_params import SamplingParams
+    from tiny_models import llama_config, make_llm, make_model_folder
+
+    make_model_folder(tmp_path, llama_config())
+    llm = make_llm(tmp_path, private=True, num_kv_blocks=12)
+    assert llm.config.wipe_kv_on_free and llm.config.private
+    prompt = list(range(3, 3 + 40))  # two full blocks of 16 and a part
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    caches = llm.engine.runner.kv_caches
+
+    def used_slots() -> int:
+        return int((caches[0][0].abs().sum(dim=(1, 2)) != 0).sum())
+
+    llm.generate([prompt], params, use_tqdm=False)
+    assert used_slots() == 0  # no salt: every block zeroed when the request ended
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0  # and nothing of it was reusable
+    llm.generate([prompt], params, use_tqdm=False, cache_salt="client-secret")
+    assert used_slots() == 32  # the salted prefix's two full blocks stay, for that client only
+    assert llm.generate([prompt], params, use_tqdm=False, cache_salt="client-secret")[0].num_cached_tokens == 32
+    assert llm.generate([prompt], params, use_tqdm=False, cache_salt="someone-else")[0].num_cached_tokens == 0
+    # Filling the pool evicts the retained blocks, and evicted blocks are zeroed before reuse.
+    llm.generate([list(range(100, 100 + 150))], params, use_tqdm=False)
+    assert llm.generate([prompt], params, use_tqdm=False, cache_salt="client-secret")[0].num_cached_tokens == 0
+    assert used_slots() == 32  # what is left: that salted prefix again, the long request's blocks all zeroed

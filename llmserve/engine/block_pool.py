@@ -14,6 +14,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None  # set once the block is full and registered in the cache
+    wipe_on_evict: bool = False  # kept cached after a wiping free (a client's own salted prefix)
 
     def __repr__(self) -> str:
         return f"Block({self.block_id}, ref={self.ref_count}, cached={self.block_hash is not None})"
@@ -48,6 +49,9 @@ class BlockPool:
             raise NoFreeBlocksError("no free KV blocks")
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
+        if block.wipe_on_evict:  # its retained prefix goes now: zero it before the new owner writes
+            block.wipe_on_evict = False
+            self._to_wipe.append(block_id)
         self._uncache(block)
         block.ref_count = 1
         return block
@@ -58,12 +62,16 @@ class BlockPool:
             del self._free[block.block_id]
         block.ref_count += 1
 
-    def free(self, block: Block, wipe: bool) -> None:
+    def free(self, block: Block, wipe: bool, keep_cached: bool = False) -> None:
+        """wipe: zero the block's KV once no request holds it. keep_cached (with wipe): a published
+        block stays in the prefix index, reachable only by its salt's holders, and is zeroed when evicted."""
         if block.ref_count <= 0:
             raise RuntimeError(f"double free of KV block {block.block_id}")
         block.ref_count -= 1
         if block.ref_count == 0:
-            if wipe:  # a wiped block keeps no prefix: nothing of the request outlives it
+            if wipe and keep_cached and block.block_hash is not None:
+                block.wipe_on_evict = True
+            elif wipe:  # a wiped block keeps no prefix: nothing of the request outlives it
                 self._uncache(block)
                 self._to_wipe.append(block.block_id)
             self._free[block.block_id] = None
@@ -82,6 +90,9 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> None:
         for block in list(self._cached.values()):
+            if block.wipe_on_evict:
+                block.wipe_on_evict = False
+                self._to_wipe.append(block.block_id)
             self._uncache(block)
 
     def _uncache(self, block: Block) -> None:

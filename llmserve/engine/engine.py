@@ -48,7 +48,8 @@ class LLMEngine:
         p = parts or build_engine_parts(config)
         self.tokenizer, self.model_config, self.runner = p.tokenizer, p.arch, p.runner
         self.max_model_len, self.eos_token_ids, self.model_name = p.max_model_len, p.eos_token_ids, p.model_name
-        self.kv = KVCacheManager(p.num_blocks, config.block_size, config.enable_prefix_caching, config.wipe_kv_on_free)
+        self.kv = KVCacheManager(p.num_blocks, config.block_size, config.enable_prefix_caching, config.wipe_kv_on_free,
+                                 private=config.private)
         budget = config.max_num_batched_tokens or default_token_budget(p.device)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.scheduling_policy)
         self.groups: dict[str, RequestGroup] = {}
@@ -203,6 +204,10 @@ class LLMEngine:
         outputs, self._aborted = self._aborted, []
         if self.thread_governor is not None:
             self.thread_governor.tick()
+        if self.proposer is not None:
+            # Drafts for this step, proposed here rather than at the end of the last step, so that
+            # the tokens that step produced go out without waiting for the draft model.
+            self._propose()
         sched = self.scheduler.schedule()
         self.runner.remove_requests(sched.left_ids)
         if self.proposer is not None:
@@ -223,8 +228,6 @@ class LLMEngine:
                    for r in self.scheduler.update(sched, result.sampled_tokens())}
         changed.update(self._record_prompt_logprobs(result, {s.request.request_id: s.start for s in sched.scheduled}))
         self._wipe()
-        if self.proposer is not None:
-            self._propose()
         for group in changed.values():
             outputs.append(self._make_output(group))
             if group.finished:

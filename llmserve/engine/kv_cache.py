@@ -9,6 +9,7 @@ it waits a step instead of computing the same tokens again.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from array import array
 
 from llmserve.engine.block_pool import Block, BlockPool
@@ -24,8 +25,14 @@ def block_hash(parent: bytes | None, token_ids: list[int], salt: str | None) -> 
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, wipe_on_free: bool) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, wipe_on_free: bool,
+                 private: bool = False) -> None:
         self.block_size = block_size
+        # Private mode: a request without a cache_salt gets a random one of its own (no one shares
+        # its blocks, not even while it runs), and its blocks are wiped when freed; a request with
+        # its client's own secret salt keeps its published prefix for that client, wiped when evicted.
+        self.private = private
+        self._ephemeral_salts: dict[str, str] = {}
         self.pool = BlockPool(num_blocks, enable_caching)
         self.enable_caching = enable_caching
         self.wipe_on_free = wipe_on_free
@@ -53,7 +60,7 @@ class KVCacheManager:
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(block_hash(parent, req.token_ids[i * bs:(i + 1) * bs], req.cache_salt))
+            hashes.append(block_hash(parent, req.token_ids[i * bs:(i + 1) * bs], self._salt(req)))
         # The memo may reach further (a prefix lookup hashes blocks not yet computed): only the
         # blocks within num_tokens, or a block would be registered before its KV is written.
         return hashes[:num_tokens // bs]
@@ -146,11 +153,21 @@ class KVCacheManager:
         if req.request_id in self._committed:
             self._committed[req.request_id] = min(self._committed[req.request_id], num_tokens // self.block_size)
 
+    def _salt(self, req: Request) -> str | None:
+        if req.cache_salt is not None or not self.private:
+            return req.cache_salt
+        salt = self._ephemeral_salts.get(req.request_id)
+        if salt is None:
+            salt = self._ephemeral_salts[req.request_id] = secrets.token_hex(16)
+        return salt
+
     def free(self, req: Request) -> None:
         """Release all of req's blocks. Tail blocks go first, so they are evicted before the
         shared prefix that other requests are likelier to hit."""
+        keep = self.private and req.cache_salt is not None
         for block in reversed(self.block_tables.pop(req.request_id, [])):
-            self.pool.free(block, wipe=self.wipe_on_free)
+            self.pool.free(block, wipe=self.wipe_on_free, keep_cached=keep)
+        self._ephemeral_salts.pop(req.request_id, None)
         self._hashes.pop(req.request_id, None)
         self._committed.pop(req.request_id, None)
         if self._in_flight:  # a request preempted in the step that allocated its blocks

@@ -24,6 +24,10 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs) -> None:
         self.config = EngineConfig(model=model, **kwargs)
+        if self.config.private:  # private=True: every gated optimization in its safe form (privacy/threats.py)
+            from llmserve.privacy.threats import private_config
+
+            self.config = private_config(self.config)
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
 

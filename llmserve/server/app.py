@@ -105,7 +105,12 @@ def _add_routes(app: FastAPI, ctx: ServingContext, docs: ApiDocs) -> None:
     @app.get("/metrics", response_class=Response)
     @docs.operation("Prometheus metrics (text exposition format)", ok_media="text/plain")
     async def metrics() -> Response:
-        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        text = ctx.metrics.render()
+        if ctx.settings.private:
+            from llmserve.server.private import allowed_metrics
+
+            text = allowed_metrics(text)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize", response_class=Response)
     @docs.operation("Token ids of a prompt or of chat messages", body=TokenizeRequest, ok=TokenizeResponse,

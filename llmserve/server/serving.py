@@ -27,11 +27,14 @@ class ServerSettings:
     api_key: str | None = None
     health_stall_s: float = 60.0  # /health fails when the engine loop has not come round for this long
     allowed_origins: list[str] = field(default_factory=list)  # CORS: web origins that may call the API
+    # Private mode (server/private.py): priorities are ignored (first come, first served); the
+    # engine, built with a private config, isolates salt-less requests' prefixes.
+    private: bool = False
 
     def __repr__(self) -> str:  # the API key is a secret: whether one is set, never its value
         return (f"ServerSettings(served_model_names={self.served_model_names!r}, "
                 f"api_key={'<set>' if self.api_key else None}, health_stall_s={self.health_stall_s!r}, "
-                f"allowed_origins={self.allowed_origins!r})")
+                f"allowed_origins={self.allowed_origins!r}, private={self.private!r})")
 
 
 class ServingContext:
@@ -55,6 +58,8 @@ class ServingContext:
         """Submit every prompt at once, then wait for all admissions; if any is refused, the rest are
         withdrawn and the refusal is raised (as an APIError)."""
         self._check_fits(len(prompts), params.n)
+        if self.settings.private:
+            priority = 0  # a salt-less request gets a random salt of its own in the engine (kv_cache.py)
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         results = await asyncio.gather(
             *(self.engine.add_request(rid, p.token_ids, params, cache_salt=cache_salt, priority=priority,
