@@ -81,6 +81,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_chat(args: argparse.Namespace) -> None:
     from llmserve.entrypoints.llm import LLM
 
+    if getattr(args, "private", None):  # a remote private node, verified first
+        from llmserve.privacy.cli import private_chat
+        return private_chat(args)
+
     llm = LLM(**engine_kwargs(args))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.question}]
@@ -105,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=_cmd_chat)
+    try:
+        from llmserve.privacy.cli import add_privacy_parsers, add_private_chat_args
+        add_private_chat_args(chat)
+        add_privacy_parsers(sub)
+    except ImportError:  # the privacy dependencies (pyhpke, model-signing) are not installed
+        pass
 
     try:
         from llmserve.server.cli import add_serve_parser

@@ -117,12 +117,14 @@ class TokenRequestState:
     request: bytes
 
 
-def create_token_request(challenge: TokenChallenge, pk: rsa.RSAPublicKey, *, nonce: bytes | None = None,
+def create_token_request(challenge: TokenChallenge | bytes, pk: rsa.RSAPublicKey, *, nonce: bytes | None = None,
                          salt: bytes | None = None, r: int | None = None) -> TokenRequestState:
-    """RFC 9578, 6.1. (nonce, salt and r are for test vectors.)"""
+    """RFC 9578, 6.1, for a challenge (or its encoded bytes, as a server sent them). (nonce, salt
+    and r are for test vectors.)"""
     key_id = token_key_id(pk)
     nonce = nonce if nonce is not None else secrets.token_bytes(32)
-    token_input = struct.pack(">H", TOKEN_TYPE) + nonce + hashlib.sha256(challenge.encode()).digest() + key_id
+    encoded = challenge if isinstance(challenge, bytes) else challenge.encode()
+    token_input = struct.pack(">H", TOKEN_TYPE) + nonce + hashlib.sha256(encoded).digest() + key_id
     blinded = blind_rsa.blind(pk, token_input, PSS_DETERMINISTIC, salt=salt, r=r)
     # truncated_token_key_id: the least significant byte of token_key_id
     request = struct.pack(">HB", TOKEN_TYPE, key_id[-1]) + blinded.blinded_msg

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from llmserve.privacy.gateway import OhttpGatewayMiddleware
 from llmserve.privacy.hardening import Hardening
 from llmserve.privacy.ohttp import Gateway, GatewayKey
-from llmserve.privacy.privacypass import TokenChallenge, TokenError, TokenRedeemer
+from llmserve.privacy.privacypass import TokenChallenge, TokenError, TokenRedeemer, b64url
 from llmserve.privacy.threats import describe
 from llmserve.privacy.translog import TransparencyLog
 from llmserve.privacy.verify import node_document
@@ -113,6 +113,7 @@ class PrivateNode:
                 "oblivious_http": {"gateway": "/.well-known/ohttp-gateway",
                                    "chunked": "draft-ietf-ohai-chunked-ohttp", "key_ids": sorted(self.gateway.keys)},
                 "tokens_required": self.redeemer is not None,
+                "token_challenge": b64url(self.redeemer.challenge.encode()) if self.redeemer else None,
                 "manifest": self.options.manifest_dir is not None,
                 "forbidden_endpoints": sorted(FORBIDDEN_PATHS)}
 
