@@ -74,3 +74,13 @@ def test_private_engine_wipes_what_a_request_leaves_and_keeps_only_salted_prefix
     llm.generate([list(range(100, 100 + 150))], params, use_tqdm=False)
     assert llm.generate([prompt], params, use_tqdm=False, cache_salt="client-secret")[0].num_cached_tokens == 0
     assert used_slots() == 32  # what is left: that salted prefix again, the long request's blocks all zeroed
+
+
+def test_routing_features_identify_no_one():
+    import dataclasses
+
+    from llmserve.privacy.routing import IDENTIFYING, RoutingFeatures
+
+    names = {f.name for f in dataclasses.fields(RoutingFeatures)}
+    assert names and not any(part in IDENTIFYING for name in names for part in name.split("_"))
+    assert not names & IDENTIFYING
