@@ -138,3 +138,28 @@ def test_bad_encapsulations_are_clear_4xx(network):
     assert httpx.get(url).headers["content-type"] == "application/ohttp-keys"
     with pytest.raises(OhttpError):
         ObliviousClient(network["relay"] + "/", KeyConfig(1, bytes(32))).request("POST", "/v1/echo", b"{}")
+
+
+def test_gateway_keys_rotate_and_the_previous_key_stays_live(monkeypatch):
+    from llmserve.privacy import ohttp
+    from llmserve.server import private
+
+    now = [1000.0]
+    monkeypatch.setattr(private.time, "monotonic", lambda: now[0])
+    gateway = private.RotatingGateway(period_s=60.0)
+    first = parse_ids(gateway.key_configs())
+    assert first == [0]
+    enc, _ = ohttp.encapsulate_request(gateway.keys[0].config, b"\x00\x03GET\x05https\x00\x01/")
+    now[0] += 61
+    assert parse_ids(gateway.key_configs()) == [0, 1]  # a new key; the old one still opens
+    assert gateway.decapsulate(enc)[0].startswith(b"\x00\x03GET")
+    now[0] += 61
+    assert parse_ids(gateway.key_configs()) == [1, 2]  # two periods on: the first key is gone
+    with pytest.raises(OhttpError, match="unknown key id"):
+        gateway.decapsulate(enc)
+
+
+def parse_ids(data: bytes) -> list[int]:
+    from llmserve.privacy.ohttp import parse_key_configs
+
+    return sorted(c.key_id for c in parse_key_configs(data))
