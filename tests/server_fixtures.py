@@ -143,6 +143,34 @@ def start_server(model_dir: Path | None, *, api_key: str | None = None, served_m
     return RunningServer(engine, server, thread, port, api_key)
 
 
+def start_private_server(config, options=None, log_level: str = "warning"):
+    """A private node (privacy/threats.py's config, server/private.py's routes) on a free port, in
+    a thread. Returns (base_url, engine, node, stop)."""
+    import uvicorn
+
+    from llmserve.engine.async_engine import AsyncLLMEngine
+    from llmserve.privacy.hardening import Hardening
+    from llmserve.server.app import ServerSettings, build_app
+    from llmserve.server.private import PrivacyOptions, PrivateNode, install
+
+    engine = AsyncLLMEngine.from_config(config)
+    app = build_app(engine, ServerSettings(served_model_names=["tiny"], private=True))
+    node = PrivateNode(config, Hardening(), options or PrivacyOptions(), Path(config.model))
+    install(app, node)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, access_log=False))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.shutdown()
+    return f"http://127.0.0.1:{port}", engine, node, stop
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

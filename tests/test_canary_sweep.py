@@ -8,19 +8,15 @@ import concurrent.futures
 import logging
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from llmserve.config import EngineConfig
-from llmserve.privacy.hardening import Hardening
 from llmserve.privacy.threats import private_config
-from llmserve.server.private import PrivacyOptions, PrivateNode, install
-from server_fixtures import free_port, tiny_model_path
+from server_fixtures import start_private_server, tiny_model_path
 
 CANARY = "zqxcanary"
 
@@ -36,25 +32,11 @@ class Collect(logging.Handler):
 
 @pytest.fixture(scope="module")
 def private_server():
-    from llmserve.engine.async_engine import AsyncLLMEngine
-    from llmserve.server.app import ServerSettings, build_app
-
-    model = tiny_model_path()
-    config = private_config(EngineConfig(model=str(model), num_kv_blocks=96, max_num_batched_tokens=64,
+    config = private_config(EngineConfig(model=str(tiny_model_path()), num_kv_blocks=96, max_num_batched_tokens=64,
                                          max_model_len=256))
-    engine = AsyncLLMEngine.from_config(config)
-    app = build_app(engine, ServerSettings(served_model_names=["tiny"], private=True))
-    install(app, PrivateNode(config, Hardening(), PrivacyOptions(), model))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
-    server.should_exit = True
-    thread.join(timeout=30)
-    engine.shutdown()
+    url, engine, _, stop = start_private_server(config, log_level="info")
+    yield url, engine
+    stop()
 
 
 def _requests(url: str, i: int) -> list[httpx.Response]:

@@ -4,18 +4,14 @@ and refusals of flags that would weaken it."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
 from llmserve.privacy.client import ObliviousClient
 from llmserve.privacy.gateway import WELL_KNOWN
-from llmserve.privacy.hardening import Hardening
 from llmserve.privacy.ohttp import parse_key_configs
 from llmserve.privacy.privacypass import (
     Issuer,
@@ -25,8 +21,8 @@ from llmserve.privacy.privacypass import (
     finalize_token,
 )
 from llmserve.privacy.threats import private_config
-from llmserve.server.private import PrivacyOptions, PrivateNode, install
-from server_fixtures import free_port, tiny_model_path
+from llmserve.server.private import PrivacyOptions
+from server_fixtures import start_private_server, tiny_model_path
 
 ISSUER = Issuer("issuer.test", rate=1000)
 LONG_PROMPT = "Paris is the capital of France, and Berlin is the capital of Germany. " * 6
@@ -34,26 +30,11 @@ LONG_PROMPT = "Paris is the capital of France, and Berlin is the capital of Germ
 
 @pytest.fixture(scope="module")
 def node():
-    from llmserve.engine.async_engine import AsyncLLMEngine
-    from llmserve.server.app import ServerSettings, build_app
-
-    model = tiny_model_path()
-    config = private_config(EngineConfig(model=str(model), num_kv_blocks=256, max_num_batched_tokens=64))
-    engine = AsyncLLMEngine.from_config(config)
-    app = build_app(engine, ServerSettings(served_model_names=["tiny"], private=True))
-    private = PrivateNode(config, Hardening(), PrivacyOptions(issuer_keys=[ISSUER.public_key], issuer_name="issuer.test"),
-                          model)
-    install(app, private)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", private
-    server.should_exit = True
-    thread.join(timeout=30)
-    engine.shutdown()
+    config = private_config(EngineConfig(model=str(tiny_model_path()), num_kv_blocks=256, max_num_batched_tokens=64))
+    url, _, private, stop = start_private_server(
+        config, PrivacyOptions(issuer_keys=[ISSUER.public_key], issuer_name="issuer.test"))
+    yield url, private
+    stop()
 
 
 def _token() -> str:

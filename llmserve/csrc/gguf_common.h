@@ -2,10 +2,13 @@
 // register-tiled float32 GEMM that runs once weights are widened into a transposed tile.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "vec_math.h"
 
@@ -106,6 +109,26 @@ inline void kernel_6x16(const float* panel, int64_t K, const float* tile, const 
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < cols; ++j) y[r * N + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.f);
+}
+
+// y = x W^T (+ bias) over M > STREAM_MAX_ROWS rows: x packed in panels once, then each thread
+// widens one 16-row tile of W at a time (widen(n0, rows, tile) fills tile[k * 16 + j]) and runs
+// the 6 x 16 kernel over every panel.
+template <typename Widen>
+void tiled_gemm_over(const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K, Widen widen) {
+  const int64_t tiles = (N + TILE_N - 1) / TILE_N, panels = (M + TILE_M - 1) / TILE_M;
+  std::vector<float> packed(panels * K * TILE_M);
+  pack_x(x, M, K, packed.data());
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(K * TILE_N);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * TILE_N, cols = std::min(TILE_N, N - n0);
+      widen(n0, cols, tile.data());
+      for (int64_t p = 0; p < panels; ++p)
+        kernel_6x16(packed.data() + p * K * TILE_M, K, tile.data(), bias, y + p * TILE_M * N, N, n0,
+                    std::min(TILE_M, M - p * TILE_M), cols);
+    }
+  });
 }
 #endif
 

@@ -214,22 +214,6 @@ void widen_tile(const uint8_t* w, int64_t n0, int64_t rows, int64_t nb, float* t
   }
 }
 
-template <Format fmt>
-void tiled_gemm(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t nb = K / QK, tiles = (N + TILE_N - 1) / TILE_N, panels = (M + TILE_M - 1) / TILE_M;
-  std::vector<float> packed(panels * K * TILE_M);
-  pack_x(x, M, K, packed.data());
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(K * TILE_N);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * TILE_N, cols = std::min(TILE_N, N - n0);
-      widen_tile<fmt>(w, n0, cols, nb, tile.data());
-      for (int64_t p = 0; p < panels; ++p)
-        kernel_6x16(packed.data() + p * K * TILE_M, K, tile.data(), bias, y + p * TILE_M * N, N, n0,
-                    std::min(TILE_M, M - p * TILE_M), cols);
-    }
-  });
-}
 #endif
 
 Geometry checked_geometry(int64_t fmt) {
@@ -264,8 +248,15 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, to
   }
 #ifdef LLMSERVE_AVX2
   if (M > STREAM_MAX_ROWS) {
-    if (fmt == kQ4_1) tiled_gemm<kQ4_1>(xp, wp, b, yp, M, N, K);
-    else tiled_gemm<kQ8_0>(xp, wp, b, yp, M, N, K);
+    const int64_t nb = K / QK;
+    if (fmt == kQ4_1)
+      tiled_gemm_over(xp, b, yp, M, N, K, [&](int64_t n0, int64_t rows, float* tile) {
+        widen_tile<kQ4_1>(wp, n0, rows, nb, tile);
+      });
+    else
+      tiled_gemm_over(xp, b, yp, M, N, K, [&](int64_t n0, int64_t rows, float* tile) {
+        widen_tile<kQ8_0>(wp, n0, rows, nb, tile);
+      });
     return y;
   }
 #endif

@@ -278,24 +278,6 @@ void widen_tile(const uint8_t* w, Geometry g, Dequant dq, int64_t n0, int64_t ro
   }
 }
 
-void tiled_gemm(const float* x, const uint8_t* w, Format fmt, const float* bias, float* y, int64_t M, int64_t N,
-                int64_t K) {
-  const Geometry g = geometry(fmt);
-  const Dequant dq = dequant_for(fmt);
-  const int64_t tiles = (N + TILE_N - 1) / TILE_N, panels = (M + TILE_M - 1) / TILE_M;
-  std::vector<float> packed(panels * K * TILE_M);
-  pack_x(x, M, K, packed.data());
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(K * TILE_N);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * TILE_N, cols = std::min(TILE_N, N - n0);
-      widen_tile(w, g, dq, n0, cols, K, tile.data());
-      for (int64_t p = 0; p < panels; ++p)
-        kernel_6x16(packed.data() + p * K * TILE_M, K, tile.data(), bias, y + p * TILE_M * N, N, n0,
-                    std::min(TILE_M, M - p * TILE_M), cols);
-    }
-  });
-}
 #endif
 
 }  // namespace
@@ -303,7 +285,13 @@ void tiled_gemm(const float* x, const uint8_t* w, Format fmt, const float* bias,
 void kquant_linear(const float* x, const uint8_t* w, Format fmt, const float* bias, float* y, int64_t M, int64_t N,
                    int64_t K) {
 #ifdef LLMSERVE_AVX2
-  if (M > STREAM_MAX_ROWS) return tiled_gemm(x, w, fmt, bias, y, M, N, K);
+  if (M > STREAM_MAX_ROWS) {
+    const Geometry g = geometry(fmt);
+    const Dequant dq = dequant_for(fmt);
+    return tiled_gemm_over(x, bias, y, M, N, K, [&](int64_t n0, int64_t rows, float* tile) {
+      widen_tile(w, g, dq, n0, rows, K, tile);
+    });
+  }
 #endif
   stream_gemm(x, w, fmt, bias, y, M, N, K);
 }

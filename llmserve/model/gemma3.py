@@ -16,7 +16,7 @@ from torch import nn
 from llmserve.attention.backend import AttentionBackend
 from llmserve.model.arch_config import SLIDING, ArchConfig
 from llmserve.model.layers import GemmaRMSNorm, rotary_tables
-from llmserve.model.linear import Projection, WeightStorage
+from llmserve.model.linear import WeightStorage
 from llmserve.model.llama import MLP, Attention, LlamaForCausalLM
 from llmserve.model.ops import TorchOps
 from llmserve.model.rope import rope_cos_sin
@@ -48,19 +48,14 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
+    layer_class = Gemma3DecoderLayer
+    norm_class = GemmaRMSNorm
+
     def __init__(self, cfg: ArchConfig, max_model_len: int, ops: TorchOps | None = None,
                  storage: WeightStorage | None = None) -> None:
-        nn.Module.__init__(self)
-        storage = storage or WeightStorage()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i, storage) for i in range(cfg.num_layers))
-        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Projection(cfg.hidden_size, cfg.vocab_size, False, storage, tied=cfg.tie_word_embeddings)
-        self.ops = ops or TorchOps()
-        self.max_model_len = max_model_len
-        for name in ("rope_cos", "rope_sin", "local_cos", "local_sin"):
-            self.register_buffer(name, torch.empty(0), persistent=False)
+        super().__init__(cfg, max_model_len, ops, storage)
+        self.register_buffer("local_cos", torch.empty(0), persistent=False)  # the sliding layers' tables
+        self.register_buffer("local_sin", torch.empty(0), persistent=False)
 
     def init_rope(self) -> None:
         cfg = self.cfg

@@ -82,7 +82,11 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Built whole from its config: the elementwise ops (TorchOps or fused CPU kernels) and the
-    projections' weight storage are chosen here, not swapped in after loading."""
+    projections' weight storage are chosen here, not swapped in after loading. A family that
+    differs in its layers and final norm (Gemma 3) names its own classes."""
+
+    layer_class: type[nn.Module] = DecoderLayer
+    norm_class: type[RMSNorm] = RMSNorm
 
     def __init__(self, cfg: ArchConfig, max_model_len: int, ops: TorchOps | None = None,
                  storage: WeightStorage | None = None) -> None:
@@ -90,8 +94,8 @@ class LlamaForCausalLM(nn.Module):
         storage = storage or WeightStorage()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, storage) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(self.layer_class(cfg, i, storage) for i in range(cfg.num_layers))
+        self.norm = self.norm_class(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Projection(cfg.hidden_size, cfg.vocab_size, False, storage, tied=cfg.tie_word_embeddings)
         self.ops = ops or TorchOps()
         self.max_model_len = max_model_len

@@ -147,9 +147,14 @@ def _read_content(r: _Reader, indeterminate: bool) -> bytes:
     return b"".join(chunks)
 
 
-def _check_padding(r: _Reader) -> None:
+def _read_sections(r: _Reader, indeterminate: bool, message):
+    """Header fields, content, trailer fields and zero padding, into a Request or Response."""
+    message.headers = _read_fields(r, indeterminate)
+    message.content = _read_content(r, indeterminate)
+    message.trailers = _read_fields(r, indeterminate)
     if any(r.data[r.pos:]):
         raise BhttpError("padding is not zero")
+    return message
 
 
 def decode_request(data: bytes) -> Request:
@@ -163,12 +168,7 @@ def decode_request(data: bytes) -> Request:
         raise BhttpError("invalid method")
     if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in path):
         raise BhttpError("invalid path")
-    req = Request(method, scheme, authority, path)
-    req.headers = _read_fields(r, ind)
-    req.content = _read_content(r, ind)
-    req.trailers = _read_fields(r, ind)
-    _check_padding(r)
-    return req
+    return _read_sections(r, ind, Request(method, scheme, authority, path))
 
 
 def decode_response(data: bytes) -> Response:
@@ -187,8 +187,4 @@ def decode_response(data: bytes) -> Response:
             raise BhttpError("invalid status code")
         resp.status = status
         break
-    resp.headers = _read_fields(r, ind)
-    resp.content = _read_content(r, ind)
-    resp.trailers = _read_fields(r, ind)
-    _check_padding(r)
-    return resp
+    return _read_sections(r, ind, resp)

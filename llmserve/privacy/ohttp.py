@@ -144,16 +144,20 @@ class Gateway:
     def key_configs(self) -> bytes:
         return encode_key_configs([k.config for k in self.keys.values()])
 
-    def decapsulate(self, enc_request: bytes) -> tuple[bytes, ResponseContext]:
-        if len(enc_request) < 7 + _NENC + 16:
+    def open_header(self, data: bytes, min_body: int) -> tuple[GatewayKey, int, CipherSuite]:
+        """The key and suite a request header names (refusing what this gateway cannot open)."""
+        if len(data) < 7 + _NENC + min_body:
             raise OhttpError("truncated encapsulated request")
-        key_id, kem_id, kdf_id, aead_id = struct.unpack(">BHHH", enc_request[:7])
+        key_id, kem_id, kdf_id, aead_id = struct.unpack(">BHHH", data[:7])
         key = self.keys.get(key_id)
         if key is None:
             raise OhttpError("unknown key id")
         if kem_id != KEM_X25519 or (kdf_id, aead_id) not in key.config.suites:
             raise OhttpError("unsupported cipher suite")
-        suite = _suite(kdf_id, aead_id)
+        return key, aead_id, _suite(kdf_id, aead_id)
+
+    def decapsulate(self, enc_request: bytes) -> tuple[bytes, ResponseContext]:
+        key, aead_id, suite = self.open_header(enc_request, 16)
         hdr, enc, ct = enc_request[:7], enc_request[7:7 + _NENC], enc_request[7 + _NENC:]
         try:
             ctx = suite.create_recipient_context(enc, key._private, info=REQUEST_LABEL + b"\x00" + hdr)
@@ -306,15 +310,7 @@ def encapsulate_chunked_request(config: KeyConfig, chunks: list[bytes], aead_id:
 
 def decapsulate_chunked_request(gateway: Gateway, data: bytes) -> tuple[bytes, ChunkedResponseSealer]:
     """The gateway's side: a whole chunked request in, its plaintext and the response sealer out."""
-    if len(data) < 7 + _NENC + 1:
-        raise OhttpError("truncated encapsulated request")
-    key_id, kem_id, kdf_id, aead_id = struct.unpack(">BHHH", data[:7])
-    key = gateway.keys.get(key_id)
-    if key is None:
-        raise OhttpError("unknown key id")
-    if kem_id != KEM_X25519 or (kdf_id, aead_id) not in key.config.suites:
-        raise OhttpError("unsupported cipher suite")
-    suite = _suite(kdf_id, aead_id)
+    key, aead_id, suite = gateway.open_header(data, 1)
     enc, pos = data[7:7 + _NENC], 7 + _NENC
     try:
         ctx = suite.create_recipient_context(enc, key._private, info=CHUNKED_REQUEST_LABEL + b"\x00" + data[:7])
