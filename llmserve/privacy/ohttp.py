@@ -168,16 +168,19 @@ class Gateway:
         return request, ResponseContext(ctx.export(RESPONSE_LABEL, max(nk, nn)), enc, aead_id)
 
 
+def _client_suite(config: KeyConfig, aead_id: int | None) -> tuple[int, CipherSuite, bytes]:
+    """The AEAD (asked for, or the gateway's first this client has), its suite, the request header."""
+    aead_id = aead_id or next((a for k, a in config.suites if k == KDF_HKDF_SHA256 and a in _AEADS), None)
+    if aead_id is None or (KDF_HKDF_SHA256, aead_id) not in config.suites:
+        raise OhttpError("no cipher suite in common with the gateway")
+    return aead_id, _suite(KDF_HKDF_SHA256, aead_id), _header(config.key_id, KDF_HKDF_SHA256, aead_id)
+
+
 def encapsulate_request(config: KeyConfig, request: bytes, aead_id: int | None = None,
                         ephemeral_private_key: bytes | None = None) -> tuple[bytes, ResponseContext]:
     """The client's side: seal `request` to the gateway's configuration. Returns the encapsulated
     request and the context that opens the answer. (A fixed ephemeral key is for test vectors.)"""
-    kdf_id = KDF_HKDF_SHA256
-    aead_id = aead_id or next((a for k, a in config.suites if k == kdf_id and a in _AEADS), None)
-    if aead_id is None or (kdf_id, aead_id) not in config.suites:
-        raise OhttpError("no cipher suite in common with the gateway")
-    suite = _suite(kdf_id, aead_id)
-    hdr = _header(config.key_id, kdf_id, aead_id)
+    aead_id, suite, hdr = _client_suite(config, aead_id)
     eks = None
     if ephemeral_private_key is not None:
         public = X25519PrivateKey.from_private_bytes(ephemeral_private_key).public_key().public_bytes_raw()
@@ -288,12 +291,7 @@ class ChunkedResponseOpener:
 def encapsulate_chunked_request(config: KeyConfig, chunks: list[bytes], aead_id: int | None = None,
                                 ) -> tuple[bytes, ChunkedResponseOpener]:
     """The client's side of a chunked request (all chunks at once here: requests are small)."""
-    kdf_id = KDF_HKDF_SHA256
-    aead_id = aead_id or next((a for k, a in config.suites if k == kdf_id and a in _AEADS), None)
-    if aead_id is None or (kdf_id, aead_id) not in config.suites:
-        raise OhttpError("no cipher suite in common with the gateway")
-    suite = _suite(kdf_id, aead_id)
-    hdr = _header(config.key_id, kdf_id, aead_id)
+    aead_id, suite, hdr = _client_suite(config, aead_id)
     try:
         enc, ctx = suite.create_sender_context(suite.kem.deserialize_public_key(config.public_key),
                                                info=CHUNKED_REQUEST_LABEL + b"\x00" + hdr)
