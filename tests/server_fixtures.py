@@ -145,7 +145,7 @@ def start_server(model_dir: Path | None, *, api_key: str | None = None, served_m
 
 def start_private_server(config, options=None, log_level: str = "warning"):
     """A private node (privacy/threats.py's config, server/private.py's routes) on a free port, in
-    a thread. Returns (base_url, engine, node, stop)."""
+    a thread. Returns (base_url, engine, node, app, stop)."""
     import uvicorn
 
     from llmserve.engine.async_engine import AsyncLLMEngine
@@ -168,7 +168,7 @@ def start_private_server(config, options=None, log_level: str = "warning"):
         server.should_exit = True
         thread.join(timeout=30)
         engine.shutdown()
-    return f"http://127.0.0.1:{port}", engine, node, stop
+    return f"http://127.0.0.1:{port}", engine, node, app, stop
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

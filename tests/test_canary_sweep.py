@@ -34,7 +34,7 @@ class Collect(logging.Handler):
 def private_server():
     config = private_config(EngineConfig(model=str(tiny_model_path()), num_kv_blocks=96, max_num_batched_tokens=64,
                                          max_model_len=256))
-    url, engine, _, stop = start_private_server(config, log_level="info")
+    url, engine, _, _, stop = start_private_server(config, log_level="info")
     yield url, engine
     stop()
 

@@ -31,8 +31,9 @@ LONG_PROMPT = "Paris is the capital of France, and Berlin is the capital of Germ
 @pytest.fixture(scope="module")
 def node():
     config = private_config(EngineConfig(model=str(tiny_model_path()), num_kv_blocks=256, max_num_batched_tokens=64))
-    url, _, private, stop = start_private_server(
+    url, _, private, app, stop = start_private_server(
         config, PrivacyOptions(issuer_keys=[ISSUER.public_key], issuer_name="issuer.test"))
+    private.test_app = app
     yield url, private
     stop()
 
@@ -114,3 +115,22 @@ def test_unsafe_flags_are_refused():
         refuse_unsafe_private_flags(Args)
     with pytest.raises(InvalidRequestError, match="scheduling_policy"):
         private_config(EngineConfig(scheduling_policy="deadline"))
+
+
+def test_every_endpoint_of_the_private_app_is_accounted_for(node):
+    url, private = node
+    from llmserve.server.private import FORBIDDEN_PATHS
+
+    app_paths = {getattr(r, "path", None) for r in private.test_app.router.routes}
+    # What a private node serves; a route added to the app without a decision here fails this test.
+    allowed = {"/", "/static", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready",
+               "/metrics", "/openapi.json", "/v1/privacy", "/v1/privacy/manifest"}
+    assert app_paths - allowed == set(), app_paths - allowed
+    assert not app_paths & FORBIDDEN_PATHS
+    for path in sorted(FORBIDDEN_PATHS):
+        assert httpx.get(url + path).status_code == 404
+        assert httpx.post(url + path, json={}).status_code in (404, 405)
+    # Settings are frozen: the engine config cannot be changed after start.
+    with pytest.raises(Exception):
+        private.config.seed = 1
+

@@ -84,6 +84,11 @@ def test_draft_length_follows_acceptance_load_and_limits():
     assert proposer.draft_lengths([_req(1.0)], 1) == [5]
     assert proposer.draft_lengths([_req(0.7)], 1) == [4]  # 0.7^4 >= 0.2 > 0.7^5
     assert proposer.draft_lengths([_req(0.3)], 1) == [1]  # poor acceptance: probe with one token
+    hopeless = _req(0.05)
+    assert proposer.draft_lengths([hopeless], 1) == [0]  # none at all, until the estimate recovers
+    for _ in range(10):
+        proposer.draft_lengths([hopeless], 1)
+    assert proposer.draft_lengths([hopeless], 1) == [1]
     # Load: 12 tokens for the decodes of 8 running requests and their drafts leave 4 to draft.
     assert proposer.draft_lengths([_req(1.0), _req(1.0)], 8) == [4, 0]
     assert proposer.draft_lengths([_req(1.0)], 12) == [0]

@@ -59,6 +59,8 @@ def test_greedy_outputs_equal_the_reference(target, prompts, refs, method, budge
     assert stats["spec_decode_num_drafts"] > 0 and stats["spec_decode_num_draft_tokens"] >= stats["spec_decode_num_drafts"]
     if method in ("draft_model", "self_quantized"):
         assert stats["spec_decode_num_accepted_tokens"] > 0
+    if method == "draft_model":  # the target as its own draft: its KV kept right, every draft is accepted
+        assert stats["spec_decode_num_accepted_tokens"] >= 0.95 * stats["spec_decode_num_draft_tokens"]
     assert_idle(llm.engine)
 
 
@@ -70,6 +72,8 @@ def test_preemption_under_a_tiny_kv_budget(target, prompts, refs, method):
     assert [o.outputs[0].token_ids for o in outs] == refs
     stats = llm.engine.stats()
     assert stats["num_preemptions"] > 0 and stats["spec_decode_num_drafts"] > 0
+    if method == "draft_model":  # a preempted request's draft KV is recomputed, not trusted
+        assert stats["spec_decode_num_accepted_tokens"] >= 0.95 * stats["spec_decode_num_draft_tokens"]
     assert_idle(llm.engine)
 
 
@@ -203,4 +207,31 @@ def test_grammar_requests_do_not_speculate_and_the_rest_do():
     assert llm.engine.stats()["spec_decode_num_drafts"] == 0
     llm.generate(["ab ab ab ab"], greedy(30), use_tqdm=False)
     assert llm.engine.stats()["spec_decode_num_drafts"] > 0
+    assert_idle(llm.engine)
+
+
+def test_a_long_draft_catch_up_is_spread_over_steps(target, prompts, refs, monkeypatch):
+    from llmserve.spec import model_draft
+
+    monkeypatch.setattr(model_draft, "MAX_CATCHUP", 5)  # prompts of up to 40 tokens catch up in steps
+    folder, _ = target
+    llm = make_llm(folder, speculative_config=spec("draft_model", folder))
+    outs = llm.generate(prompts, greedy(24), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    stats = llm.engine.stats()  # the target as its own draft: the caught-up KV is right, drafts all accepted
+    assert stats["spec_decode_num_accepted_tokens"] >= 0.95 * stats["spec_decode_num_draft_tokens"] > 0
+    assert_idle(llm.engine)
+
+
+def test_early_exit_reads_the_targets_kv(cycle):
+    """In the cycle model every layer adds nothing to the residual stream, so its first layer with
+    the final norm and head is the whole model: each early-exit draft is accepted, bonus tokens too."""
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    plain = make_llm(cycle).generate([CYCLE[:3]], params, use_tqdm=False)[0].outputs[0].token_ids
+    llm = make_llm(cycle, speculative_config=spec("self_early_exit", cycle, adaptive=False))
+    out = llm.generate([CYCLE[:3]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert out == plain
+    stats = llm.engine.stats()
+    assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"] > 0
+    assert stats["spec_decode_num_drafts"] <= 40 // 5 + 1  # four drafts and a bonus token a step
     assert_idle(llm.engine)
