@@ -47,6 +47,11 @@ class EngineConfig:
     # process). Set through privacy.threats.private_config, which also puts every gated
     # optimization in its safe form.
     private: bool = False
+    # Replicas (cluster/): this many engines, each a Ray actor in its own process with its share of
+    # the threads, behind one LLM / server; `router` places requests among them (cluster/router.py).
+    replicas: int = 1
+    router: str = "round_robin"
+    ray_address: str | None = None  # join this Ray cluster instead of starting a local one
     # Speculative decoding (vLLM's shape): a dict or JSON string, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4}; validated into a spec.config.SpeculativeConfig. None: off.
     speculative_config: object = None
@@ -63,6 +68,12 @@ class EngineConfig:
             raise InvalidRequestError(f"quantization must be one of {QUANTIZATIONS}")
         if self.activations not in ACTIVATIONS:
             raise InvalidRequestError(f"activations must be one of {ACTIVATIONS}, not {self.activations!r}")
+        from llmserve.cluster.router import ROUTERS
+
+        if not isinstance(self.replicas, int) or self.replicas < 1:
+            raise InvalidRequestError("replicas must be a positive integer")
+        if self.router not in ROUTERS:
+            raise InvalidRequestError(f"router must be one of {ROUTERS}, not {self.router!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InvalidRequestError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, not {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:

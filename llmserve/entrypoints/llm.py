@@ -28,8 +28,18 @@ class LLM:
             from llmserve.privacy.threats import private_config
 
             self.config = private_config(self.config)
-        self.engine = LLMEngine(self.config)
+        if self.config.replicas > 1:
+            from llmserve.cluster.replicas import ReplicatedEngine
+
+            self.engine = ReplicatedEngine(self.config)
+        else:
+            self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop replicas (and the Ray this LLM started); a single in-process engine needs nothing."""
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

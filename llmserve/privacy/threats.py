@@ -57,6 +57,16 @@ SETTINGS: tuple[Gated, ...] = (
           "accepted drafts shorten steps when the text repeats itself: token timing then reveals "
           "what the output contains",
           "off", lambda v: None),
+    Gated("router", "T",
+          "where a request runs decides which operator's replica sees it: a placement keyed on who sent "
+          "it would let one replica collect a chosen user's requests",
+          "any router, all of them identity-free: they see only RoutingFeatures (privacy/routing.py)",
+          lambda v: v),
+    Gated("ray_address", "P",
+          "joining an existing Ray cluster runs the engine among processes the node does not control, "
+          "which can call into it",
+          "refused: a private node starts its own loopback-only Ray",
+          _refuse("ray_address", lambda v: v is None, "the node would join a cluster it does not control")),
     Gated("seed", "S",
           "a fixed engine seed makes unseeded sampling a function of the batch: one user's draws "
           "depend on what other users asked",
@@ -67,7 +77,7 @@ SETTINGS: tuple[Gated, ...] = (
 HARMLESS: frozenset[str] = frozenset({
     "model", "tokenizer", "dtype", "quantization", "activations", "kv_cache_dtype", "device",
     "max_model_len", "block_size", "num_kv_blocks", "kv_cache_memory", "max_num_seqs",
-    "max_num_batched_tokens", "max_waiting_requests", "private",
+    "max_num_batched_tokens", "max_waiting_requests", "private", "replicas",
 })
 
 

@@ -1,0 +1,95 @@
+"""Replicas on Ray behind one LLM: every router policy gives the outputs of one engine, KV pools end
+free, prefix affinity keeps prefixes where they were cached, and every socket is on loopback."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from llmserve.cluster.router import LeastLoad, PowerOfTwo, PrefixAffinity, ReplicaLoad, RoundRobin
+from llmserve.privacy.routing import RoutingFeatures
+from llmserve.sampling_params import SamplingParams
+from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
+
+
+def feats(*hashes: bytes) -> RoutingFeatures:
+    return RoutingFeatures(16 * len(hashes), 8, 1, hashes)
+
+
+def test_routers():
+    loads = [ReplicaLoad(1, 2), ReplicaLoad(0, 1), ReplicaLoad(3, 3)]
+    rr = RoundRobin()
+    assert [rr.choose(feats(), loads) for _ in range(4)] == [0, 1, 2, 0]
+    assert LeastLoad().choose(feats(), loads) == 1
+    p2 = PowerOfTwo(seed=1)
+    picks = [p2.choose(feats(), loads) for _ in range(50)]
+    assert 2 not in picks or picks.count(2) < 10  # the busiest wins only against itself... never
+    aff = PrefixAffinity(imbalance=4)
+    even = [ReplicaLoad(0, 2), ReplicaLoad(0, 1)]
+    first = aff.choose(feats(b"a", b"b"), even)
+    assert first == 1  # nothing remembered: least load
+    assert aff.choose(feats(b"a", b"b", b"c"), [ReplicaLoad(0, 1), ReplicaLoad(0, 3)]) == 1  # its prefix is there
+    assert aff.choose(feats(b"x"), [ReplicaLoad(0, 1), ReplicaLoad(0, 3)]) == 0  # no prefix anywhere
+    assert aff.choose(feats(b"a", b"b"), [ReplicaLoad(0, 0), ReplicaLoad(0, 9)]) == 0  # imbalance wins
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    from llmserve.cluster.local_ray import start_ray
+
+    session = start_ray(num_cpus=2)
+    yield session
+    session.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("replica-llama")
+    make_model_folder(path, llama_config())
+    return path
+
+
+@pytest.mark.parametrize("router", ["round_robin", "least_load", "power_of_two", "prefix_affinity"])
+def test_two_replicas_give_one_engines_outputs(ray_session, folder, router):
+    prompts = random_prompts(6, [5, 40, 17, 33, 1, 24], seed=4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(folder, replicas=2, router=router)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+        assert llm.engine.kv_all_free()
+        assert sum(llm.engine._busy) == 0
+    finally:
+        llm.shutdown()
+
+
+def test_prefix_affinity_keeps_prefixes_where_they_are(ray_session, folder):
+    systems = random_prompts(4, [48] * 4, seed=9)  # four 3-block system prompts
+    prompts = [systems[i % 4] + tail for i, tail in enumerate(random_prompts(24, [5] * 24, seed=10))]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    def hit_rate(llm, engine_stats) -> float:
+        for i in range(0, len(prompts), 4):  # arrivals in waves, so earlier prefixes are cached
+            llm.generate(prompts[i:i + 4], params, use_tqdm=False)
+        queries, hits = engine_stats()
+        return hits / queries
+
+    single = make_llm(folder)
+    one = hit_rate(single, lambda: (single.engine.kv.prefix_queries, single.engine.kv.prefix_hits))
+    llm = make_llm(folder, replicas=2, router="prefix_affinity")
+    try:
+        two = hit_rate(llm, llm.engine.prefix_stats)
+    finally:
+        llm.shutdown()
+    assert two >= 0.9 * one
+
+
+def test_ray_listens_on_loopback_only(ray_session):
+    out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
+    ours = [line for line in out.splitlines()
+            if any(name in line for name in ("raylet", "gcs_server", "ray::", "plasma"))]
+    assert ours
+    for line in ours:
+        local = line.split()[3]
+        assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
