@@ -24,6 +24,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="what the KV cache stores. auto: the model's dtype (exact); float16 or bfloat16 under "
                         "float32 compute: half the KV memory and decode reads (lossy, as llama.cpp's f16 cache)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="engines on Ray (local, loopback only, unless --ray-address), each with its share of the threads")
+    p.add_argument("--router", default="round_robin",
+                   choices=["round_robin", "least_load", "power_of_two", "prefix_affinity"],
+                   help="how requests are placed among replicas (identity-free)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -47,6 +53,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         model=getattr(args, "model", None) or args.model_flag, dtype=args.dtype, device=args.device,
         quantization=args.quantization, activations=getattr(args, "activations", "float32"),
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+        replicas=getattr(args, "replicas", 1), router=getattr(args, "router", "round_robin"),
+        ray_address=getattr(args, "ray_address", None),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,

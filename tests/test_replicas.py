@@ -93,3 +93,35 @@ def test_ray_listens_on_loopback_only(ray_session):
     for line in ours:
         local = line.split()[3]
         assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
+
+
+def test_server_with_two_replicas_streams(ray_session):
+    import httpx
+
+    from server_fixtures import start_server, tiny_model_path
+
+    server = start_server(tiny_model_path(), replicas=2, router="least_load", num_kv_blocks=64)
+    try:
+        body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 5, "temperature": 0}
+        whole = [httpx.post(server.base_url + "/v1/completions", json=body, timeout=60).json() for _ in range(3)]
+        texts = {w["choices"][0]["text"] for w in whole}
+        assert len(texts) == 1  # greedy, whichever replica answered
+        with httpx.stream("POST", server.base_url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            pieces = [line for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+        import json
+        assert "".join(json.loads(p[6:])["choices"][0]["text"] for p in pieces) == texts.pop()
+        assert httpx.get(server.base_url + "/health").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_refused_request_is_the_replicas_typed_error(ray_session, folder):
+    from llmserve.errors import LLMServeError
+
+    llm = make_llm(folder, replicas=2, max_model_len=64)
+    try:
+        with pytest.raises(LLMServeError, match="context"):
+            llm.generate([list(range(3, 100))], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert llm.engine.kv_all_free() and not llm.engine.has_unfinished_requests()
+    finally:
+        llm.shutdown()

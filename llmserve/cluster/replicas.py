@@ -27,15 +27,26 @@ class EngineReplica:
         self.engine = LLMEngine(EngineConfig(**config))
 
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None,
-                    priority: int, cache_salt: str | None) -> None:
-        self.engine.add_request(request_id, token_ids, params, prompt=prompt, priority=priority, cache_salt=cache_salt)
+                    priority: int, cache_salt: str | None, deadline: float | None,
+                    arrival_time: float | None) -> None:
+        self.engine.add_request(request_id, token_ids, params, prompt=prompt, priority=priority, cache_salt=cache_salt,
+                                deadline=deadline, arrival_time=arrival_time)
 
     def abort_request(self, ids: list[str]) -> None:
         self.engine.abort_request(ids)
 
-    def step(self) -> tuple[list[RequestOutput], ReplicaLoad]:
+    def step(self) -> tuple[list[RequestOutput], ReplicaLoad, dict[str, float], str | None]:
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        return outputs, self.load()
+        return outputs, self.load(), self.engine.stats(), self.engine.last_step_error
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def facts(self) -> dict:
+        """What the front end needs to know of the model (the same on every replica)."""
+        e = self.engine
+        return {"max_model_len": e.max_model_len, "model_config": e.model_config, "model_name": e.model_name,
+                "eos_token_ids": e.eos_token_ids}
 
     def load(self) -> ReplicaLoad:
         s = self.engine.scheduler
@@ -78,18 +89,33 @@ class ReplicatedEngine:
         self._owner: dict[str, int] = {}  # request id -> replica
         self._busy = [0] * n
         ray.get([r.pid.remote() for r in self.replicas])  # every replica's engine is built
+        facts = ray.get(self.replicas[0].facts.remote())
+        self.max_model_len, self.model_config = facts["max_model_len"], facts["model_config"]
+        self.model_name, self.eos_token_ids = facts["model_name"], facts["eos_token_ids"]
+        from llmserve.structured.compiler import GrammarCompiler
 
-    def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                    priority: int = 0, cache_salt: str | None = None) -> None:
+        # Grammars are compiled here first, so a bad schema is refused before any replica sees it.
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.last_step_error: str | None = None
+        self._stats: list[dict[str, float]] = ray.get([r.stats.remote() for r in self.replicas])
+
+    def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams | None = None, *,
+                    prompt: str | None = None, priority: int = 0, cache_salt: str | None = None,
+                    deadline: float | None = None, arrival_time: float | None = None) -> None:
         import ray
 
+        params = params or SamplingParams()
         hashes, parent = [], None
         for i in range(len(token_ids) // self.block_size):
             parent = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size], cache_salt)
             hashes.append(parent)
         features = RoutingFeatures(len(token_ids), params.max_tokens or 0, params.n, tuple(hashes))
         i = self.router.choose(features, self.loads)
-        ray.get(self.replicas[i].add_request.remote(request_id, token_ids, params, prompt, priority, cache_salt))
+        try:
+            ray.get(self.replicas[i].add_request.remote(request_id, token_ids, params, prompt, priority, cache_salt,
+                                                        deadline, arrival_time))
+        except ray.exceptions.RayTaskError as e:  # a refusal (validation) comes back as the replica raised it
+            raise e.cause from None
         self._owner[request_id] = i
         self._busy[i] += 1
         self.loads[i].waiting += params.n
@@ -115,13 +141,25 @@ class ReplicatedEngine:
         active = [i for i, b in enumerate(self._busy) if b]
         results = ray.get([self.replicas[i].step.remote() for i in active])
         outputs = []
-        for i, (outs, load) in zip(active, results):
-            self.loads[i] = load
+        self.last_step_error = None
+        for i, (outs, load, stats, error) in zip(active, results):
+            self.loads[i], self._stats[i] = load, stats
+            self.last_step_error = self.last_step_error or error
             for out in outs:
                 outputs.append(out)
                 if out.finished and self._owner.pop(out.request_id, None) is not None:
                     self._busy[i] -= 1
         return outputs
+
+    def stats(self) -> dict[str, float]:
+        """The replicas' engine stats summed (KV usage: their mean)."""
+        total: dict[str, float] = {}
+        for s in self._stats:
+            for k, v in s.items():
+                total[k] = total.get(k, 0.0) + v
+        if "kv_usage" in total:
+            total["kv_usage"] /= len(self._stats)
+        return total
 
     def prefix_stats(self) -> tuple[int, int]:
         import ray

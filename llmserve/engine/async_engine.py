@@ -209,6 +209,10 @@ class AsyncLLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
         bound = config.max_waiting_requests
+        if config.replicas > 1:  # engines on Ray behind the same interface (cluster/replicas.py)
+            from llmserve.cluster.replicas import ReplicatedEngine
+
+            return cls(lambda: ReplicatedEngine(config), DEFAULT_MAX_WAITING_REQUESTS if bound is None else bound)
         return cls(lambda: LLMEngine(config), DEFAULT_MAX_WAITING_REQUESTS if bound is None else bound)
 
     # ---- read-only facts for the server (immutable after start) -------------------------
@@ -448,3 +452,5 @@ class AsyncLLMEngine:
             logger.warning("engine loop did not stop within %.0f s", timeout)
             return
         self._fail_all(EngineDeadError("the engine was shut down"))
+        if hasattr(self.engine, "shutdown"):  # replicas: their actors, and the Ray started for them
+            self.engine.shutdown()
