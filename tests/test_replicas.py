@@ -59,7 +59,7 @@ def test_two_replicas_give_one_engines_outputs(ray_session, folder, router):
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert got == want
         assert llm.engine.kv_all_free()
-        assert sum(llm.engine._busy) == 0
+        assert not llm.engine.has_unfinished_requests()
     finally:
         llm.shutdown()
 
@@ -123,5 +123,34 @@ def test_a_refused_request_is_the_replicas_typed_error(ray_session, folder):
         with pytest.raises(LLMServeError, match="context"):
             llm.generate([list(range(3, 100))], SamplingParams(max_tokens=4), use_tqdm=False)
         assert llm.engine.kv_all_free() and not llm.engine.has_unfinished_requests()
+    finally:
+        llm.shutdown()
+
+
+def test_a_killed_replica_loses_no_request(ray_session, folder):
+    import os
+    import signal
+
+    prompts = random_prompts(8, [5, 40, 17, 33, 1, 24, 9, 12], seed=6)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(folder, replicas=2, router="round_robin")
+    engine = llm.engine
+    try:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        seen: dict[str, list[int]] = {}
+        killed = False
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens = out.outputs[0].token_ids
+                before = seen.get(out.request_id, [])
+                assert tokens[:len(before)] == before  # a stream only grows: no token repeated or changed
+                seen[out.request_id] = list(tokens)
+            if not killed and min(len(v) for v in seen.values() or [[]]) >= 5:
+                os.kill(engine.replica_pids()[0], signal.SIGKILL)
+                killed = True
+        assert killed and engine.restarts == 1
+        assert [seen[str(i)] for i in range(len(prompts))] == want
     finally:
         llm.shutdown()

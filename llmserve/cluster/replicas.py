@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 
 from llmserve.cluster.router import ReplicaLoad, make_router
 from llmserve.config import EngineConfig
 from llmserve.engine.kv_cache import block_hash
-from llmserve.outputs import RequestOutput
+from llmserve.errors import EngineDeadError
+from llmserve.outputs import CompletionOutput, RequestOutput
 from llmserve.privacy.routing import RoutingFeatures
 from llmserve.sampling_params import SamplingParams
 
@@ -63,14 +65,35 @@ class EngineReplica:
         return os.getpid()
 
 
+@dataclass
+class _Tracked:
+    """What the front keeps of a request, so it can continue elsewhere if its replica dies."""
+    token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    priority: int
+    cache_salt: str | None
+    replica: int
+    last: RequestOutput | None = None  # as last streamed (cumulative)
+    before: CompletionOutput | None = None  # what earlier replicas produced, when it was moved
+
+
 class ReplicatedEngine:
-    """N EngineReplica actors and a router, with the engine interface LLM uses."""
+    """N EngineReplica actors and a router, with the engine interface LLM and the async engine use.
+
+    A replica that dies (its process killed) loses no request: each of its requests is re-added on
+    a live replica as its prompt plus the tokens already streamed, with the budget that is left,
+    and its later outputs are stitched onto what was streamed, so a stream neither repeats nor
+    skips a token (greedy continues exactly; a sampled request continues with fresh draws). Ray
+    restarts the replica (max_restarts), and it takes requests again once it answers.
+    """
 
     def __init__(self, config: EngineConfig, threads: int | None = None) -> None:
         import ray
 
         from llmserve.cluster.local_ray import start_ray
         from llmserve.model.resolve import resolve_model_folder
+        from llmserve.structured.compiler import GrammarCompiler
         from llmserve.tokenizer import load_tokenizer
 
         n = config.replicas
@@ -81,76 +104,137 @@ class ReplicatedEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or folder)
         inner = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         inner.update(replicas=1, ray_address=None)
-        actor = ray.remote(num_cpus=per, runtime_env={"env_vars": {"LLMSERVE_NUM_THREADS": str(per)}})(EngineReplica)
+        actor = ray.remote(num_cpus=per, max_restarts=-1,
+                           runtime_env={"env_vars": {"LLMSERVE_NUM_THREADS": str(per)}})(EngineReplica)
         self.replicas = [actor.remote(inner) for _ in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
         self.router = make_router(config.router, seed=config.seed or 0)
         self.block_size = config.block_size
-        self._owner: dict[str, int] = {}  # request id -> replica
-        self._busy = [0] * n
+        self._live: dict[str, _Tracked] = {}
+        self._down: dict[int, object] = {}  # replica -> its pending liveness probe while Ray restarts it
+        self.restarts = 0
         ray.get([r.pid.remote() for r in self.replicas])  # every replica's engine is built
         facts = ray.get(self.replicas[0].facts.remote())
         self.max_model_len, self.model_config = facts["max_model_len"], facts["model_config"]
         self.model_name, self.eos_token_ids = facts["model_name"], facts["eos_token_ids"]
-        from llmserve.structured.compiler import GrammarCompiler
-
         # Grammars are compiled here first, so a bad schema is refused before any replica sees it.
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.last_step_error: str | None = None
         self._stats: list[dict[str, float]] = ray.get([r.stats.remote() for r in self.replicas])
 
+    # ---- the engine interface ----------------------------------------------------------------
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams | None = None, *,
                     prompt: str | None = None, priority: int = 0, cache_salt: str | None = None,
                     deadline: float | None = None, arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        i = self._place(token_ids, params, cache_salt)
+        self._submit(i, request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time)
+        self._live[request_id] = _Tracked(list(token_ids), params, prompt, priority, cache_salt, i)
+
+    def abort_request(self, ids: list[str] | str) -> None:
         import ray
 
-        params = params or SamplingParams()
+        by_replica: dict[int, list[str]] = {}
+        for rid in [ids] if isinstance(ids, str) else list(ids):
+            tracked = self._live.pop(rid, None)
+            if tracked is not None:
+                by_replica.setdefault(tracked.replica, []).append(rid)
+        refs = [self.replicas[i].abort_request.remote(r) for i, r in by_replica.items() if i not in self._down]
+        ray.get(refs)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._live)
+
+    def step(self) -> list[RequestOutput]:
+        import ray
+
+        self._check_restarted()
+        active = sorted({t.replica for t in self._live.values()} - set(self._down))
+        refs = {i: self.replicas[i].step.remote() for i in active}
+        outputs: list[RequestOutput] = []
+        self.last_step_error = None
+        for i, ref in refs.items():
+            try:
+                outs, load, stats, error = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                self._fail_over(i)
+                continue
+            self.loads[i], self._stats[i] = load, stats
+            self.last_step_error = self.last_step_error or error
+            for out in outs:
+                tracked = self._live.get(out.request_id)
+                if tracked is None:
+                    continue
+                out = self._stitched(tracked, out)
+                tracked.last = out
+                outputs.append(out)
+                if out.finished:
+                    del self._live[out.request_id]
+        return outputs
+
+    # ---- placement and failover ------------------------------------------------------------
+    def _place(self, token_ids: list[int], params: SamplingParams, cache_salt: str | None) -> int:
         hashes, parent = [], None
-        for i in range(len(token_ids) // self.block_size):
-            parent = block_hash(parent, token_ids[i * self.block_size:(i + 1) * self.block_size], cache_salt)
+        for b in range(len(token_ids) // self.block_size):
+            parent = block_hash(parent, token_ids[b * self.block_size:(b + 1) * self.block_size], cache_salt)
             hashes.append(parent)
         features = RoutingFeatures(len(token_ids), params.max_tokens or 0, params.n, tuple(hashes))
-        i = self.router.choose(features, self.loads)
+        alive = [i for i in range(len(self.replicas)) if i not in self._down]
+        if not alive:
+            raise EngineDeadError("no replica is serving")
+        return alive[self.router.choose(features, [self.loads[i] for i in alive])]
+
+    def _submit(self, i: int, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None,
+                priority: int, cache_salt: str | None, deadline: float | None = None,
+                arrival_time: float | None = None) -> None:
+        import ray
+
         try:
             ray.get(self.replicas[i].add_request.remote(request_id, token_ids, params, prompt, priority, cache_salt,
                                                         deadline, arrival_time))
         except ray.exceptions.RayTaskError as e:  # a refusal (validation) comes back as the replica raised it
             raise e.cause from None
-        self._owner[request_id] = i
-        self._busy[i] += 1
         self.loads[i].waiting += params.n
 
-    def abort_request(self, ids: list[str] | str) -> None:
+    def _fail_over(self, dead: int) -> None:
+        """Move every request of a dead replica to live ones, from what was already streamed."""
+        self._down[dead] = self.replicas[dead].pid.remote()  # answers once Ray has restarted it
+        self.restarts += 1
+        for rid, t in [(rid, t) for rid, t in self._live.items() if t.replica == dead]:
+            done = t.last.outputs[0] if t.last is not None and t.params.n == 1 else None
+            generated = list(done.token_ids) if done is not None else []
+            params = dataclasses.replace(t.params)
+            if generated:  # continue after what the client has: the same prompt, less budget
+                params.max_tokens = max(1, t.params.max_tokens - len(generated)) if t.params.max_tokens else None
+                params.min_tokens = max(0, (t.params.min_tokens or 0) - len(generated))
+                t.before = done
+            tokens = t.token_ids + generated
+            t.replica = self._place(tokens, params, t.cache_salt)
+            self._submit(t.replica, rid, tokens, params, None, t.priority, t.cache_salt)
+
+    def _stitched(self, t: _Tracked, out: RequestOutput) -> RequestOutput:
+        if t.before is None:
+            return out
+        b, c = t.before, out.outputs[0]
+        merged = dataclasses.replace(
+            c, token_ids=list(b.token_ids) + list(c.token_ids), text=b.text + c.text,
+            logprobs=(list(b.logprobs) + list(c.logprobs)) if b.logprobs is not None and c.logprobs is not None else None)
+        return dataclasses.replace(out, prompt=t.prompt, prompt_token_ids=t.token_ids, outputs=[merged])
+
+    def _check_restarted(self) -> None:
         import ray
 
-        ids = [ids] if isinstance(ids, str) else list(ids)
-        by_replica: dict[int, list[str]] = {}
-        for rid in ids:
-            if rid in self._owner:
-                by_replica.setdefault(self._owner.pop(rid), []).append(rid)
-        ray.get([self.replicas[i].abort_request.remote(r) for i, r in by_replica.items()])
-        for i, r in by_replica.items():
-            self._busy[i] -= len(r)
+        for i, probe in list(self._down.items()):
+            ready, _ = ray.wait([probe], timeout=0)
+            if ready:
+                try:
+                    ray.get(ready[0])
+                    del self._down[i]
+                    self.loads[i] = ReplicaLoad()
+                except ray.exceptions.RayActorError:
+                    self._down[i] = self.replicas[i].pid.remote()
 
-    def has_unfinished_requests(self) -> bool:
-        return any(self._busy)
-
-    def step(self) -> list[RequestOutput]:
-        import ray
-
-        active = [i for i, b in enumerate(self._busy) if b]
-        results = ray.get([self.replicas[i].step.remote() for i in active])
-        outputs = []
-        self.last_step_error = None
-        for i, (outs, load, stats, error) in zip(active, results):
-            self.loads[i], self._stats[i] = load, stats
-            self.last_step_error = self.last_step_error or error
-            for out in outs:
-                outputs.append(out)
-                if out.finished and self._owner.pop(out.request_id, None) is not None:
-                    self._busy[i] -= 1
-        return outputs
-
+    # ---- stats and shutdown ------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         """The replicas' engine stats summed (KV usage: their mean)."""
         total: dict[str, float] = {}
@@ -172,10 +256,15 @@ class ReplicatedEngine:
 
         return all(ray.get([r.kv_free.remote() for r in self.replicas]))
 
+    def replica_pids(self) -> list[int]:
+        import ray
+
+        return ray.get([r.pid.remote() for r in self.replicas])
+
     def shutdown(self) -> None:
         import ray
 
         for r in self.replicas:
-            ray.kill(r)
+            ray.kill(r, no_restart=True)
         if self.session is not None:
             self.session.shutdown()
