@@ -30,6 +30,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    choices=["round_robin", "least_load", "power_of_two", "prefix_affinity"],
                    help="how requests are placed among replicas (identity-free)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting one")
+    p.add_argument("--prefill-replicas", type=int, default=0,
+                   help="disaggregated serving: replicas that compute prompts (with --decode-replicas)")
+    p.add_argument("--decode-replicas", type=int, default=0,
+                   help="disaggregated serving: replicas that continue requests, their KV moved from prefill")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -55,6 +59,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         replicas=getattr(args, "replicas", 1), router=getattr(args, "router", "round_robin"),
         ray_address=getattr(args, "ray_address", None),
+        prefill_replicas=getattr(args, "prefill_replicas", 0), decode_replicas=getattr(args, "decode_replicas", 0),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,

@@ -52,6 +52,10 @@ class EngineConfig:
     replicas: int = 1
     router: str = "round_robin"
     ray_address: str | None = None  # join this Ray cluster instead of starting a local one
+    # Prefill/decode disaggregation (DistServe): with both set, replicas = their sum; prompts are
+    # computed on prefill replicas, whose requests then move with their KV to decode replicas.
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
     # Speculative decoding (vLLM's shape): a dict or JSON string, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4}; validated into a spec.config.SpeculativeConfig. None: off.
     speculative_config: object = None
@@ -72,6 +76,11 @@ class EngineConfig:
 
         if not isinstance(self.replicas, int) or self.replicas < 1:
             raise InvalidRequestError("replicas must be a positive integer")
+        if (self.prefill_replicas > 0) != (self.decode_replicas > 0) or min(self.prefill_replicas,
+                                                                           self.decode_replicas) < 0:
+            raise InvalidRequestError("prefill_replicas and decode_replicas go together, both positive")
+        if self.prefill_replicas:
+            object.__setattr__(self, "replicas", self.prefill_replicas + self.decode_replicas)
         if self.router not in ROUTERS:
             raise InvalidRequestError(f"router must be one of {ROUTERS}, not {self.router!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -154,3 +154,45 @@ def test_a_killed_replica_loses_no_request(ray_session, folder):
         assert [seen[str(i)] for i in range(len(prompts))] == want
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_disaggregated_prefill_and_decode_give_colocated_outputs(ray_session, folder, seeded):
+    prompts = random_prompts(6, [5, 40, 17, 33, 1, 24], seed=12)
+    prompts.append(prompts[1] + [7, 8])  # a prefix hit on the prefill replica
+    params = (SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True) if seeded
+              else SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(folder, prefill_replicas=1, decode_replicas=1)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+        engine = llm.engine
+        assert engine.transfers == len(prompts) and engine.transfer_bytes > 0
+        assert engine.kv_all_free()
+    finally:
+        llm.shutdown()
+
+
+def test_live_migration_mid_decode_keeps_the_completion(ray_session, folder):
+    prompts = random_prompts(3, [20, 9, 30], seed=13)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(folder, replicas=2, router="round_robin")
+    engine = llm.engine
+    try:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        seen, moved = {}, False
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                before = seen.get(out.request_id, [])
+                assert out.outputs[0].token_ids[:len(before)] == before
+                seen[out.request_id] = list(out.outputs[0].token_ids)
+            if not moved and len(seen.get("0", [])) >= 4:
+                engine.migrate("0", 1 - engine._live["0"].replica)
+                moved = True
+        assert moved and [seen[str(i)] for i in range(3)] == want
+        assert engine.kv_all_free()
+    finally:
+        llm.shutdown()

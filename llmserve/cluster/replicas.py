@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 
 from llmserve.cluster.router import ReplicaLoad, make_router
@@ -43,6 +44,15 @@ class EngineReplica:
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
+
+    def export_request(self, request_id: str) -> tuple[dict, int]:
+        """The request with its KV, taken out of this engine; and the KV's size in bytes (called
+        with num_returns=2, so the state can go to another replica without passing through here)."""
+        state = self.engine.export_request(request_id, with_kv=True)
+        return state, sum(kv.numel() * kv.element_size() for kv in state["kv"] if kv is not None)
+
+    def import_request(self, state: dict) -> None:
+        self.engine.import_request(state)
 
     def facts(self) -> dict:
         """What the front end needs to know of the model (the same on every replica)."""
@@ -109,6 +119,10 @@ class ReplicatedEngine:
         self.replicas = [actor.remote(inner) for _ in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
         self.router = make_router(config.router, seed=config.seed or 0)
+        # Disaggregated: prompts go to the first prefill_replicas, requests then move to the rest.
+        self.prefill = list(range(config.prefill_replicas))
+        self.decode = list(range(config.prefill_replicas, n)) if config.prefill_replicas else []
+        self.transfers, self.transfer_s, self.transfer_bytes = 0, 0.0, 0
         self.block_size = config.block_size
         self._live: dict[str, _Tracked] = {}
         self._down: dict[int, object] = {}  # replica -> its pending liveness probe while Ray restarts it
@@ -170,7 +184,29 @@ class ReplicatedEngine:
                 outputs.append(out)
                 if out.finished:
                     del self._live[out.request_id]
+                elif i in self.prefill and out.outputs[0].token_ids:  # its prompt is done: on to decode
+                    self.migrate(out.request_id, self._least_loaded(self.decode))
         return outputs
+
+    def migrate(self, request_id: str, to: int) -> None:
+        """Move a running request, with its KV, to replica `to` (Llumnix-style live migration; also
+        the prefill -> decode hand-off). Its stream goes on from the next step without a gap."""
+        import ray
+
+        t = self._live[request_id]
+        if to == t.replica:
+            return
+        start = time.perf_counter()
+        state_ref, bytes_ref = self.replicas[t.replica].export_request.options(num_returns=2).remote(request_id)
+        ray.get(self.replicas[to].import_request.remote(state_ref))  # through the object store, not here
+        self.transfer_bytes += ray.get(bytes_ref)
+        self.transfer_s += time.perf_counter() - start
+        self.transfers += 1
+        t.replica = to
+
+    def _least_loaded(self, among: list[int]) -> int:
+        alive = [i for i in among if i not in self._down] or among
+        return min(alive, key=lambda i: (self.loads[i].sequences, self.loads[i].kv_usage, i))
 
     # ---- placement and failover ------------------------------------------------------------
     def _place(self, token_ids: list[int], params: SamplingParams, cache_salt: str | None) -> int:
@@ -179,7 +215,7 @@ class ReplicatedEngine:
             parent = block_hash(parent, token_ids[b * self.block_size:(b + 1) * self.block_size], cache_salt)
             hashes.append(parent)
         features = RoutingFeatures(len(token_ids), params.max_tokens or 0, params.n, tuple(hashes))
-        alive = [i for i in range(len(self.replicas)) if i not in self._down]
+        alive = [i for i in (self.prefill or range(len(self.replicas))) if i not in self._down]
         if not alive:
             raise EngineDeadError("no replica is serving")
         return alive[self.router.choose(features, [self.loads[i] for i in alive])]
