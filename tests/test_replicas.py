@@ -111,6 +111,9 @@ def test_server_with_two_replicas_streams(ray_session):
         import json
         assert "".join(json.loads(p[6:])["choices"][0]["text"] for p in pieces) == texts.pop()
         assert httpx.get(server.base_url + "/health").status_code == 200
+        metrics = httpx.get(server.base_url + "/metrics").text
+        assert 'llmserve:replicas_serving{model_name="tiny"} 2.0' in metrics
+        assert 'llmserve:replica_num_requests_running{model_name="tiny",replica="1"}' in metrics
     finally:
         server.stop()
 

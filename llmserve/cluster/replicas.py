@@ -281,6 +281,11 @@ class ReplicatedEngine:
             total["kv_usage"] /= len(self._stats)
         return total
 
+    def replica_stats(self) -> list[tuple[int, int, float, bool]]:
+        """(running, waiting, KV usage, serving) per replica, as of its last step."""
+        return [(int(s.get("num_running", 0)), int(s.get("num_waiting", 0)), float(s.get("kv_usage", 0.0)),
+                 i not in self._down) for i, s in enumerate(self._stats)]
+
     def prefix_stats(self) -> tuple[int, int]:
         import ray
 

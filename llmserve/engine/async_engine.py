@@ -57,6 +57,8 @@ class EngineStats:
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
+    # Replicas (cluster/): one (num_running, num_waiting, kv_usage, serving) per replica.
+    replicas: tuple[tuple[int, int, float, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -415,7 +417,8 @@ class AsyncLLMEngine:
         self._stats = EngineStats(int(s["num_running"]), int(s["num_waiting"]), float(s["kv_usage"]),
                                   int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]),
                                   int(s["spec_decode_num_drafts"]), int(s["spec_decode_num_draft_tokens"]),
-                                  int(s["spec_decode_num_accepted_tokens"]))
+                                  int(s["spec_decode_num_accepted_tokens"]),
+                                  tuple(self.engine.replica_stats()) if hasattr(self.engine, "replica_stats") else ())
         self._heartbeat = time.monotonic()
 
     def _die(self, e: BaseException) -> None:

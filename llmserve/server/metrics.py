@@ -56,6 +56,18 @@ class _EngineCollector(Collector):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        if s.replicas:  # per replica, labelled by its index (never by anything of a request)
+            serving = GaugeMetricFamily("llmserve:replicas_serving", "Replicas taking requests.", labels=["model_name"])
+            serving.add_metric([self.model_name], sum(r[3] for r in s.replicas))
+            yield serving
+            for k, (name, doc) in enumerate((
+                    ("llmserve:replica_num_requests_running", "Sequences being computed, per replica."),
+                    ("llmserve:replica_num_requests_waiting", "Sequences waiting, per replica."),
+                    ("llmserve:replica_kv_cache_usage_perc", "Fraction of KV blocks in use, per replica."))):
+                gauge = GaugeMetricFamily(name, doc, labels=["model_name", "replica"])
+                for i, r in enumerate(s.replicas):
+                    gauge.add_metric([self.model_name, str(i)], r[k])
+                yield gauge
 
 
 class ServerMetrics:
