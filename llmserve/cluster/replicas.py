@@ -74,6 +74,11 @@ class EngineReplica:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 @dataclass
 class _Tracked:
@@ -114,7 +119,8 @@ class ReplicatedEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or folder)
         inner = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         inner.update(replicas=1, ray_address=None)
-        actor = ray.remote(num_cpus=per, max_restarts=-1,
+        # SPREAD: replicas on as many nodes as the cluster has (one machine: all on it).
+        actor = ray.remote(num_cpus=per, max_restarts=-1, scheduling_strategy="SPREAD",
                            runtime_env={"env_vars": {"LLMSERVE_NUM_THREADS": str(per)}})(EngineReplica)
         self.replicas = [actor.remote(inner) for _ in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
@@ -296,6 +302,11 @@ class ReplicatedEngine:
         import ray
 
         return all(ray.get([r.kv_free.remote() for r in self.replicas]))
+
+    def replica_nodes(self) -> list[str]:
+        import ray
+
+        return ray.get([r.node_id.remote() for r in self.replicas])
 
     def replica_pids(self) -> list[int]:
         import ray
