@@ -199,3 +199,27 @@ def test_live_migration_mid_decode_keeps_the_completion(ray_session, folder):
         assert engine.kv_all_free()
     finally:
         llm.shutdown()
+
+
+def test_migration_evens_out_a_skewed_load_and_drains(ray_session, folder):
+    llm = make_llm(folder, replicas=2, router="round_robin", num_kv_blocks=256)
+    engine = llm.engine
+    engine.imbalance = 2
+    try:
+        long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        short = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        for i, p in enumerate(random_prompts(12, [6] * 12, seed=30)):
+            engine.add_request(str(i), p, long if i % 2 == 0 else short)  # replica 0 gets the long ones
+        worst = 0
+        for _ in range(8):
+            engine.step()
+            counts = [sum(t.replica == r for t in engine._live.values()) for r in (0, 1)]
+            worst = max(worst, abs(counts[0] - counts[1]))
+        assert engine.transfers > 0 and abs(counts[0] - counts[1]) <= engine.imbalance + 1
+        engine.drain(1)
+        assert all(t.replica == 0 for t in engine._live.values())
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.kv_all_free()
+    finally:
+        llm.shutdown()

@@ -129,6 +129,8 @@ class ReplicatedEngine:
         self.prefill = list(range(config.prefill_replicas))
         self.decode = list(range(config.prefill_replicas, n)) if config.prefill_replicas else []
         self.transfers, self.transfer_s, self.transfer_bytes = 0, 0.0, 0
+        self.imbalance = 8  # requests: beyond this difference between replicas, migrate to even out
+        self._draining: set[int] = set()
         self.block_size = config.block_size
         self._live: dict[str, _Tracked] = {}
         self._down: dict[int, object] = {}  # replica -> its pending liveness probe while Ray restarts it
@@ -192,7 +194,32 @@ class ReplicatedEngine:
                     del self._live[out.request_id]
                 elif i in self.prefill and out.outputs[0].token_ids:  # its prompt is done: on to decode
                     self.migrate(out.request_id, self._least_loaded(self.decode))
+        if not self.prefill:
+            self._rebalance()
         return outputs
+
+    def _rebalance(self) -> None:
+        """When one replica holds `imbalance` more requests than another, move its newest running
+        one over (Llumnix's load balancing by migration)."""
+        alive = [i for i in range(len(self.replicas)) if i not in self._down and i not in self._draining]
+        if len(alive) < 2:
+            return
+        count = {i: 0 for i in alive}
+        for t in self._live.values():
+            if t.replica in count:
+                count[t.replica] += 1
+        busiest, idlest = max(alive, key=count.get), min(alive, key=count.get)
+        if count[busiest] - count[idlest] > self.imbalance:
+            newest = next(rid for rid, t in reversed(self._live.items()) if t.replica == busiest)
+            self.migrate(newest, idlest)
+
+    def drain(self, replica: int) -> None:
+        """Stop placing requests on `replica` and move its running ones to the others (a replica
+        that is being stopped, or scaled in)."""
+        self._draining.add(replica)
+        others = [i for i in range(len(self.replicas)) if i != replica and i not in self._draining]
+        for rid in [rid for rid, t in self._live.items() if t.replica == replica]:
+            self.migrate(rid, self._least_loaded(others))
 
     def migrate(self, request_id: str, to: int) -> None:
         """Move a running request, with its KV, to replica `to` (Llumnix-style live migration; also
@@ -221,7 +248,8 @@ class ReplicatedEngine:
             parent = block_hash(parent, token_ids[b * self.block_size:(b + 1) * self.block_size], cache_salt)
             hashes.append(parent)
         features = RoutingFeatures(len(token_ids), params.max_tokens or 0, params.n, tuple(hashes))
-        alive = [i for i in (self.prefill or range(len(self.replicas))) if i not in self._down]
+        alive = [i for i in (self.prefill or range(len(self.replicas)))
+                 if i not in self._down and i not in self._draining]
         if not alive:
             raise EngineDeadError("no replica is serving")
         return alive[self.router.choose(features, [self.loads[i] for i in alive])]
