@@ -29,6 +29,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -196,17 +197,22 @@ def offline(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> di
     print(f"\n== offline: {args.num_requests} requests x {args.input_len} prompt tokens -> exactly "
           f"{args.output_len} output tokens, greedy; llmserve {args.dtype}, vLLM {' and '.join(dtypes)}; best of "
           f"{args.repeats} (alternating)", flush=True)
-    runs: dict[str, list[dict]] = {"llmserve": [], **{f"vLLM {d}": [] for d in dtypes}}
+    variants = {"llmserve": [], **{f"llmserve {name}": shlex.split(extra) for name, extra in
+                                   (v.split("=", 1) for v in args.llmserve_variant)}}
+    runs: dict[str, list[dict]] = {**{v: [] for v in variants}, **{f"vLLM {d}": [] for d in dtypes}}
     binding: dict[str, list[str]] = {}
     for i in range(args.repeats):  # alternate, so a burst of load from elsewhere hits one run, not one side
-        ours_json = out / f"offline_llmserve_{i}.json"
         print(f"  run {i + 1}: load average {os.getloadavg()[0]:.2f}", flush=True)
-        run([sys.executable, "-m", "llmserve.cli", "bench", "throughput", "--model", str(folder), "--workload-file",
-             str(wl), "--ignore-eos", "--temperature", "0", "--output-json", str(ours_json), "--disable-tqdm",
-             "--dtype", args.dtype, *limits], log=out / f"offline_llmserve_{i}.log", env=ours_env)
-        r = json.loads(ours_json.read_text())
-        r["load_average_after"] = os.getloadavg()
-        runs["llmserve"].append(r)
+        for name, extra in variants.items():
+            tag = name.replace(" ", "_")
+            ours_json = out / f"offline_{tag}_{i}.json"
+            run([sys.executable, "-m", "llmserve.cli", "bench", "throughput", "--model", str(folder), "--workload-file",
+                 str(wl), "--ignore-eos", "--temperature", "0", "--output-json", str(ours_json), "--disable-tqdm",
+                 "--dtype", args.dtype, *limits, *extra], log=out / f"offline_{tag}_{i}.log", env=ours_env)
+            r = json.loads(ours_json.read_text())
+            r["load_average_after"] = os.getloadavg()
+            r["extra_args"] = extra
+            runs[name].append(r)
         for d in (dtypes if i % 2 == 0 else dtypes[::-1]):
             vllm_json, log = out / f"offline_vllm_{d}_{i}.json", out / f"offline_vllm_{d}_{i}.log"
             run([args.vllm_python, str(ROOT / "benchmarks" / "vllm_offline.py"), "--model", str(folder),
@@ -225,9 +231,11 @@ def offline(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> di
     faster = max(dtypes, key=lambda d: best[f"vLLM {d}"]["output_tokens_per_second"])
     ours, theirs = best["llmserve"], best[f"vLLM {faster}"]
     print(f"baseline: vLLM {faster} (the faster of vLLM's dtypes)")
-    print(f"ratio llmserve / vLLM {faster} (output tok/s, best runs): "
-          f"{ratio(ours['output_tokens_per_second'], theirs['output_tokens_per_second'])}", flush=True)
+    for name in variants:
+        print(f"ratio {name} / vLLM {faster} (output tok/s, best runs): "
+              f"{ratio(best[name]['output_tokens_per_second'], theirs['output_tokens_per_second'])}", flush=True)
     return {"llmserve": ours, "vllm": theirs, "vllm_baseline_dtype": faster,
+            "llmserve_variants": {name: best[name] for name in variants},
             "vllm_by_dtype": {d: best[f"vLLM {d}"] for d in dtypes}, "all_runs": runs,
             "vllm_binding_log_lines": binding,
             "output_throughput_ratio": ours["output_tokens_per_second"] / theirs["output_tokens_per_second"],
@@ -335,6 +343,9 @@ def main() -> None:
                     help="VLLM_CPU_KVCACHE_SPACE, whole GiB (vLLM's CPU guide: 4 by default)")
     ap.add_argument("--startup-timeout", type=float, default=1200)
     ap.add_argument("--repeats", type=int, default=2, help="offline runs per engine, alternating; best reported")
+    ap.add_argument("--llmserve-variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="also run llmserve with these engine flags (offline), e.g. "
+                         "'q8=--activations q8 --kv-cache-dtype float16'; repeatable")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="8 x 64 -> 32 offline, 8 requests served")
     ap.add_argument("--out-dir", default=str(ROOT / "bench-results" / "vs_vllm"))
