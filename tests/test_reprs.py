@@ -26,7 +26,9 @@ IDS = [31337, 42424, 27182]
 # Every dataclass in these modules, and why its repr is safe: a new one must be added here after review.
 CONTENT_FREE = {"APIError": "messages name fields and sizes only", "FinishedRequest": "counts and timings",
                 "EngineStats": "counts", "EngineHealth": "states and an exception type", "_Abort": "an id",
-                "Operation": "an OpenAPI route's summary, model classes and statuses"}
+                "Operation": "an OpenAPI route's summary, model classes and statuses",
+                "PrivacyOptions": "operator's paths, issuer public keys, a rotation period",
+                "PrivateNode": "a custom repr: whether tokens and a manifest are on, the gateway's key ids"}
 REDACTED = {"_Add", "Prompt", "Delta", "ServerSettings"}
 
 

@@ -91,7 +91,8 @@ def test_chat_streams_and_the_server_panel_moves(page, server):
 
     page.fill("#system-prompt", "Be brief.")
     page.fill("#temperature", "0")
-    page.fill("#max-tokens", "48")
+    # Long enough that the reply spans many reads of the stream, even on a busy machine.
+    page.fill("#max-tokens", "200")
     # Count every change of the reply's text while it streams.
     page.evaluate("""() => {
         window.replyUpdates = [];

@@ -92,7 +92,7 @@ class TokenMiddleware:
         await self.app(scope, receive, send)
 
 
-@dataclass
+@dataclass(repr=False)
 class PrivateNode:
     config: object  # the frozen, private EngineConfig
     hardening: Hardening
@@ -106,6 +106,10 @@ class PrivateNode:
         self.gateway = self.gateway or RotatingGateway(self.options.ohttp_rotation_s)
         if self.options.issuer_keys and self.redeemer is None:
             self.redeemer = TokenRedeemer(self.options.issuer_keys, TokenChallenge(self.options.issuer_name))
+
+    def __repr__(self) -> str:  # no keys, nonces or paths: what is on, nothing more
+        return (f"PrivateNode(tokens_required={self.redeemer is not None}, "
+                f"manifest={self.options.manifest_dir is not None}, key_ids={sorted(self.gateway.keys)})")
 
     def privacy_document(self) -> dict:
         return {"private": True, "optimizations": describe(self.config),
