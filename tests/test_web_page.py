@@ -115,7 +115,7 @@ def test_chat_streams_and_the_server_panel_moves(page, server):
     assert body["stream"] is True and body["model"] == "tiny"
     assert body["messages"] == [{"role": "system", "content": "Be brief."},
                                 {"role": "user", "content": "What is the capital of France?"}]
-    assert (body["temperature"], body["max_tokens"]) == (0, 48) and "response_format" not in body
+    assert (body["temperature"], body["max_tokens"]) == (0, 200) and "response_format" not in body
 
     # The panel polls /metrics each second: the generated-token count and the TTFT histogram move.
     page.wait_for_function(f"parseInt(document.querySelector('#m-generated').textContent) > {generated_before}")
