@@ -223,3 +223,43 @@ def test_migration_evens_out_a_skewed_load_and_drains(ray_session, folder):
         assert engine.kv_all_free()
     finally:
         llm.shutdown()
+
+
+def test_server_streams_survive_a_killed_replica(ray_session):
+    import json
+    import os
+    import signal
+    import threading
+
+    import httpx
+
+    from server_fixtures import start_server, tiny_model_path
+
+    server = start_server(tiny_model_path(), replicas=2, router="round_robin", num_kv_blocks=64)
+    prompts = [f"Story number {i}:" for i in range(8)]
+    body = {"model": "tiny", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    try:
+        want = [httpx.post(server.base_url + "/v1/completions", json={**body, "prompt": p}, timeout=120)
+                .json()["choices"][0]["text"] for p in prompts]
+        streamed: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+        started = threading.Event()
+
+        def stream(i: int) -> None:
+            with httpx.stream("POST", server.base_url + "/v1/completions", timeout=120,
+                              json={**body, "prompt": prompts[i], "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        streamed[i].append(json.loads(line[6:])["choices"][0]["text"])
+                        if sum(len(v) for v in streamed.values()) > 16:
+                            started.set()
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        assert started.wait(120)
+        os.kill(server.engine.engine.replica_pids()[0], signal.SIGKILL)
+        for t in threads:
+            t.join(180)
+        assert ["".join(streamed[i]) for i in range(len(prompts))] == want  # no token repeated or lost
+        assert server.engine.engine.restarts == 1
+    finally:
+        server.stop()

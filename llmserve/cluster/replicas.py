@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from llmserve.cluster.router import ReplicaLoad, make_router
 from llmserve.config import EngineConfig
+from llmserve.engine.detokenizer import IncrementalDetokenizer
+from llmserve.engine.engine import PROMPT_TAIL
 from llmserve.engine.kv_cache import block_hash
 from llmserve.errors import EngineDeadError
 from llmserve.outputs import CompletionOutput, RequestOutput
@@ -91,6 +93,11 @@ class _Tracked:
     replica: int
     last: RequestOutput | None = None  # as last streamed (cumulative)
     before: CompletionOutput | None = None  # what earlier replicas produced, when it was moved
+    # After a failover the front detokenizes: the new replica's text starts after the tokens it was
+    # given, so text the dead one held back (an incomplete character, a possible stop string) would
+    # otherwise be lost. `fed`: how many of the new replica's tokens it has seen.
+    detok: IncrementalDetokenizer | None = None
+    fed: int = 0
 
 
 class ReplicatedEngine:
@@ -277,7 +284,11 @@ class ReplicatedEngine:
             if generated:  # continue after what the client has: the same prompt, less budget
                 params.max_tokens = max(1, t.params.max_tokens - len(generated)) if t.params.max_tokens else None
                 params.min_tokens = max(0, (t.params.min_tokens or 0) - len(generated))
-                t.before = done
+                t.before, t.fed = done, 0
+                t.detok = IncrementalDetokenizer(self.tokenizer, t.token_ids[-PROMPT_TAIL:], t.params.stop,
+                                                 t.params.include_stop_str_in_output, t.params.skip_special_tokens)
+                for token in generated:
+                    t.detok.add(token)
             tokens = t.token_ids + generated
             t.replica = self._place(tokens, params, t.cache_salt)
             self._submit(t.replica, rid, tokens, params, None, t.priority, t.cache_salt)
@@ -286,10 +297,27 @@ class ReplicatedEngine:
         if t.before is None:
             return out
         b, c = t.before, out.outputs[0]
+        new = list(c.token_ids)
+        finished, reason, stop = out.finished, c.finish_reason, c.stop_reason
+        for k in range(t.fed, len(new)):
+            if t.detok.add(new[k]):  # a stop string across the hand-over: the front ends it here
+                new, finished, reason, stop = new[:k + 1], True, "stop", t.detok.stop_string
+                self.abort_request_on_replica(out.request_id, t.replica)
+                break
+        t.fed = len(new)
         merged = dataclasses.replace(
-            c, token_ids=list(b.token_ids) + list(c.token_ids), text=b.text + c.text,
-            logprobs=(list(b.logprobs) + list(c.logprobs)) if b.logprobs is not None and c.logprobs is not None else None)
-        return dataclasses.replace(out, prompt=t.prompt, prompt_token_ids=t.token_ids, outputs=[merged])
+            c, token_ids=list(b.token_ids) + new, text=t.detok.visible_text(finished), finish_reason=reason,
+            stop_reason=stop,
+            logprobs=(list(b.logprobs) + list(c.logprobs)[:len(new)])
+            if b.logprobs is not None and c.logprobs is not None else None)
+        return dataclasses.replace(out, prompt=t.prompt, prompt_token_ids=t.token_ids, outputs=[merged],
+                                   finished=finished)
+
+    def abort_request_on_replica(self, request_id: str, replica: int) -> None:
+        import ray
+
+        if replica not in self._down:
+            ray.get(self.replicas[replica].abort_request.remote([request_id]))
 
     def _check_restarted(self) -> None:
         import ray
