@@ -98,7 +98,8 @@ def _add_routes(app: FastAPI, ctx: ServingContext, docs: ApiDocs) -> None:
     async def ready() -> Response:
         # Ready while the engine takes requests, even right after a failed step (when /health is
         # 503): a balancer that stopped sending requests would leave no step to prove it recovered.
-        if ctx.draining or not ctx.engine.health().accepting:
+        replicas = ctx.engine.stats().replicas  # with replicas: at least one of them serving
+        if ctx.draining or not ctx.engine.health().accepting or (replicas and not any(r[3] for r in replicas)):
             return APIError(503, "The server is not ready.", "service_unavailable_error").response()
         return JSONResponse(ReadyStatus(status="ready").model_dump())
 
