@@ -114,6 +114,7 @@ def test_server_with_two_replicas_streams(ray_session):
         metrics = httpx.get(server.base_url + "/metrics").text
         assert 'llmserve:replicas_serving{model_name="tiny"} 2.0' in metrics
         assert 'llmserve:replica_num_requests_running{model_name="tiny",replica="1"}' in metrics
+        assert 'llmserve:kv_transfers_total{model_name="tiny"} 0.0' in metrics
     finally:
         server.stop()
 

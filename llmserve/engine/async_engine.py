@@ -57,8 +57,13 @@ class EngineStats:
     spec_decode_num_drafts: int = 0
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
-    # Replicas (cluster/): one (num_running, num_waiting, kv_usage, serving) per replica.
+    # Replicas (cluster/): one (num_running, num_waiting, kv_usage, serving) per replica; requests
+    # moved with their KV (prefill -> decode, migrations), the seconds and bytes that took; restarts.
     replicas: tuple[tuple[int, int, float, bool], ...] = ()
+    kv_transfers: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_transfer_bytes: int = 0
+    replica_restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -418,8 +423,14 @@ class AsyncLLMEngine:
                                   int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]),
                                   int(s["spec_decode_num_drafts"]), int(s["spec_decode_num_draft_tokens"]),
                                   int(s["spec_decode_num_accepted_tokens"]),
-                                  tuple(self.engine.replica_stats()) if hasattr(self.engine, "replica_stats") else ())
+                                  *self._replica_stats())
         self._heartbeat = time.monotonic()
+
+    def _replica_stats(self) -> tuple:
+        e = self.engine
+        if not hasattr(e, "replica_stats"):
+            return ()
+        return tuple(e.replica_stats()), e.transfers, e.transfer_s, e.transfer_bytes, e.restarts
 
     def _die(self, e: BaseException) -> None:
         # Stack frames but not the exception's message, which could quote request content.

@@ -68,6 +68,15 @@ class _EngineCollector(Collector):
                 for i, r in enumerate(s.replicas):
                     gauge.add_metric([self.model_name, str(i)], r[k])
                 yield gauge
+            for name, doc, value in (
+                    ("llmserve:kv_transfers", "Requests moved with their KV between replicas.", s.kv_transfers),
+                    ("llmserve:kv_transfer_seconds", "Time those moves took (migration downtime).",
+                     s.kv_transfer_seconds),
+                    ("llmserve:kv_transfer_bytes", "KV bytes those moves carried.", s.kv_transfer_bytes),
+                    ("llmserve:replica_restarts", "Replicas that died and were restarted.", s.replica_restarts)):
+                counter = CounterMetricFamily(name, doc, labels=["model_name"])
+                counter.add_metric([self.model_name], value)
+                yield counter
 
 
 class ServerMetrics:
