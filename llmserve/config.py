@@ -56,6 +56,8 @@ class EngineConfig:
     # computed on prefill replicas, whose requests then move with their KV to decode replicas.
     prefill_replicas: int = 0
     decode_replicas: int = 0
+    # Replicas map one copy of the weights per host (Ray's object store) instead of loading their own.
+    share_weights: bool = True
     # Speculative decoding (vLLM's shape): a dict or JSON string, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4}; validated into a spec.config.SpeculativeConfig. None: off.
     speculative_config: object = None

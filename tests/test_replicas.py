@@ -264,3 +264,19 @@ def test_server_streams_survive_a_killed_replica(ray_session):
         assert server.engine.engine.restarts == 1
     finally:
         server.stop()
+
+
+def test_replicas_on_a_host_share_one_copy_of_the_weights(ray_session):
+    from llmserve import LLM
+
+    private = {}
+    for share in (False, True):
+        llm = LLM(replicas=2, share_weights=share, num_kv_blocks=64)
+        try:
+            out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+            private[share] = (sum(m["private"] for m in llm.engine.replica_memory()), out[0].outputs[0].token_ids)
+        finally:
+            llm.shutdown()
+    assert private[True][1] == private[False][1]
+    # The embedded model's blocks (~100 MB) and tables are held once in shared memory, not per replica.
+    assert private[False][0] - private[True][0] > 2 * 100_000  # kB

@@ -26,10 +26,23 @@ from llmserve.sampling_params import SamplingParams
 class EngineReplica:
     """One engine (the Ray actor's body)."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, skeleton: bytes | None = None, arrays: list | None = None) -> None:
+        from llmserve.engine import setup
         from llmserve.engine.engine import LLMEngine
 
+        if skeleton is not None:  # the host's one copy of the weights, mapped from the object store
+            from llmserve.cluster.shared_weights import unpack
+
+            setup.MODEL_SOURCE = lambda: unpack(skeleton, arrays)
         self.engine = LLMEngine(EngineConfig(**config))
+
+    def memory(self) -> dict[str, int]:
+        """This process's resident memory in kB: all of it, its proportional share of shared pages,
+        and what is its own alone (smaps_rollup)."""
+        with open("/proc/self/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f.read().splitlines()[1:])
+        kb = {k: int(v.split()[0]) for k, v in fields.items()}
+        return {"rss": kb["Rss"], "pss": kb["Pss"], "private": kb["Private_Clean"] + kb["Private_Dirty"]}
 
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None,
                     priority: int, cache_salt: str | None, deadline: float | None,
@@ -129,7 +142,9 @@ class ReplicatedEngine:
         # SPREAD: replicas on as many nodes as the cluster has (one machine: all on it).
         actor = ray.remote(num_cpus=per, max_restarts=-1, scheduling_strategy="SPREAD",
                            runtime_env={"env_vars": {"LLMSERVE_NUM_THREADS": str(per)}})(EngineReplica)
-        self.replicas = [actor.remote(inner) for _ in range(n)]
+        # Kept referenced for as long as the replicas live: Ray restarts a dead one with these arguments.
+        self._shared = self._share_weights(inner) if config.share_weights else (None, None)
+        self.replicas = [actor.remote(inner, *self._shared) for _ in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
         self.router = make_router(config.router, seed=config.seed or 0)
         # Disaggregated: prompts go to the first prefill_replicas, requests then move to the rest.
@@ -150,6 +165,37 @@ class ReplicatedEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.last_step_error: str | None = None
         self._stats: list[dict[str, float]] = ray.get([r.stats.remote() for r in self.replicas])
+
+    @staticmethod
+    def _share_weights(inner: dict) -> tuple:
+        """Load and convert the model once, here, and put it in the object store for every replica;
+        then drop this copy. (With replicas on several hosts Ray copies it once to each host.)"""
+        import ctypes
+        import gc
+
+        import ray
+
+        from llmserve.cluster.shared_weights import pack
+        from llmserve.engine.setup import build_engine_parts
+
+        # num_kv_blocks=1: only the model is wanted from these parts (its rope tables are sized by the
+        # model's own context, not by this tiny cache).
+        parts = build_engine_parts(EngineConfig(**{**inner, "num_kv_blocks": 1, "kv_cache_memory": None,
+                                                   "speculative_config": None}))
+        skeleton, arrays = pack(parts.runner.model)
+        refs = ray.put(skeleton), ray.put(arrays)
+        del parts, arrays
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        return refs
+
+    def replica_memory(self) -> list[dict[str, int]]:
+        import ray
+
+        return ray.get([r.memory.remote() for r in self.replicas])
 
     # ---- the engine interface ----------------------------------------------------------------
     def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams | None = None, *,

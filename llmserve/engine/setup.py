@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,11 @@ class EngineParts:
     model_folder: Path
     thread_governor: ThreadGovernor | None = None
     proposer: object = None  # spec.proposer.Proposer when speculative decoding is on
+
+
+# A replica on a host where the model is already loaded gets it from there (cluster/shared_weights.py:
+# one copy per host in shared memory) instead of loading and converting it again.
+MODEL_SOURCE: Callable[[], torch.nn.Module] | None = None
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -117,7 +123,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
             f"--activations q8 applies to GGUF Q4_1/Q8_0 layers, and --quantization {config.quantization or 'none'} "
             "stores none: use auto (a GGUF model's own blocks), q4_1 or q8_0")
     ops = CpuFusedOps(kernels) if kernels is not None else TorchOps()
-    model = load_model(folder, max_model_len, dtype, device, ops, storage)
+    if MODEL_SOURCE is not None:
+        model = MODEL_SOURCE()
+        storage, ops = model.lm_head.storage, model.ops
+    else:
+        model = load_model(folder, max_model_len, dtype, device, ops, storage)
     if storage.fmt != "none":
         logger.info("linear layers stored as: %s", ", ".join(f"{n} {fmt}" for fmt, n in sorted(storage.counts.items())))
     gguf_layers = storage.block_layers

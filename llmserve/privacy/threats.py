@@ -78,6 +78,7 @@ HARMLESS: frozenset[str] = frozenset({
     "model", "tokenizer", "dtype", "quantization", "activations", "kv_cache_dtype", "device",
     "max_model_len", "block_size", "num_kv_blocks", "kv_cache_memory", "max_num_seqs",
     "max_num_batched_tokens", "max_waiting_requests", "private", "replicas", "prefill_replicas", "decode_replicas",
+    "share_weights",
 })
 
 
