@@ -280,3 +280,32 @@ def test_replicas_on_a_host_share_one_copy_of_the_weights(ray_session):
     assert private[True][1] == private[False][1]
     # The embedded model's blocks (~100 MB) and tables are held once in shared memory, not per replica.
     assert private[False][0] - private[True][0] > 2 * 100_000  # kB
+
+
+def test_scale_out_and_in_lose_no_request(ray_session, folder):
+    prompts = random_prompts(6, [8, 30, 12, 5, 20, 16], seed=40)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(folder, replicas=2, router="least_load")
+    engine = llm.engine
+    try:
+        for i, p in enumerate(prompts[:3]):
+            engine.add_request(str(i), p, params)
+        engine.step()
+        assert engine.add_replica() == 2 and engine.serving == [0, 1, 2]
+        for i, p in enumerate(prompts[3:], start=3):
+            engine.add_request(str(i), p, params)  # least load: the new replica takes some
+        assert any(t.replica == 2 for t in engine._live.values())
+        seen = {}
+        for _ in range(4):
+            for out in engine.step():
+                seen[out.request_id] = out.outputs[0].token_ids
+        engine.remove_replica(0)  # scale in mid-stream: its requests move on
+        assert engine.serving == [1, 2] and all(t.replica != 0 for t in engine._live.values())
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                seen[out.request_id] = out.outputs[0].token_ids
+        assert [seen[str(i)] for i in range(len(prompts))] == want
+        assert engine.kv_all_free()
+    finally:
+        llm.shutdown()

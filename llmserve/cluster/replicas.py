@@ -139,11 +139,14 @@ class ReplicatedEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or folder)
         inner = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         inner.update(replicas=1, ray_address=None)
-        # SPREAD: replicas on as many nodes as the cluster has (one machine: all on it).
-        actor = ray.remote(num_cpus=per, max_restarts=-1, scheduling_strategy="SPREAD",
+        # SPREAD: replicas on as many nodes as the cluster has (one machine: all on it). No logical
+        # CPUs reserved: each replica's thread count (LLMSERVE_NUM_THREADS) is what it uses, and a
+        # scale-out must not wait for Ray's CPU accounting.
+        actor = ray.remote(num_cpus=0, max_restarts=-1, scheduling_strategy="SPREAD",
                            runtime_env={"env_vars": {"LLMSERVE_NUM_THREADS": str(per)}})(EngineReplica)
         # Kept referenced for as long as the replicas live: Ray restarts a dead one with these arguments.
         self._shared = self._share_weights(inner) if config.share_weights else (None, None)
+        self._actor, self._inner = actor, inner
         self.replicas = [actor.remote(inner, *self._shared) for _ in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
         self.router = make_router(config.router, seed=config.seed or 0)
@@ -153,6 +156,7 @@ class ReplicatedEngine:
         self.transfers, self.transfer_s, self.transfer_bytes = 0, 0.0, 0
         self.imbalance = 8  # requests: beyond this difference between replicas, migrate to even out
         self._draining: set[int] = set()
+        self._retired: set[int] = set()  # scaled in: stopped for good
         self.block_size = config.block_size
         self._live: dict[str, _Tracked] = {}
         self._down: dict[int, object] = {}  # replica -> its pending liveness probe while Ray restarts it
@@ -214,7 +218,8 @@ class ReplicatedEngine:
             tracked = self._live.pop(rid, None)
             if tracked is not None:
                 by_replica.setdefault(tracked.replica, []).append(rid)
-        refs = [self.replicas[i].abort_request.remote(r) for i, r in by_replica.items() if i not in self._down]
+        refs = [self.replicas[i].abort_request.remote(r) for i, r in by_replica.items()
+                if i not in self._down and i not in self._retired]
         ray.get(refs)
 
     def has_unfinished_requests(self) -> bool:
@@ -254,7 +259,7 @@ class ReplicatedEngine:
     def _rebalance(self) -> None:
         """When one replica holds `imbalance` more requests than another, move its newest running
         one over (Llumnix's load balancing by migration)."""
-        alive = [i for i in range(len(self.replicas)) if i not in self._down and i not in self._draining]
+        alive = self.serving
         if len(alive) < 2:
             return
         count = {i: 0 for i in alive}
@@ -266,11 +271,35 @@ class ReplicatedEngine:
             newest = next(rid for rid, t in reversed(self._live.items()) if t.replica == busiest)
             self.migrate(newest, idlest)
 
+    def add_replica(self) -> int:
+        """Scale out: one more replica (mapping the host's shared weights); returns its index."""
+        import ray
+
+        self.replicas.append(self._actor.remote(self._inner, *self._shared))
+        ray.get(self.replicas[-1].pid.remote())
+        self.loads.append(ReplicaLoad())
+        self._stats.append(ray.get(self.replicas[-1].stats.remote()))
+        return len(self.replicas) - 1
+
+    def remove_replica(self, replica: int) -> None:
+        """Scale in: drain `replica` (its requests move on with their KV), then stop it for good."""
+        import ray
+
+        self.drain(replica)
+        ray.kill(self.replicas[replica], no_restart=True)
+        self._down.pop(replica, None)
+        self._retired.add(replica)
+
+    @property
+    def serving(self) -> list[int]:
+        gone = set(self._down) | self._draining | self._retired
+        return [i for i in range(len(self.replicas)) if i not in gone]
+
     def drain(self, replica: int) -> None:
         """Stop placing requests on `replica` and move its running ones to the others (a replica
         that is being stopped, or scaled in)."""
         self._draining.add(replica)
-        others = [i for i in range(len(self.replicas)) if i != replica and i not in self._draining]
+        others = [i for i in self.serving if i != replica]
         for rid in [rid for rid, t in self._live.items() if t.replica == replica]:
             self.migrate(rid, self._least_loaded(others))
 
@@ -291,7 +320,7 @@ class ReplicatedEngine:
         t.replica = to
 
     def _least_loaded(self, among: list[int]) -> int:
-        alive = [i for i in among if i not in self._down] or among
+        alive = [i for i in among if i in self.serving] or among
         return min(alive, key=lambda i: (self.loads[i].sequences, self.loads[i].kv_usage, i))
 
     # ---- placement and failover ------------------------------------------------------------
@@ -301,8 +330,8 @@ class ReplicatedEngine:
             parent = block_hash(parent, token_ids[b * self.block_size:(b + 1) * self.block_size], cache_salt)
             hashes.append(parent)
         features = RoutingFeatures(len(token_ids), params.max_tokens or 0, params.n, tuple(hashes))
-        alive = [i for i in (self.prefill or range(len(self.replicas)))
-                 if i not in self._down and i not in self._draining]
+        serving = self.serving
+        alive = [i for i in (self.prefill or range(len(self.replicas))) if i in serving]
         if not alive:
             raise EngineDeadError("no replica is serving")
         return alive[self.router.choose(features, [self.loads[i] for i in alive])]
@@ -392,7 +421,7 @@ class ReplicatedEngine:
     def replica_stats(self) -> list[tuple[int, int, float, bool]]:
         """(running, waiting, KV usage, serving) per replica, as of its last step."""
         return [(int(s.get("num_running", 0)), int(s.get("num_waiting", 0)), float(s.get("kv_usage", 0.0)),
-                 i not in self._down) for i, s in enumerate(self._stats)]
+                 i in self.serving) for i, s in enumerate(self._stats)]
 
     def prefix_stats(self) -> tuple[int, int]:
         import ray
@@ -403,7 +432,7 @@ class ReplicatedEngine:
     def kv_all_free(self) -> bool:
         import ray
 
-        return all(ray.get([r.kv_free.remote() for r in self.replicas]))
+        return all(ray.get([r.kv_free.remote() for i, r in enumerate(self.replicas) if i not in self._retired]))
 
     def replica_nodes(self) -> list[str]:
         import ray
@@ -418,7 +447,8 @@ class ReplicatedEngine:
     def shutdown(self) -> None:
         import ray
 
-        for r in self.replicas:
-            ray.kill(r, no_restart=True)
+        for i, r in enumerate(self.replicas):
+            if i not in self._retired:
+                ray.kill(r, no_restart=True)
         if self.session is not None:
             self.session.shutdown()

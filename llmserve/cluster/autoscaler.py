@@ -1,0 +1,90 @@
+"""SLO-driven replica count: scale out when queued requests are predicted to miss the TTFT SLO or
+running ones the TPOT SLO, scale in (with hysteresis) when one replica fewer would still meet both.
+
+Predictions come from a step-time model measured on this engine (seconds per prefill token, and a
+decode step's fixed cost plus its cost per running sequence), so the decision is made before the
+SLO is missed, not after. A breach must last `out_window_s` before scaling out (one burst is not a
+trend); calm must last `in_hold_s` before scaling in. Every decision carries its reason (counts and
+timings only), for a log line and a metric.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    min_replicas: int
+    max_replicas: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+    out_window_s: float = 5.0
+    in_hold_s: float = 30.0
+    in_margin: float = 0.8  # scale in only if one replica fewer stays under this share of each SLO
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError("autoscale needs 1 <= min <= max replicas")
+        if self.ttft_slo_s <= 0 or self.tpot_slo_s <= 0:
+            raise ValueError("SLOs must be positive")
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """Measured step times of one replica."""
+    prefill_s_per_token: float
+    decode_step_s: float  # a decode step's fixed cost
+    decode_s_per_seq: float  # and its cost per running sequence
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    now: float
+    replicas: int
+    waiting_prompt_tokens: int  # queued prompt tokens, all replicas
+    running: int  # running sequences, all replicas
+
+
+@dataclass(frozen=True)
+class Decision:
+    delta: int  # +1 scale out, -1 scale in, 0 hold
+    reason: str
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+
+
+def predict(model: StepModel, sample: LoadSample, replicas: int) -> tuple[float, float]:
+    """(TTFT of the last queued request, TPOT of running ones) with the load spread over `replicas`."""
+    ttft = sample.waiting_prompt_tokens / replicas * model.prefill_s_per_token
+    tpot = model.decode_step_s + sample.running / replicas * model.decode_s_per_seq
+    return ttft, tpot
+
+
+class Autoscaler:
+    def __init__(self, config: AutoscaleConfig, model: StepModel) -> None:
+        self.config, self.model = config, model
+        self._breach_since: float | None = None
+        self._calm_since: float | None = None
+
+    def decide(self, sample: LoadSample) -> Decision:
+        c, r = self.config, sample.replicas
+        ttft, tpot = predict(self.model, sample, r)
+        if (ttft > c.ttft_slo_s or tpot > c.tpot_slo_s) and r < c.max_replicas:
+            self._calm_since = None
+            self._breach_since = self._breach_since if self._breach_since is not None else sample.now
+            if sample.now - self._breach_since >= c.out_window_s:
+                self._breach_since = None
+                return Decision(+1, f"predicted TTFT {ttft:.2f} s / TPOT {tpot * 1e3:.0f} ms over the SLO "
+                                    f"for {c.out_window_s:.0f} s at {r} replicas", ttft, tpot)
+            return Decision(0, "over the SLO, within the window", ttft, tpot)
+        self._breach_since = None
+        fewer_ttft, fewer_tpot = predict(self.model, sample, r - 1) if r > 1 else (float("inf"),) * 2
+        if r > c.min_replicas and fewer_ttft <= c.in_margin * c.ttft_slo_s and fewer_tpot <= c.in_margin * c.tpot_slo_s:
+            self._calm_since = self._calm_since if self._calm_since is not None else sample.now
+            if sample.now - self._calm_since >= c.in_hold_s:
+                self._calm_since = None
+                return Decision(-1, f"{r - 1} replicas would meet both SLOs with margin for {c.in_hold_s:.0f} s",
+                                ttft, tpot)
+            return Decision(0, "calm, within the hold", ttft, tpot)
+        self._calm_since = None
+        return Decision(0, "steady", ttft, tpot)

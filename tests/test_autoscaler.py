@@ -1,0 +1,43 @@
+"""The autoscaler's decisions on a scripted load with a fake clock: out within the window when a rate
+step would miss the SLOs, in only after the hysteresis, never past the bounds."""
+from __future__ import annotations
+
+import pytest
+
+from llmserve.cluster.autoscaler import AutoscaleConfig, Autoscaler, LoadSample, StepModel, predict
+
+MODEL = StepModel(prefill_s_per_token=0.002, decode_step_s=0.02, decode_s_per_seq=0.004)
+CONFIG = AutoscaleConfig(min_replicas=1, max_replicas=3, ttft_slo_s=2.0, tpot_slo_s=0.1, out_window_s=5, in_hold_s=30)
+
+
+def test_prediction_matches_a_hand_computed_case():
+    # 3000 queued prompt tokens over 2 replicas: 1500 x 2 ms = 3 s; 40 running over 2: 20 ms + 20 x 4 ms
+    ttft, tpot = predict(MODEL, LoadSample(0, 2, 3000, 40), 2)
+    assert ttft == pytest.approx(3.0) and tpot == pytest.approx(0.1)
+
+
+def test_a_rate_step_up_then_down():
+    scaler, replicas, decisions, peak = Autoscaler(CONFIG, MODEL), 1, [], 1
+    load = [(t, 200, 10) for t in range(0, 20)]  # light: 0.4 s TTFT, 60 ms TPOT at one replica
+    load += [(t, 1600, 30) for t in range(20, 60)]  # x4-ish: 3.2 s TTFT, 140 ms TPOT at one
+    load += [(t, 100, 4) for t in range(60, 200)]  # back down
+    for now, waiting, running in load:
+        d = scaler.decide(LoadSample(float(now), replicas, waiting, running))
+        if d.delta:
+            decisions.append((now, d.delta))
+            replicas += d.delta
+            peak = max(peak, replicas)
+        assert CONFIG.min_replicas <= replicas <= CONFIG.max_replicas
+    outs = [t for t, d in decisions if d > 0]
+    ins = [t for t, d in decisions if d < 0]
+    assert outs and outs[0] == 25  # the step at t=20 breaches; 5 s later, out
+    assert peak >= 2  # 3200 tokens over 2 replicas: 1.6 s TTFT, 80 ms TPOT: within the SLOs
+    assert ins and ins[0] >= 60 + 30  # calm from t=60, in only after the 30 s hold
+    assert replicas == 1  # and back to the minimum
+
+
+def test_bounds_are_kept_and_bad_configs_refused():
+    scaler = Autoscaler(AutoscaleConfig(1, 1, 1.0, 0.05), MODEL)
+    assert scaler.decide(LoadSample(100.0, 1, 10**6, 500)).delta == 0  # already at the maximum
+    with pytest.raises(ValueError):
+        AutoscaleConfig(3, 2, 1.0, 0.1)
