@@ -30,14 +30,14 @@ def test_bench_throughput_reports_the_acceptance_rate(tmp_path, capsys):
     out = tmp_path / "tp.json"
     main(["bench", "throughput", "--model", str(folder), "--workload", "copy", "--num-prompts", "2",
           "--input-len", "24", "--output-len", "24", "--temperature", "0", "--num-kv-blocks", "64",
-          "--speculative-config", json.dumps({"method": "ngram", "prompt_lookup_min": 1}),
+          "--speculative-config", json.dumps({"method": "ngram", "prompt_lookup_min": 1, "adaptive": False}),
           "--output-json", str(out), "--disable-tqdm", "--warmup", "0"])
     data = json.loads(out.read_text())
     assert 0 < data["spec_decode_num_accepted_tokens"] <= data["spec_decode_num_draft_tokens"]
     assert data["spec_decode_acceptance_rate"] == pytest.approx(
         data["spec_decode_num_accepted_tokens"] / data["spec_decode_num_draft_tokens"])
     assert data["spec_decode_mean_tokens_per_verify"] > 1
-    assert data["engine"]["speculative_config"] == json.dumps({"method": "ngram", "prompt_lookup_min": 1})
+    assert data["engine"]["speculative_config"] == json.dumps({"method": "ngram", "prompt_lookup_min": 1, "adaptive": False})
     assert "acceptance rate" in capsys.readouterr().out
 
 

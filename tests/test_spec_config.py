@@ -86,7 +86,7 @@ def test_draft_length_follows_acceptance_load_and_limits():
     assert proposer.draft_lengths([_req(0.3)], 1) == [1]  # poor acceptance: probe with one token
     hopeless = _req(0.05)
     assert proposer.draft_lengths([hopeless], 1) == [0]  # none at all, until the estimate recovers
-    for _ in range(10):
+    for _ in range(15):
         proposer.draft_lengths([hopeless], 1)
     assert proposer.draft_lengths([hopeless], 1) == [1]
     # Load: 12 tokens for the decodes of 8 running requests and their drafts leave 4 to draft.
@@ -96,3 +96,26 @@ def test_draft_length_follows_acceptance_load_and_limits():
     assert proposer.draft_lengths([_req(1.0, max_tokens=4, outputs=2)], 1) == [1]
     fixed = NgramProposer(SpeculativeConfig("ngram", 5, adaptive=False), "cpu")
     assert fixed.draft_lengths([_req(0.1)], 1) == [5]
+
+
+def test_draft_cost_follows_measured_step_times():
+    from llmserve.spec.cost import StepCostModel
+
+    cost = StepCostModel(fallback=0.2)
+    assert cost.threshold(1) == 0.2  # nothing measured yet
+    for tokens in [1, 5, 1, 5, 64, 1, 5, 1, 5, 200]:  # steps cost 10 ms + 0.5 ms a token
+        cost.observe_step(tokens, 0.010 + 0.0005 * tokens)
+    assert cost.a == pytest.approx(0.010) and cost.b == pytest.approx(0.0005)
+    # One stream: a draft token costs 0.5 ms of a 10.5 ms step.
+    assert cost.threshold(1) == pytest.approx(0.0005 / 0.0105)
+    # Sixty-four streams: the step is mostly per-token work, a draft token must nearly surely pay.
+    assert cost.threshold(64) == pytest.approx(64 * 0.0005 / 0.042)
+    cost.observe_drafting(4, 0.004)  # a slow draft: 1 ms a token, smoothed in
+    assert cost.threshold(1) > 0.0005 / 0.0105
+    proposer = NgramProposer(SpeculativeConfig("ngram", 5), "cpu")
+    proposer.cost = cost
+    assert proposer.draft_lengths([_req(0.9)], 1) == [5]
+    assert proposer.draft_lengths([_req(0.9) for _ in range(4)], 4) == [5, 5, 5, 5]
+    full = NgramProposer(SpeculativeConfig("ngram", 5, max_batch_tokens=10 ** 6), "cpu")
+    full.cost = cost
+    assert full.draft_lengths([_req(0.6) for _ in range(64)], 64) == [0] * 64

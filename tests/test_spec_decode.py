@@ -35,7 +35,9 @@ def refs(target, prompts):
 
 
 def spec(method: str, folder, **kw) -> dict:
-    conf = {"method": method, "num_speculative_tokens": 4}
+    # Fixed draft lengths unless a test says otherwise: adaptive ones follow measured step times,
+    # and these tests check exactness, not timing.
+    conf = {"method": method, "num_speculative_tokens": 4, "adaptive": False}
     if method == "ngram":
         conf["prompt_lookup_min"] = 1
     elif method == "self_early_exit":
@@ -131,7 +133,7 @@ def test_stop_string_and_max_tokens_inside_an_accepted_run(cycle, method, stop, 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
                             stop=[stop] if stop else None)
     plain = make_llm(cycle).generate([CYCLE[:2]], params, use_tqdm=False)[0].outputs[0]
-    llm = make_llm(cycle, speculative_config=spec(method, cycle, adaptive=False))
+    llm = make_llm(cycle, speculative_config=spec(method, cycle))
     runs = _record_runs(llm.engine)
     out = llm.generate([CYCLE[:2]], params, use_tqdm=False)[0].outputs[0]
     assert (out.text, out.token_ids, out.finish_reason, out.stop_reason) == (
@@ -185,7 +187,7 @@ def test_penalties_see_the_drafts_before_each_position(target, prompts, method, 
     folder, _ = target
     params = SamplingParams(temperature=0.0, max_tokens=30, **penalty)
     plain = make_llm(folder).generate(prompts, params, use_tqdm=False)
-    llm = make_llm(folder, speculative_config=spec(method, folder, adaptive=False))
+    llm = make_llm(folder, speculative_config=spec(method, folder))
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [b.outputs[0].token_ids for b in plain]
     assert llm.engine.stats()["spec_decode_num_accepted_tokens"] > 0
@@ -199,7 +201,8 @@ def test_grammar_requests_do_not_speculate_and_the_rest_do():
     from llmserve.structured import StructuredOutputsParams
     from server_fixtures import tiny_model_path
 
-    llm = make_llm(tiny_model_path(), speculative_config={"method": "ngram", "prompt_lookup_min": 1})
+    llm = make_llm(tiny_model_path(), speculative_config={"method": "ngram", "prompt_lookup_min": 1,
+                                                          "adaptive": False})
     grammar = SamplingParams(temperature=0.0, max_tokens=60,
                              structured_outputs=StructuredOutputsParams(regex=r"(ab ){3,6}c"))
     out = llm.generate(["ab ab ab ab"], grammar, use_tqdm=False)[0].outputs[0]
@@ -228,10 +231,69 @@ def test_early_exit_reads_the_targets_kv(cycle):
     the final norm and head is the whole model: each early-exit draft is accepted, bonus tokens too."""
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     plain = make_llm(cycle).generate([CYCLE[:3]], params, use_tqdm=False)[0].outputs[0].token_ids
-    llm = make_llm(cycle, speculative_config=spec("self_early_exit", cycle, adaptive=False))
+    llm = make_llm(cycle, speculative_config=spec("self_early_exit", cycle))
     out = llm.generate([CYCLE[:3]], params, use_tqdm=False)[0].outputs[0].token_ids
     assert out == plain
     stats = llm.engine.stats()
     assert stats["spec_decode_num_accepted_tokens"] == stats["spec_decode_num_draft_tokens"] > 0
     assert stats["spec_decode_num_drafts"] <= 40 // 5 + 1  # four drafts and a bonus token a step
+    assert_idle(llm.engine)
+
+
+def test_the_runners_rows_follow_the_block_tables(target, prompts, refs):
+    """Regression: draft blocks must never leave the runner's persistent rows pointing at blocks
+    the request no longer holds (a small pool hands freed blocks out again at once)."""
+    folder, _ = target
+    llm = make_llm(folder, speculative_config=spec("self_early_exit", folder), num_kv_blocks=40, block_size=8)
+    engine, batch = llm.engine, llm.engine.runner.batch
+    step = engine.step
+
+    def checked_step():
+        outs = step()
+        for req in engine.scheduler.running:
+            row = batch.row_of.get(req.request_id)
+            ids = engine.kv.block_ids(req.request_id)
+            if row is not None and batch.num_blocks[row] == len(ids):
+                assert batch.block_table[row, :len(ids)].tolist() == ids
+        return outs
+
+    engine.step = checked_step
+    outs = llm.generate(prompts, greedy(24), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize("with_kv", [True, False])
+def test_a_speculating_request_moves_between_engines(target, prompts, refs, with_kv):
+    """Export mid-run from an engine that speculates (drafts pending, draft blocks held), import
+    into one that does not: the request ends exactly as the model alone ends it."""
+    import pickle
+
+    folder, _ = target
+    src = make_llm(folder, speculative_config=spec("draft_model", folder)).engine
+    dst = make_llm(folder).engine
+    src.add_request("r", prompts[2], greedy(24))
+    while src.groups["r"].seqs[0].num_output_tokens < 8:
+        src.step()
+    assert src.stats()["spec_decode_num_accepted_tokens"] > 0
+    state = pickle.loads(pickle.dumps(src.export_request("r", with_kv=with_kv)))
+    dst.import_request(state)
+    out = None
+    while dst.has_unfinished_requests():
+        for o in dst.step():
+            out = o
+    assert out.outputs[0].token_ids == refs[2]
+    assert_idle(src)
+    assert_idle(dst)
+
+
+@pytest.mark.parametrize("method", ["ngram", "self_quantized"])
+def test_adaptive_draft_lengths_keep_outputs_exact(target, prompts, refs, method):
+    """Draft lengths that follow measured step times and acceptance (whatever they come to on this
+    machine) change how many tokens a step verifies, never which tokens come out."""
+    folder, _ = target
+    llm = make_llm(folder, speculative_config=spec(method, folder, adaptive=True), max_num_batched_tokens=7)
+    for _ in range(2):
+        outs = llm.generate(prompts, greedy(24), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == refs
     assert_idle(llm.engine)

@@ -91,7 +91,7 @@ def test_sampled_distribution_matches_the_target(models):
 
 def test_seeded_requests_are_batch_and_speculation_invariant(models):
     target, _, draft = models
-    conf = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+    conf = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3, "adaptive": False}
     params = SamplingParams(temperature=1.0, top_p=0.9, presence_penalty=0.3, max_tokens=20, ignore_eos=True,
                             seed=1234)
     plain = make_llm(target).generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids

@@ -22,6 +22,7 @@ from llmserve.bench.metrics import (
     goodput_rate,
     result_rows,
 )
+from llmserve.bench.spec_counters import scrape, spec_decode_summary
 from llmserve.bench.workloads import BenchRequest
 
 
@@ -143,6 +144,9 @@ def format_metrics(m: dict, percentiles: Sequence[float], title: str) -> str:
     row("Output token throughput (tok/s):", f"{m['output_throughput']:.2f}")
     row("Total token throughput (tok/s):", f"{m['total_token_throughput']:.2f}")
     row("Peak concurrent requests:", m["max_concurrency_observed"])
+    if m.get("spec_decode_num_drafts"):
+        row("Spec decode acceptance rate (%):", f"{100 * m['spec_decode_acceptance_rate']:.1f}")
+        row("Spec decode tokens per verify step:", f"{m['spec_decode_mean_tokens_per_verify']:.2f}")
     names = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
              "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
     for key, name in names.items():
@@ -164,8 +168,11 @@ def run_sweep(cfg: ClientConfig, reqs: Sequence[BenchRequest], rates: Sequence[f
     runs = []
     for rate in rates:
         spec = RunSpec(rate, burstiness, max_concurrency, seed, request_timeout_s, progress)
+        before = scrape(cfg.base_url, cfg.headers)
         results, duration = asyncio.run(run_load(cfg, reqs, spec))
         metrics = compute_metrics(results, duration, percentiles, slos)
+        if before:  # a server that counts speculative decoding: its acceptance over this run
+            metrics.update(spec_decode_summary(before, scrape(cfg.base_url, cfg.headers)))
         failed = [r.error for r in results if not r.success]
         if failed:
             echo(f"{len(failed)} request(s) failed at rate {fmt_rate(rate)}; first error: {failed[0]}")

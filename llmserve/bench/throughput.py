@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from llmserve.bench.spec_counters import spec_decode_summary
 from llmserve.bench.workloads import BenchRequest
 
 
@@ -23,7 +24,7 @@ def measure_throughput(llm, reqs: Sequence[BenchRequest], *, ignore_eos: bool, t
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=progress)
     elapsed = time.perf_counter() - start
-    spec = spec_decode_stats(before, llm.engine.stats())
+    spec = spec_decode_summary(before, llm.engine.stats())
     total_in = sum(len(o.prompt_token_ids) for o in outs)
     total_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in outs)
@@ -40,19 +41,6 @@ def measure_throughput(llm, reqs: Sequence[BenchRequest], *, ignore_eos: bool, t
         "tokens_per_second": (total_in + total_out) / elapsed,
         **spec,
     }
-
-
-def spec_decode_stats(before: dict, after: dict) -> dict:
-    """Speculative decoding over a run, from the engine's counters: verify runs, draft tokens,
-    accepted ones, the acceptance rate and the tokens each verify run yields (accepted + 1)."""
-    drafts, tokens, accepted = (after[k] - before.get(k, 0) for k in (
-        "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"))
-    if not drafts:
-        return {}
-    return {"spec_decode_num_drafts": drafts, "spec_decode_num_draft_tokens": tokens,
-            "spec_decode_num_accepted_tokens": accepted,
-            "spec_decode_acceptance_rate": accepted / tokens if tokens else 0.0,
-            "spec_decode_mean_tokens_per_verify": 1 + accepted / drafts}
 
 
 def format_throughput(r: dict) -> str:

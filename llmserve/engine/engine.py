@@ -223,7 +223,10 @@ class LLMEngine:
         except Exception as e:  # noqa: BLE001 - a device or kernel error fails this step's requests only
             return outputs + self._fail_step(sched, e)
         self.last_step_error = None
-        self.scheduler.observe_step(sched.num_tokens, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.scheduler.observe_step(sched.num_tokens, seconds)
+        if self.proposer is not None:
+            self.proposer.cost.observe_step(sched.num_tokens, seconds)
         changed = {self._group_of[r.request_id].request_id: self._group_of[r.request_id]
                    for r in self.scheduler.update(sched, result.sampled_tokens())}
         changed.update(self._record_prompt_logprobs(result, {s.request.request_id: s.start for s in sched.scheduled}))

@@ -138,8 +138,11 @@ class KVCacheManager:
         self._in_flight.clear()
 
     def truncate(self, req: Request, num_tokens: int) -> None:
-        """Roll req's table back to the blocks its first num_tokens tokens need (rejected draft
-        tokens, a shortened request). Blocks past that go back to the pool unpublished."""
+        """Roll req's table back to the blocks its first num_tokens tokens need (a shortened
+        request). Blocks past that go back to the pool unpublished. The runner's persistent row
+        notices a cut only as a shorter table: a cut that regrows to the same length before the
+        next step would leave the row pointing at freed blocks, so speculative decoding keeps a
+        request's draft blocks instead (Scheduler._settle_drafts)."""
         table = self.block_tables.get(req.request_id)
         if table is None:
             return

@@ -258,7 +258,11 @@ class Scheduler:
 
     def _settle_drafts(self, req: Request, num_draft: int, num_accepted: int) -> None:
         """After a verify run: count it, and (unless the request finished) make the accepted drafts'
-        KV computed and published, and roll the rejected drafts' blocks back, unpublished."""
+        KV computed and publish their full blocks. The rejected drafts are rolled back by not
+        counting them: their slots stay in the request's blocks, unpublished (a block is published
+        only once computed tokens fill it), and the next tokens overwrite them. The blocks are kept
+        rather than cut back: the runner's persistent rows assume a table only grows, or shrinks
+        before they see it again, and the next drafts would take blocks again at once."""
         self.num_spec_drafts += 1
         self.num_spec_draft_tokens += num_draft
         self.num_spec_accepted_tokens += num_accepted
@@ -272,7 +276,6 @@ class Scheduler:
             return
         req.num_computed_tokens += num_accepted
         self.kv.commit(req, min(req.num_computed_tokens, req.num_tokens))
-        self.kv.truncate(req, req.num_tokens)
 
     def _append(self, req: Request, token: int, logprobs: PositionLogprobs | None) -> None:
         req.append_token(token)

@@ -52,7 +52,13 @@ class _EngineCollector(Collector):
         for name, doc, value in (
                 ("llmserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                  s.prefix_cache_queries),
-                ("llmserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)):
+                ("llmserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+                ("llmserve:spec_decode_num_drafts", "Speculative decoding: verify runs (a request's drafts "
+                 "verified in one step).", s.spec_decode_num_drafts),
+                ("llmserve:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified.",
+                 s.spec_decode_num_draft_tokens),
+                ("llmserve:spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
+                 s.spec_decode_num_accepted_tokens)):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter

@@ -24,6 +24,7 @@ acceptance, never correctness.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,11 +33,15 @@ from torch import nn
 from llmserve.attention.metadata import AttentionBatch
 from llmserve.engine.request import Request
 from llmserve.errors import InvalidRequestError
+from llmserve.model.gguf_quant import GgufLinear, find_lossless_format
+from llmserve.model.linear import WeightStorage
 from llmserve.spec.build import TargetParts
 from llmserve.spec.config import SpeculativeConfig
 from llmserve.spec.proposer import Proposer
 
 logger = logging.getLogger(__name__)
+
+MAX_CATCHUP = 512  # draft KV positions one request computes in one step (the CPU token budget)
 
 
 class EarlyExit(nn.Module):
@@ -117,23 +122,29 @@ class ModelDraftProposer(Proposer):
             table[r, :len(t)] = t
         starts = np.array([self._start(requests[i]) for i in live], dtype=np.int64)
         ends = np.array([requests[i].num_tokens for i in live], dtype=np.int64)
-        feed = [requests[i].token_ids[s:] for i, s in zip(live, starts.tolist())]
+        # A long catch-up (a new request's prompt) is spread over steps, MAX_CATCHUP tokens a step,
+        # so that one long prompt does not hold up the step; it drafts once caught up.
+        catching = (ends - starts) > MAX_CATCHUP
+        feed = [requests[i].token_ids[s:s + MAX_CATCHUP] for i, s in zip(live, starts.tolist())]
+        first = starts.copy()
         active = np.arange(len(live))
         for step in range(max(lengths[i] for i in live)):
             tokens = self._step(feed, starts[active], table[active])
             for r, tok in zip(active.tolist(), tokens):
-                drafts[live[r]].append(tok)
+                if not catching[r]:
+                    drafts[live[r]].append(tok)
             starts[active] = ends[active] + step
-            keep = np.array([lengths[live[r]] > step + 1 for r in active.tolist()], dtype=bool)
+            keep = np.array([lengths[live[r]] > step + 1 and not catching[r] for r in active.tolist()], dtype=bool)
             active = active[keep]
             if not len(active):
                 break
             feed = [[drafts[live[r]][-1]] for r in active.tolist()]
         if self.kv_caches is not None:
-            for i in live:
+            for r, i in enumerate(live):
                 req = requests[i]
-                # Fed: every token up to the last draft's predecessor.
-                self._valid[req.request_id] = (req.num_preemptions, req.num_tokens + len(drafts[i]) - 1)
+                # Fed: every token up to the last draft's predecessor (or the catch-up's end).
+                valid = int(first[r]) + MAX_CATCHUP if catching[r] else req.num_tokens + len(drafts[i]) - 1
+                self._valid[req.request_id] = (req.num_preemptions, valid)
         return drafts
 
     def _step(self, feed: list[list[int]], starts: np.ndarray, table: np.ndarray) -> list[int]:
@@ -164,6 +175,26 @@ class ModelDraftProposer(Proposer):
         return out
 
 
+@dataclass
+class DraftStorage(WeightStorage):
+    """The self_quantized draft's weights: where GGUF blocks hold a weight exactly (the blocks a GGUF
+    model was published with, as its converted float folder keeps them, or found losslessly in the
+    floats) the draft computes with those (as fast, and no drift from the target); every other
+    weight is quantized to the configured format."""
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None,
+              blocks: list[tuple[str, torch.Tensor]] | None = None) -> nn.Module:
+        layer = self._from_blocks(weight, bias, blocks) if blocks and self.kernels is not None else None
+        if layer is None:
+            found = find_lossless_format(weight)
+            layer = (GgufLinear(found[1], found[0], weight.shape[1], bias, self.kernels, self.activations)
+                     if found is not None else
+                     GgufLinear.from_float(weight, bias, self.fmt, self.kernels, self.activations))
+        fmt = getattr(layer, "fmt", "float")
+        self.counts[fmt] = self.counts.get(fmt, 0) + 1
+        return layer
+
+
 def build_model_proposer(config: SpeculativeConfig, target: TargetParts) -> ModelDraftProposer:
     if config.method == "self_early_exit":
         layers = getattr(target.model, "layers", None)
@@ -180,7 +211,6 @@ def build_model_proposer(config: SpeculativeConfig, target: TargetParts) -> Mode
 
 def _load_draft(config: SpeculativeConfig, target: TargetParts) -> nn.Module:
     from llmserve.model.arch_config import ArchConfig
-    from llmserve.model.linear import WeightStorage
     from llmserve.model.loader import load_model
 
     if config.method == "self_quantized":
@@ -190,7 +220,7 @@ def _load_draft(config: SpeculativeConfig, target: TargetParts) -> nn.Module:
                                       "activations (--dtype float32)")
         # 8-bit activations where the kernels run them: the draft needs speed, not exactness.
         activations = "q8" if target.kernels is not None else "float32"
-        storage = WeightStorage(config.quantization, target.kernels, target.onednn, activations=activations)
+        storage = DraftStorage(config.quantization, target.kernels, target.onednn, activations=activations)
     else:
         from llmserve.model.resolve import resolve_model_folder
 
