@@ -40,8 +40,9 @@ def test_fresh_blinding_is_unlinkable_and_wrong_inputs_fail():
     sig_b = blind_rsa.finalize(pk, b, blind_rsa.blind_sign(sk, b.blinded_msg))
     assert sig_a != sig_b and a.prepared_msg != b.prepared_msg  # randomized: distinct signed messages
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    theirs = blind_rsa.blind_sign(other, blind_rsa.blind(other.public_key(), b"token").blinded_msg)
     with pytest.raises(BlindRsaError, match="invalid signature"):
-        blind_rsa.finalize(pk, a, blind_rsa.blind_sign(other, a.blinded_msg))  # another issuer's key
+        blind_rsa.finalize(pk, a, theirs)  # a signature from another issuer's key
     with pytest.raises(BlindRsaError, match="invalid signature"):
         blind_rsa.verify(pk, a.prepared_msg + b"x", sig_a)
     with pytest.raises(BlindRsaError, match="wrong length"):
