@@ -31,6 +31,8 @@ class FinishedRequest:
     queue_s: float | None
     ttft_s: float | None
     e2e_s: float
+    draft_tokens: int = 0  # speculative decoding: draft tokens verified for this request
+    accepted_tokens: int = 0  # and accepted
 
 
 class _EngineCollector(Collector):

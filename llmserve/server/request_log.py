@@ -20,6 +20,8 @@ def log_finished(r: FinishedRequest) -> None:
         "queue_s": _round(r.queue_s), "ttft_s": _round(r.ttft_s), "e2e_s": _round(r.e2e_s),
         "finish_reason": ",".join(sorted(set(r.finish_reasons))),
     }
+    if r.draft_tokens:  # speculative decoding: counts only
+        line.update(draft_tokens=r.draft_tokens, accepted_tokens=r.accepted_tokens)
     request_logger.info(json.dumps(line))
 
 

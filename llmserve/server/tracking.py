@@ -89,6 +89,8 @@ class TrackedRequest:
             queue_s=_since(self.arrival_time, m.get("first_scheduled_time")),
             ttft_s=_since(self.arrival_time, m.get("first_token_time")),
             e2e_s=max(0.0, finished_time - self.arrival_time),
+            draft_tokens=out.num_draft_tokens if out is not None else 0,
+            accepted_tokens=out.num_accepted_tokens if out is not None else 0,
         )
         self.metrics.observe_finished(record)
         log_finished(record)
