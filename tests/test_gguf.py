@@ -221,6 +221,8 @@ def test_llama_weights_config_and_logits(tmp_path, cache, tied):
     folder = gguf_to_hf_folder(tmp_path / "tiny.gguf")
 
     assert folder.parent == cache / "gguf"
+    # engines that load every top-level *.safetensors (vLLM, transformers) find only the float weights
+    assert [p.name for p in folder.glob("*.safetensors")] == ["model.safetensors"]
     tensors = load_file(folder / "model.safetensors")
     assert set(tensors) == set(expected)
     for name, want in expected.items():

@@ -7,7 +7,7 @@ by transformers' own GGUF tokenizer conversion, so it encodes exactly as
 `AutoTokenizer.from_pretrained(dir, gguf_file=name)` does.
 
 Layout of a converted folder:
-    config.json, generation_config.json, model.safetensors, gguf_blocks.safetensors (the file's
+    config.json, generation_config.json, model.safetensors, llmserve/gguf_blocks.safetensors (the file's
     quantized tensors as published, which `--quantization auto` computes with),
     tokenizer.json, tokenizer_config.json (+ chat_template.jinja), llmserve_gguf.json (written last)
 """
@@ -35,11 +35,13 @@ from llmserve.errors import ModelLoadError, UnsupportedArchitectureError
 logger = logging.getLogger(__name__)
 
 # Bump when the folder contents change meaning, so stale caches are rebuilt instead of reused.
-CONVERTER_VERSION = 2  # 2: the file's quantized blocks are kept beside the float weights
+# 2: the file's quantized blocks are kept beside the float weights; 3: in a subfolder, so other
+# engines that load every top-level *.safetensors (vLLM, transformers) see only the float weights.
+CONVERTER_VERSION = 3
 _MARKER = "llmserve_gguf.json"
 # The file's tensors in the block formats llmserve computes with, as uint8 [rows, bytes] under
 # their HF names, the format of each in the metadata: `--quantization auto` runs on them as published.
-BLOCKS_FILE = "gguf_blocks.safetensors"
+BLOCKS_FILE = "llmserve/gguf_blocks.safetensors"
 _REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                    "tokenizer_config.json", BLOCKS_FILE, _MARKER)
 _HASH_INDEX = "hash_index.json"
@@ -578,6 +580,7 @@ def _write_blocks(out: Path, path: Path, hp: _Hparams, tensors: dict[str, Any]) 
 
     from llmserve.model.gguf_quant import block_format
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     blocks: dict[str, np.ndarray] = {}
     formats: dict[str, str] = {}
     for name, tensor in tensors.items():

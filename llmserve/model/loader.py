@@ -53,9 +53,7 @@ def _shard_slice(model: nn.Module, param_name: str, shard: int) -> slice:
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
-    from llmserve.model.gguf_loader import BLOCKS_FILE
-
-    files = sorted(f for f in folder.glob("*.safetensors") if f.name != BLOCKS_FILE)
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"no *.safetensors files in model folder {folder}")
     return files
