@@ -72,10 +72,12 @@ def main() -> None:
                     help="a per-request seed (each request then draws with its own generator); unset: as W1")
     ap.add_argument("--activations", default="float32", choices=["float32", "q8"],
                     help="q8: 8-bit activations on the GGUF layers (the opt-in fast path)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
+                    help="the KV cache's storage dtype (auto: the model's)")
     ap.add_argument("--json", default="bench-results/profile_w1.json")
     args = ap.parse_args()
 
-    llm = LLM(activations=args.activations)  # sets the thread count the engine runs with; the peaks are measured with it
+    llm = LLM(activations=args.activations, kv_cache_dtype=args.kv_cache_dtype)  # sets the thread count the engine runs with; the peaks are measured with it
     peaks = measure_peaks()
     engine, model = llm.engine, llm.engine.runner.model
     timers = Timers()
