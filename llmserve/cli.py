@@ -6,6 +6,7 @@ import logging
 import sys
 
 from llmserve.config import ACTIVATIONS, KV_CACHE_DTYPES, QUANTIZATIONS
+from llmserve.engine.kv_policy import KV_POLICIES
 from llmserve.errors import LLMServeError
 
 
@@ -50,6 +51,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", default=None,
                    help='speculative decoding, as JSON (vLLM\'s shape): {"method": "ngram" | "self_quantized" | '
                         '"self_early_exit" | "draft_model", "num_speculative_tokens": 4, ...}; off by default')
+    p.add_argument("--kv-policy", default="full", choices=list(KV_POLICIES),
+                   help="which tokens' K/V requests keep unless they name a policy: full (exact), or a lossy "
+                        "one that keeps --kv-budget tokens: streaming (sinks + recent), h2o, keyformer")
+    p.add_argument("--kv-offload-dir", default=None,
+                   help="a disk tier under the prefix cache: evicted prefix blocks go to a fresh subdirectory "
+                        "of this one (removed at shutdown) and are read back on a hit instead of recomputed")
+    p.add_argument("--kv-offload-gb", type=float, default=4.0, help="the disk tier's size bound, in GiB")
+    p.add_argument("--kv-budget", type=_kv_budget, default=None,
+                   help="the lossy policies' budget: a token count (e.g. 512) or a fraction of each request's "
+                        "length (e.g. 0.5)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -65,7 +76,21 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy,
         wipe_kv_on_free=args.wipe_kv_on_free, ttft_slo=args.ttft_slo, seed=args.seed,
-        speculative_config=getattr(args, "speculative_config", None))
+        speculative_config=getattr(args, "speculative_config", None),
+        kv_policy=getattr(args, "kv_policy", "full"), kv_budget=getattr(args, "kv_budget", None),
+        kv_offload_dir=getattr(args, "kv_offload_dir", None),
+        kv_offload_bytes=int(getattr(args, "kv_offload_gb", 4.0) * (1 << 30)))
+
+
+def _kv_budget(text: str) -> int | float:
+    """A token count ("512") or a fraction ("0.5")."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("a token count or a fraction in (0, 1]") from None
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

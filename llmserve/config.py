@@ -61,6 +61,16 @@ class EngineConfig:
     # Speculative decoding (vLLM's shape): a dict or JSON string, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4}; validated into a spec.config.SpeculativeConfig. None: off.
     speculative_config: object = None
+    # The KV policy of requests that name none (engine/kv_policy.py): "full" keeps every token's
+    # K/V (exact); "streaming", "h2o", "keyformer" keep kv_budget tokens (a count, or a fraction
+    # of each request's length) and evict the rest (lossy).
+    kv_policy: str = "full"
+    kv_budget: float | int | None = None
+    # A disk tier under the prefix cache (engine/kv_offload.py): evicted prefix blocks are written
+    # into a fresh subdirectory of this directory, at most kv_offload_bytes, and read back on a hit
+    # instead of recomputed; removed at shutdown. None: off.
+    kv_offload_dir: str | None = None
+    kv_offload_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
         from llmserve.errors import InvalidRequestError
@@ -87,6 +97,13 @@ class EngineConfig:
             raise InvalidRequestError(f"router must be one of {ROUTERS}, not {self.router!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InvalidRequestError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, not {self.kv_cache_dtype!r}")
+        from llmserve.engine.kv_policy import validate as validate_kv_policy
+
+        validate_kv_policy(self.kv_policy, self.kv_budget)
+        if self.kv_policy != "full" and self.kv_budget is None:
+            raise InvalidRequestError(f"kv_policy {self.kv_policy} needs a kv_budget")
+        if not isinstance(self.kv_offload_bytes, int) or self.kv_offload_bytes < 1:
+            raise InvalidRequestError("kv_offload_bytes must be a positive integer")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise InvalidRequestError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
         if self.block_size < 1 or self.max_num_seqs < 1 or (self.max_num_batched_tokens or 1) < 1:

@@ -81,12 +81,22 @@ class InputBatch:
             blocks = -(-new // self.block_size)
             self.block_table = np.pad(self.block_table, ((0, 0), (0, blocks - self.block_table.shape[1])))
 
-    def gather(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    def reset_table(self, request_id: str) -> None:
+        """The request's table changed other than at its end (a KV policy compacted it): the next
+        sync writes it whole."""
+        row = self.row_of.get(request_id)
+        if row is not None:
+            self.num_blocks[row] = 0
+
+    def gather(self, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+               evicted: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """Flat token ids, positions and cache slots of counts[i] tokens from position starts[i]
-        of each row."""
+        of each row. evicted[i]: tokens row i's KV policy dropped, so a token's cache index is
+        its position less that."""
         seq = np.repeat(np.arange(len(rows)), counts)
         offsets = np.arange(len(seq)) - np.repeat(np.cumsum(counts) - counts, counts)
         pos = starts[seq] + offsets
         r = rows[seq]
-        slots = self.block_table[r, pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
+        index = pos - evicted[seq] if evicted is not None else pos
+        slots = self.block_table[r, index // self.block_size].astype(np.int64) * self.block_size + index % self.block_size
         return self.token_ids[r, pos], pos, slots

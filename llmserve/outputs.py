@@ -39,6 +39,9 @@ class RequestOutput:
     # Speculative decoding, over the request's sequences: draft tokens verified, and accepted.
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # The KV policy that ran (None: full, every token kept) and the tokens it evicted, over the sequences.
+    kv_policy: str | None = None
+    num_evicted_tokens: int = 0
 
     def __repr__(self) -> str:
         return (f"RequestOutput(request_id={self.request_id!r}, num_prompt_tokens={len(self.prompt_token_ids)}, "

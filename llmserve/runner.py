@@ -17,6 +17,7 @@ from torch import nn
 from llmserve.attention.backend import AttentionBackend, KVCaches, TorchAttention
 from llmserve.attention.metadata import AttentionBatch
 from llmserve.engine.block_pool import Block
+from llmserve.engine.kv_policy import SCORED_POLICIES, attention_scores, keyformer_scores, keyformer_tau
 from llmserve.input_batch import InputBatch
 from llmserve.engine.scheduler import SampledTokens, ScheduledRequest, SchedulerOutput
 from llmserve.sampling.logprobs import compute_logprobs, gather_logprobs
@@ -36,6 +37,9 @@ class StepResult:
     # Speculative decoding: each sampling request scored 1 + its drafts positions (its rows in the
     # sampler output, in order) and accepted this many drafts. None when no request had drafts.
     accepted: list[int] | None = None
+    # Lossy requests under a scored KV policy: each cached token's score from this step's
+    # attention (engine/kv_policy.py), by request id.
+    kv_scores: dict[str, np.ndarray] | None = None
 
     def sampled_tokens(self) -> list[SampledTokens]:
         """Each sampling request's new tokens (the accepted drafts and then the target's own token),
@@ -96,6 +100,28 @@ class ModelRunner:
             k.index_fill_(0, slots, 0)
             v.index_fill_(0, slots, 0)
 
+    def move_kv(self, request_id: str, src: np.ndarray, dst: np.ndarray) -> None:
+        """Compact a lossy request's cache: copy slots src to dst in every layer (the sources are
+        read before any destination is written), and have its row's table rewritten."""
+        self.batch.reset_table(request_id)
+        if not len(src):
+            return
+        s, d = torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
+        for k, v in self.kv_caches:
+            k.index_copy_(0, d, k.index_select(0, s))
+            v.index_copy_(0, d, v.index_select(0, s))
+
+    def read_block(self, block_id: int) -> bytes:
+        """One block's K and V in every layer, as bytes (for the disk tier)."""
+        return self.export_blocks([block_id], self.block_size).contiguous().view(torch.uint8).numpy().tobytes()
+
+    def write_block(self, block_id: int, data: bytes) -> None:
+        """Put back what read_block gave for a block of the same shape, into block_id."""
+        k = self.kv_caches[0][0]
+        shape = (len(self.kv_caches), 2, self.block_size, *k.shape[1:])
+        kv = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(k.dtype).reshape(shape)
+        self.import_blocks([block_id], kv)
+
     def _slots(self, block_ids: list[int], start: int, end: int) -> np.ndarray:
         pos = np.arange(start, end)
         return np.asarray(block_ids, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -142,16 +168,24 @@ class ModelRunner:
                 b.write_drafts(row, s.draft_token_ids)
         starts = np.fromiter((s.start for s in items), dtype=np.int64, count=len(items))
         counts = np.fromiter((s.num_new_tokens for s in items), dtype=np.int64, count=len(items))
-        ids, positions, slots = b.gather(rows, starts, counts)
-        seq_lens = starts + counts
+        # Requests under a lossy KV policy hold fewer cached tokens than their positions count.
+        evicted = np.fromiter((s.request.num_evicted_tokens for s in items), dtype=np.int64, count=len(items))
+        ids, positions, slots = b.gather(rows, starts, counts, evicted if evicted.any() else None)
+        seq_lens = starts - evicted + counts
         qsl = np.concatenate(([0], np.cumsum(counts)))
         width = -(-int(seq_lens.max()) // self.block_size)
+        # Decodes of requests whose KV policy scores tokens: the backend reports their attention.
+        scored_rows = np.array([i for i in range(num_decodes) if items[i].request.kv is not None
+                                and items[i].request.kv.policy in SCORED_POLICIES], dtype=np.int64)
         self.backend.prepare(AttentionBatch(
             slot_mapping=self._to_device("slots", slots), query_start_loc=self._to_device("qsl", qsl.astype(np.int32)),
             seq_lens=self._to_device("lens", seq_lens.astype(np.int32)),
             block_tables=self._to_device("tables", b.block_table[rows, :width]), block_size=self.block_size,
-            num_decodes=num_decodes, query_start_loc_host=qsl, seq_lens_host=seq_lens))
+            num_decodes=num_decodes, query_start_loc_host=qsl, seq_lens_host=seq_lens,
+            scored_rows=scored_rows if len(scored_rows) else None))
         hidden = self.model(self._to_device("ids", ids), self._to_device("pos", positions), self.backend)
+        kv_scores = self._kv_scores([items[i] for i in scored_rows.tolist()], seq_lens[scored_rows]) \
+            if len(scored_rows) else None
 
         sampled = [s for s in items if s.samples]
         sample_idx = [i for i, s in enumerate(items) if s.samples]
@@ -174,7 +208,22 @@ class ModelRunner:
             prompt_lp[req.request_id] = gather_logprobs(compute_logprobs(logits[offset:offset + n]), targets,
                                                         req.params.prompt_logprobs)
             offset += n
-        return StepResult(sampled, out, prompt_lp, accepted)
+        return StepResult(sampled, out, prompt_lp, accepted, kv_scores)
+
+    def _kv_scores(self, items: list[ScheduledRequest], lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """Each scored request's per-token score of this step (engine/kv_policy.py), from the
+        attention logits the backend reported for it, over every layer and head."""
+        logits = self.backend.take_decode_logits().float().cpu().numpy()  # [layers, rows, heads, length]
+        scores = {}
+        for i, (s, n) in enumerate(zip(items, lengths.tolist())):
+            state = s.request.kv
+            row = logits[:, i, :, :n].astype(np.float64)
+            if state.policy == "h2o":
+                scores[s.request.request_id] = attention_scores(row)
+            else:
+                tau = keyformer_tau(state.steps, s.request.max_tokens)
+                scores[s.request.request_id] = keyformer_scores(row, tau, state.rng)
+        return scores
 
     def _sample(self, sampled: list[ScheduledRequest], sample_rows: np.ndarray, widths: np.ndarray,
                 within: np.ndarray, logits: torch.Tensor) -> tuple[SamplerOutput, list[int] | None]:

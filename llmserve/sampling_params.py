@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from llmserve.engine.kv_policy import validate as validate_kv_policy
 from llmserve.errors import InvalidRequestError
 from llmserve.structured.params import StructuredOutputsParams
 
@@ -48,6 +49,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # The output must match a JSON schema, regex, choice or grammar (see llmserve.structured).
     structured_outputs: StructuredOutputsParams | None = None
+    # Which tokens' K/V to keep (engine/kv_policy.py): None takes the engine's default; a lossy
+    # policy keeps kv_budget tokens (a count, or a fraction in (0, 1] of the request's length).
+    kv_policy: str | None = None
+    kv_budget: float | int | None = None
 
     def __post_init__(self) -> None:
         self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
@@ -114,6 +119,7 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
                 bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}]")
+        validate_kv_policy(self.kv_policy, self.kv_budget)
         if self.seed is not None:
             if not isinstance(self.seed, int) or isinstance(self.seed, bool):
                 bad("seed must be an integer")

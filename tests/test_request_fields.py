@@ -141,12 +141,27 @@ def test_best_of_returns_the_sequences_with_the_highest_cumulative_logprob(clien
     ({"min_tokens": 8, "max_tokens": 4}, "min_tokens"),
     ({"min_tokens": 600, "max_tokens": None}, "min_tokens"),
     ({"stop": ["x" * (MAX_STOP_CHARS // 2 + 1)] * 2}, "stop"),
+    ({"kv_policy": "lru", "kv_budget": 64}, "kv_policy"),
+    ({"kv_policy": "h2o", "kv_budget": 1.5}, "kv_budget"),
+    ({"kv_policy": "h2o", "kv_budget": 2}, "kv_budget"),
 ])
 def test_bad_field_values_are_400(http, body, param):
     err = error_of(http.post("/v1/completions", json={"prompt": "hi", **body}))
     assert err["param"] == param
     if param == "min_tokens" and "max_tokens" in body and body["max_tokens"] is None:
         assert err["code"] == "context_length_exceeded"
+
+
+def test_a_lossy_kv_policy_runs_and_says_so(http):
+    body = {"prompt": "hi " * 40, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    full = http.post("/v1/completions", json=body).json()
+    assert full["usage"]["kv_policy_details"] is None
+    lossy = http.post("/v1/completions", json={**body, "kv_policy": "h2o", "kv_budget": 16}).json()
+    details = lossy["usage"]["kv_policy_details"]
+    assert details["policy"] == "h2o" and details["evicted_tokens"] > 0
+    assert lossy["usage"]["completion_tokens"] == 24
+    # a lossy policy without a budget (the server sets no default one) is a 400
+    assert http.post("/v1/completions", json={**body, "kv_policy": "streaming"}).status_code == 400
 
 
 def test_logit_bias_is_honoured(client, server):

@@ -4,7 +4,6 @@ logprobs and stops that land inside an accepted run; and the KV cache is all fre
 from __future__ import annotations
 
 import pytest
-import torch
 
 from llmserve.sampling_params import SamplingParams
 from test_engine import assert_idle, greedy
@@ -116,9 +115,9 @@ def _record_runs(engine) -> list[tuple[int, int]]:
     runs = []
     update = engine.scheduler.update
 
-    def recording(out, sampled=()):
+    def recording(out, sampled=(), *rest):
         before = {id(s.request): s.request.num_output_tokens for s in sampled}
-        changed = update(out, sampled)
+        changed = update(out, sampled, *rest)
         runs.extend((len(s.token_ids), s.request.num_output_tokens - before[id(s.request)])
                     for s in sampled if s.num_draft)
         return changed

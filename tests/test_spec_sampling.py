@@ -3,7 +3,6 @@ against transformers' own, with a deliberately different draft model), and seede
 the same tokens alone, in a batch, and without speculation."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -232,3 +232,43 @@ def test_rejects_bad_inputs_without_data(kernels):
         with pytest.raises(RuntimeError) as err:
             kernels.paged_attention(*call, 16, 0.125, 0, 0.0)
         assert "12345" not in str(err.value) and "999" not in str(err.value)
+
+
+@pytest.mark.parametrize("D", [64, 24])  # the vector decode path; the flash path (D % 32 != 0)
+@pytest.mark.parametrize("cache_dtype", [None, torch.float16])
+@pytest.mark.parametrize("cap", [0.0, 30.0])
+def test_decode_logits_are_the_scaled_scores_of_each_decode_row(kernels, D, cache_dtype, cap):
+    """decode_logits (for the KV policies that score tokens): each decode row's q.k * scale
+    (soft-capped) at the positions it attends; rows of longer queries and positions past a decode's
+    context are left as they were."""
+    seqs = [(1, 37), (5, 11), (1, 0), (1, 70)]
+    batch = make_batch(seqs, H=6, KVH=2, D=D, block_size=16, cache_dtype=cache_dtype, seed=3)
+    args = dict(batch)
+    bs = args.pop("block_size")
+    length = 80
+    logits = torch.full((len(seqs), 6, length), -7.0)
+    kernels.paged_attention(*args.values(), bs, 0.2, 0, cap, logits)
+    k_cache, tables = batch["k_cache"], batch["block_tables"]
+    qsl = batch["query_start_loc"].tolist()
+    for b, (ql, pre) in enumerate(seqs):
+        if ql != 1:
+            assert torch.all(logits[b] == -7.0), "a longer query's row was written"
+            continue
+        n = pre + 1
+        pos = torch.arange(n)
+        keys = k_cache[tables[b, pos // bs].long() * bs + pos % bs].float().repeat_interleave(3, dim=1)  # [n, H, D]
+        want = torch.einsum("hd,nhd->hn", batch["q"][qsl[b]].float(), keys) * 0.2
+        if cap > 0:
+            want = cap * torch.tanh(want / cap)
+        torch.testing.assert_close(logits[b, :, :n], want, atol=1e-4, rtol=1e-4)
+        assert torch.all(logits[b, :, n:] == -7.0)
+
+
+def test_decode_logits_must_fit(kernels):
+    batch = make_batch([(1, 40)], H=4, KVH=2, D=32, block_size=16)
+    args = dict(batch)
+    bs = args.pop("block_size")
+    with pytest.raises(RuntimeError, match="decode_logits"):
+        kernels.paged_attention(*args.values(), bs, 0.2, 0, 0.0, torch.zeros(1, 4, 40))
+    with pytest.raises(RuntimeError, match="decode_logits"):
+        kernels.paged_attention(*args.values(), bs, 0.2, 0, 0.0, torch.zeros(1, 4, 64, dtype=torch.float64))

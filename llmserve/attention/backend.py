@@ -27,6 +27,11 @@ class AttentionBackend(Protocol):
         """q: [T, H, D], k/v: [T, KVH, D] (rows may be strided views of a fused qkv)."""
         ...
 
+    def take_decode_logits(self) -> torch.Tensor | None:
+        """The attention logits of the batch's scored_rows in the last forward pass, [layers,
+        rows, heads, length], -inf where a row does not attend; None when none were asked for."""
+        ...
+
 
 class TorchAttention:
     """The reference, on any device: all decodes in one grouped matmul over their gathered
@@ -39,6 +44,7 @@ class TorchAttention:
 
     def prepare(self, batch: AttentionBatch) -> None:
         self.batch = batch
+        self._logits: list[torch.Tensor] = []
         nd, bs = batch.num_decodes, batch.block_size
         device = batch.slot_mapping.device
         self._decode_ctx = None
@@ -73,15 +79,27 @@ class TorchAttention:
         nd = self.batch.num_decodes
         if nd:
             slots, outside = self._decode_ctx
-            out[:nd] = self._decode(layer, q[:nd], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), outside)
+            scored = self.batch.scored_rows
+            sink = [] if scored is not None and len(scored) else None
+            out[:nd] = self._decode(layer, q[:nd], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), outside,
+                                    sink)
+            if sink:  # [B, KVH, G, C] -> the scored rows' [heads, C]
+                logits = sink[0]
+                self._logits.append(logits.reshape(logits.shape[0], -1, logits.shape[-1])[torch.from_numpy(scored)])
         for rows, slots, first_pos, ctx in self._chunks:
             out[rows] = self._chunk(layer, q[rows], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype),
                                     first_pos, ctx)
         return out
 
+    def take_decode_logits(self) -> torch.Tensor | None:
+        """[layers, scored rows, heads, length] of the last forward pass (-inf past a row's context)."""
+        logits, self._logits = self._logits, []
+        return torch.stack(logits) if logits else None
+
     @staticmethod
-    def _decode(layer: AttentionLayer, q, keys, values, outside) -> torch.Tensor:
-        """q [B, H, D] against keys/values [B, C, KVH, D]; outside [B, C] marks padding."""
+    def _decode(layer: AttentionLayer, q, keys, values, outside, sink: list | None = None) -> torch.Tensor:
+        """q [B, H, D] against keys/values [B, C, KVH, D]; outside [B, C] marks padding. sink, when
+        given, receives the masked logits [B, KVH, G, C]."""
         b, h, d = q.shape
         kvh = keys.shape[2]
         qg = q.view(b, kvh, h // kvh, d)  # grouped query heads share one KV head
@@ -93,6 +111,8 @@ class TorchAttention:
             last = c - 1 - outside.sum(-1, keepdim=True)  # each row's own position
             outside = outside | (torch.arange(c, device=q.device) <= last - layer.sliding_window)
         scores.masked_fill_(outside[:, None, None, :], float("-inf"))
+        if sink is not None:
+            sink.append(scores.clone())
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return torch.matmul(probs, values.transpose(1, 2)).reshape(b, h, d)
 

@@ -16,10 +16,26 @@ class CpuPagedAttention:
 
     def prepare(self, batch: AttentionBatch) -> None:
         self.batch = batch
+        self._logits: list[torch.Tensor] = []
+        scored = batch.scored_rows
+        self._scored = torch.from_numpy(scored) if scored is not None and len(scored) else None
+        if self._scored is not None:
+            self._logits_len = int(batch.seq_lens_host[:batch.num_decodes].max())
 
     def forward(self, layer: AttentionLayer, q, k, v) -> torch.Tensor:
         b = self.batch
         k_cache, v_cache = self.kv_caches[layer.index]
-        return self.kernels.paged_attention(q, k, v, k_cache, v_cache, b.slot_mapping, b.query_start_loc, b.seq_lens,
-                                            b.block_tables, b.block_size, layer.scale, layer.sliding_window or 0,
-                                            layer.soft_cap or 0.0)
+        logits = None
+        if self._scored is not None:  # the kernel writes each decode row's logits as it attends
+            logits = torch.full((b.num_seqs, q.shape[1], self._logits_len), float("-inf"))
+        out = self.kernels.paged_attention(q, k, v, k_cache, v_cache, b.slot_mapping, b.query_start_loc, b.seq_lens,
+                                           b.block_tables, b.block_size, layer.scale, layer.sliding_window or 0,
+                                           layer.soft_cap or 0.0, logits)
+        if logits is not None:
+            self._logits.append(logits[self._scored])
+        return out
+
+    def take_decode_logits(self) -> torch.Tensor | None:
+        """[layers, scored rows, heads, length] of the last forward pass (-inf past a row's context)."""
+        logits, self._logits = self._logits, []
+        return torch.stack(logits) if logits else None

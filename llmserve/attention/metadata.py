@@ -31,6 +31,9 @@ class AttentionBatch:
     num_decodes: int
     query_start_loc_host: np.ndarray  # [B + 1]
     seq_lens_host: np.ndarray  # [B]
+    # Decode rows (indices < num_decodes) whose attention logits the backend reports per layer
+    # (take_decode_logits), for the KV policies that score tokens; empty for most steps.
+    scored_rows: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -60,6 +60,10 @@ class EngineReplica:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    def shutdown_engine(self) -> None:
+        """Before the actor is killed: what the engine keeps outside its memory (the disk tier) goes."""
+        self.engine.shutdown()
+
     def export_request(self, request_id: str) -> tuple[dict, int]:
         """The request with its KV, taken out of this engine; and the KV's size in bytes (called
         with num_returns=2, so the state can go to another replica without passing through here)."""
@@ -139,15 +143,15 @@ class ReplicatedEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or folder)
         inner = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         inner.update(replicas=1, ray_address=None)
-        # SPREAD: replicas on as many nodes as the cluster has (one machine: all on it). No logical
-        # CPUs reserved: each replica's thread count (LLMSERVE_NUM_THREADS) is what it uses, and a
-        # scale-out must not wait for Ray's CPU accounting.
-        actor = ray.remote(num_cpus=0, max_restarts=-1, scheduling_strategy="SPREAD",
+        # No logical CPUs reserved: each replica's thread count (LLMSERVE_NUM_THREADS) is what it
+        # uses, and a scale-out must not wait for Ray's CPU accounting. Without a resource to
+        # balance, Ray's SPREAD may stack replicas on one node: they go round the nodes instead.
+        actor = ray.remote(num_cpus=0, max_restarts=-1,
                            runtime_env={"env_vars": {"LLMSERVE_NUM_THREADS": str(per)}})(EngineReplica)
         # Kept referenced for as long as the replicas live: Ray restarts a dead one with these arguments.
         self._shared = self._share_weights(inner) if config.share_weights else (None, None)
         self._actor, self._inner = actor, inner
-        self.replicas = [actor.remote(inner, *self._shared) for _ in range(n)]
+        self.replicas = [self._start_replica(i) for i in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
         self.router = make_router(config.router, seed=config.seed or 0)
         # Disaggregated: prompts go to the first prefill_replicas, requests then move to the rest.
@@ -275,7 +279,7 @@ class ReplicatedEngine:
         """Scale out: one more replica (mapping the host's shared weights); returns its index."""
         import ray
 
-        self.replicas.append(self._actor.remote(self._inner, *self._shared))
+        self.replicas.append(self._start_replica(len(self.replicas)))
         ray.get(self.replicas[-1].pid.remote())
         self.loads.append(ReplicaLoad())
         self._stats.append(ray.get(self.replicas[-1].stats.remote()))
@@ -407,6 +411,15 @@ class ReplicatedEngine:
                 except ray.exceptions.RayActorError:
                     self._down[i] = self.replicas[i].pid.remote()
 
+    def _start_replica(self, index: int):
+        """Replica `index` on the cluster's nodes in turn (soft: anywhere if that node is gone)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        strategy = NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True) if nodes else "SPREAD"
+        return self._actor.options(scheduling_strategy=strategy).remote(self._inner, *self._shared)
+
     # ---- stats and shutdown ------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         """The replicas' engine stats summed (KV usage: their mean)."""
@@ -447,8 +460,12 @@ class ReplicatedEngine:
     def shutdown(self) -> None:
         import ray
 
-        for i, r in enumerate(self.replicas):
-            if i not in self._retired:
-                ray.kill(r, no_restart=True)
+        live = [r for i, r in enumerate(self.replicas) if i not in self._retired]
+        try:
+            ray.get([r.shutdown_engine.remote() for r in live], timeout=10)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            pass  # a replica that is gone or stuck keeps nothing worth waiting for
+        for r in live:
+            ray.kill(r, no_restart=True)
         if self.session is not None:
             self.session.shutdown()

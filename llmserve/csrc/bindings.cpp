@@ -4,7 +4,7 @@
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                               torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor query_start_loc,
                               torch::Tensor seq_lens, torch::Tensor block_tables, int64_t block_size, double scale,
-                              int64_t sliding_window, double soft_cap);
+                              int64_t sliding_window, double soft_cap, std::optional<torch::Tensor> decode_logits);
 torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
 torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
@@ -21,7 +21,11 @@ void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t nu
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_attention", &paged_attention,
-        "write a step's K/V into the paged cache, then attention for decodes, verifies and prefill chunks (CPU)",
+        "write a step's K/V into the paged cache, then attention for decodes, verifies and prefill chunks (CPU); "
+        "decode_logits [B, heads, length], when given, receives each decode row's attention logits",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
+        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("block_tables"), py::arg("block_size"),
+        py::arg("scale"), py::arg("sliding_window"), py::arg("soft_cap"), py::arg("decode_logits") = py::none(),
         nogil);
   m.def("weight_only_linear", &weight_only_linear, "x @ W^T with int8 or bfloat16 weights (CPU)", nogil);
   m.def("gguf_linear", &gguf_linear, "x @ W^T with W in GGUF blocks: Q4_1 (fmt 0), Q8_0 (1), Q5_0 (2), Q4_K (3), "

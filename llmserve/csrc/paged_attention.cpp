@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -39,12 +40,22 @@ struct Shape {
   int64_t H, KVH, G, D, row;  // query heads, KV heads, query heads per KV head, head size, KVH * D
   int64_t block_size, table_width, q_stride, window;
   float scale, cap;  // cap <= 0: no soft cap
+  // Optional [B, H, logits_len] output: each decode row's attention logits (scaled, soft-capped
+  // where the layer caps) at the positions it attends, for the KV policies that score tokens.
+  float* logits = nullptr;
+  int64_t logits_len = 0;
 };
+
+// Where a decode's logits for query head h of KV head g of sequence b go (nullptr: not asked).
+inline float* logits_row(const Shape& sh, int64_t b, int64_t g) {
+  return sh.logits ? sh.logits + (b * sh.H + g * sh.G) * sh.logits_len : nullptr;
+}
 
 struct Task {
   int64_t cost;
   int32_t b, g, q0, q1;  // sequence, KV head, its query rows [q0, q1) counted from its first
-  bool decode;
+  bool decode;  // the vector decode path
+  bool one_query;  // the sequence has one new token (a decode, on whichever path)
 };
 
 // Per-thread buffers, grown on demand and kept across the thread's tasks.
@@ -141,7 +152,7 @@ inline void softmax_in_place(float* s, int64_t n, float& sum) {
 // keeps G x 32 accumulators in registers per 32-wide slice of the head. out: G rows of D floats.
 template <typename ct, int G>
 void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const int32_t* table, int64_t start,
-                 int64_t len, const Shape& sh, float* scores, float* out) {
+                 int64_t len, const Shape& sh, float* scores, float* out, float* logits) {
   constexpr int64_t kLine = 64 / sizeof(ct);  // cache values per 64-byte line
   const int64_t D = sh.D, row = sh.row, bs = sh.block_size, n = len - start, padded = round_up(n, 8);
   __m256 part[G][8];
@@ -184,6 +195,7 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
   float sums[G];
   for (int h = 0; h < G; ++h) {
     if (sh.cap > 0.f) soft_cap(scores + h * padded, n, sh.cap);
+    if (logits) std::memcpy(logits + h * sh.logits_len + start, scores + h * padded, n * sizeof(float));
     softmax_in_place(scores + h * padded, n, sums[h]);
   }
   for (int64_t c = 0; c < D; c += 32) {
@@ -217,7 +229,7 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
 
 template <typename ct>
 using DecodeFn = void (*)(const float*, const ct*, const ct*, const int32_t*, int64_t, int64_t, const Shape&, float*,
-                          float*);
+                          float*, float*);
 
 template <typename ct>
 DecodeFn<ct> decode_for(int64_t G) {
@@ -459,6 +471,12 @@ void flash_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_ca
       float* acc_b = acc_a + D;
       pair_scores(sc.q.data() + r * D, sc.q.data() + (r + 1) * D, sc.kp.data(), plo, phi, D, fast, sa, sb);
       float* srow[2] = {sa, sb};
+      if (task.one_query && sh.logits) {  // a decode on this path: its rows r, r + 1 are query heads r, r + 1
+        float* lg = logits_row(sh, task.b, g);
+        for (int i = 0; i < 2 && r + i < M; ++i)
+          for (int64_t j = lo[i]; j < hi[i]; ++j)
+            lg[(r + i) * sh.logits_len + t0 + j] = sh.cap > 0.f ? cap_scalar(srow[i][j], sh.cap) : srow[i][j];
+      }
       float* arow[2] = {acc_a, acc_b};
       for (int i = 0; i < 2; ++i) {
         if (lo[i] >= hi[i]) {  // this row sees nothing here: no contribution
@@ -506,7 +524,7 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
       for (int64_t i = q0; i < q1; ++i) cost += G * visible(p0 + i, sh.window);
       for (int64_t g = 0; g < sh.KVH; ++g)
         tasks.push_back({cost, static_cast<int32_t>(b), static_cast<int32_t>(g), static_cast<int32_t>(q0),
-                         static_cast<int32_t>(q1), qlen == 1 && fast_decode});
+                         static_cast<int32_t>(q1), qlen == 1 && fast_decode, qlen == 1});
     }
   }
   if (tasks.empty()) return;
@@ -530,7 +548,7 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
           for (int64_t j = 0; j < G * D; ++j) sc.q[j] = src[j] * sh.scale;
           sc.scores.resize(G * round_up(len - start, 8));
           decode_for<ct>(G)(sc.q.data(), k_cache + task.g * D, v_cache + task.g * D, table, start, len, sh,
-                            sc.scores.data(), out + (row0 * sh.H + task.g * G) * D);
+                            sc.scores.data(), out + (row0 * sh.H + task.g * G) * D, logits_row(sh, b, task.g));
           continue;
         }
       }
@@ -579,7 +597,7 @@ void write_cache(const qt* k, const qt* v, int64_t k_stride, int64_t v_stride, c
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                               torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor query_start_loc,
                               torch::Tensor seq_lens, torch::Tensor block_tables, int64_t block_size, double scale,
-                              int64_t sliding_window, double soft_cap) {
+                              int64_t sliding_window, double soft_cap, std::optional<torch::Tensor> decode_logits) {
   for (const auto& t : {q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens, block_tables})
     TORCH_CHECK(t.device().is_cpu(), "paged_attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q, k, v must be [tokens, heads, head_size]");
@@ -637,6 +655,15 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   }
   Shape sh{H, KVH, H / KVH, D, KVH * D, block_size, width, q.stride(0), sliding_window,
            static_cast<float>(scale), static_cast<float>(soft_cap)};
+  if (decode_logits.has_value()) {
+    const auto& lg = *decode_logits;
+    TORCH_CHECK(lg.device().is_cpu() && lg.scalar_type() == torch::kFloat32 && lg.is_contiguous() && lg.dim() == 3 &&
+                lg.size(0) == B && lg.size(1) == H, "decode_logits must be a contiguous float32 [B, heads, length]");
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(qsl[b + 1] - qsl[b] != 1 || lens[b] <= lg.size(2), "decode_logits too short for a sequence");
+    sh.logits = lg.data_ptr<float>();
+    sh.logits_len = lg.size(2);
+  }
   auto out = torch::empty({T, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   // Rows no sequence owns: before the first sequence's and after the last's.
   const int64_t owned0 = B ? qsl[0] : 0, owned1 = B ? qsl[B] : 0;

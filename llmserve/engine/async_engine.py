@@ -64,6 +64,15 @@ class EngineStats:
     kv_transfer_seconds: float = 0.0
     kv_transfer_bytes: int = 0
     replica_restarts: int = 0
+    # The KV disk tier: prompt tokens read back from it; bytes written, read and held.
+    prefix_cache_disk_hits: int = 0
+    kv_offload_bytes_written: int = 0
+    kv_offload_bytes_read: int = 0
+    kv_offload_bytes_stored: int = 0
+
+
+_TIER_STATS = ("prefix_cache_disk_hits", "kv_offload_bytes_written", "kv_offload_bytes_read",
+               "kv_offload_bytes_stored")
 
 
 @dataclass(frozen=True)
@@ -423,7 +432,8 @@ class AsyncLLMEngine:
                                   int(s["prefix_cache_queries"]), int(s["prefix_cache_hits"]),
                                   int(s["spec_decode_num_drafts"]), int(s["spec_decode_num_draft_tokens"]),
                                   int(s["spec_decode_num_accepted_tokens"]),
-                                  *self._replica_stats())
+                                  *self._replica_stats(),
+                                  **{k: int(s.get(k, 0)) for k in _TIER_STATS})
         self._heartbeat = time.monotonic()
 
     def _replica_stats(self) -> tuple:

@@ -6,6 +6,7 @@ handing out takes the least recently freed block first, which evicts LRU.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -31,6 +32,9 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, Block] = {}
         self._to_wipe: list[int] = []  # freed blocks whose contents must be zeroed (wipe_kv_on_free)
+        # Called with a cached block about to be handed out again (its prefix evicted from memory),
+        # while its KV is still intact: the disk tier saves it there.
+        self.on_evict: Callable[[Block], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -49,6 +53,8 @@ class BlockPool:
             raise NoFreeBlocksError("no free KV blocks")
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
+        if self.on_evict is not None and block.block_hash is not None and self._cached.get(block.block_hash) is block:
+            self.on_evict(block)
         if block.wipe_on_evict:  # its retained prefix goes now: zero it before the new owner writes
             block.wipe_on_evict = False
             self._to_wipe.append(block_id)

@@ -10,10 +10,13 @@ import torch
 from llmserve.config import EngineConfig
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.kv_cache import KVCacheManager
+from llmserve.engine.kv_offload import tier_for
+from llmserve.engine.kv_policy import KVPolicyState
 from llmserve.engine.request import Request, RequestStatus
 from llmserve.engine.scheduler import Scheduler, SchedulerOutput
 from llmserve.engine.setup import EngineParts, build_engine_parts, default_token_budget
 from llmserve.errors import InvalidRequestError, PromptTooLongError
+from llmserve.model.arch_config import SLIDING
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from llmserve.runner import StepResult, position_logprobs
 from llmserve.sampling_params import SamplingParams
@@ -64,6 +67,9 @@ class LLMEngine:
         self.proposer = p.proposer
         if self.proposer is not None:
             self.proposer.bind(self.kv)
+        self.tier = tier_for(config.kv_offload_dir, config.kv_offload_bytes, private=config.private)
+        if self.tier is not None:
+            self.kv.attach_tier(self.tier, self.runner.read_block, self.runner.write_block)
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None, *,
@@ -81,6 +87,7 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
             raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        kv_state = self._kv_policy_state(params)
         # Compiled here only when not compiled before (the server compiles off the loop thread first).
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         now = time.monotonic() if arrival_time is None else arrival_time
@@ -93,13 +100,30 @@ class LLMEngine:
             req = Request(rid, ids, params, max_tokens, self.eos_token_ids, priority, cache_salt, deadline, now,
                           max_model_len=self.max_model_len,
                           logprobs=[] if params.logprobs is not None else None,
-                          grammar=GrammarState(grammar.deep_copy()) if grammar is not None else None)
+                          grammar=GrammarState(grammar.deep_copy()) if grammar is not None else None,
+                          kv=KVPolicyState(kv_state.policy, kv_state.budget,
+                                           seed=None if params.seed is None else params.seed + i)
+                          if kv_state is not None else None)
             if params.seed is not None and not params.greedy:
                 req.generator = torch.Generator(device=self.device).manual_seed(params.seed + i)
             req.detok = IncrementalDetokenizer(self.tokenizer, ids[-PROMPT_TAIL:], params.stop,
                                                params.include_stop_str_in_output, params.skip_special_tokens)
             group.seqs.append(req)
         self._register(group)
+
+    def _kv_policy_state(self, params: SamplingParams) -> KVPolicyState | None:
+        """The request's KV policy (its own, else the engine's), or None for full: lossy ones need a
+        budget and attend over their kept tokens only, which sliding-window layers cannot."""
+        policy = params.kv_policy or self.config.kv_policy
+        if policy == "full":
+            return None
+        budget = params.kv_budget if params.kv_budget is not None else self.config.kv_budget
+        if budget is None:
+            raise InvalidRequestError(f"kv_policy {policy} needs a kv_budget (a token count, or a fraction in (0, 1])")
+        cfg = self.model_config
+        if cfg.sliding_window is not None and SLIDING in cfg.layer_types:
+            raise InvalidRequestError(f"kv_policy {policy} is not supported for models with sliding-window layers")
+        return KVPolicyState(policy, budget, seed=params.seed)
 
     def _register(self, group: RequestGroup) -> None:
         """Hand a fully built group to the scheduler (so a failure while building leaves nothing
@@ -169,7 +193,7 @@ class LLMEngine:
                  "seqs": [req.to_state() for req in group.seqs], "kv": []}
         for req in group.seqs:
             running = req.status is RequestStatus.RUNNING and req.num_computed_tokens > 0
-            state["kv"].append(self.runner.export_blocks(self.kv.block_ids(req.request_id), req.num_computed_tokens)
+            state["kv"].append(self.runner.export_blocks(self.kv.block_ids(req.request_id), req.num_kv_tokens)
                                if with_kv and running else None)
         self._remove(request_id, RequestStatus.FINISHED_ABORTED)
         self._wipe()
@@ -191,9 +215,12 @@ class LLMEngine:
         for req, kv in zip(seqs, state["kv"]):
             if not req.status.finished:
                 req.status, computed, req.num_computed_tokens = RequestStatus.WAITING, req.num_computed_tokens, 0
-                if kv is not None and self.kv.allocate(req, computed):
+                policy = req.kv
+                if policy is not None:  # allocated for the kept tokens; recomputed, it evicts afresh
+                    req.kv = KVPolicyState(policy.policy, policy.budget, seed=policy.seed)
+                if kv is not None and self.kv.allocate(req, kv.shape[2]):
                     self.runner.import_blocks(self.kv.block_ids(req.request_id), kv)
-                    req.num_computed_tokens = computed
+                    req.num_computed_tokens, req.kv = computed, policy
                     self.kv.commit(req, computed)
             group.seqs.append(req)
         self._register(group)
@@ -228,7 +255,9 @@ class LLMEngine:
         if self.proposer is not None:
             self.proposer.cost.observe_step(sched.num_tokens, seconds)
         changed = {self._group_of[r.request_id].request_id: self._group_of[r.request_id]
-                   for r in self.scheduler.update(sched, result.sampled_tokens())}
+                   for r in self.scheduler.update(sched, result.sampled_tokens(), result.kv_scores)}
+        for m in self.scheduler.take_kv_moves():  # before the blocks they freed are wiped or reused
+            self.runner.move_kv(m.request_id, m.src, m.dst)
         changed.update(self._record_prompt_logprobs(result, {s.request.request_id: s.start for s in sched.scheduled}))
         self._wipe()
         for group in changed.values():
@@ -308,7 +337,9 @@ class LLMEngine:
                              prompt_logprobs=list(group.prompt_logprobs) if group.prompt_logprobs is not None else None,
                              num_cached_tokens=first.num_cached_tokens, metrics=metrics,
                              num_draft_tokens=sum(s.num_draft_tokens for s in group.seqs),
-                             num_accepted_tokens=sum(s.num_accepted_tokens for s in group.seqs))
+                             num_accepted_tokens=sum(s.num_accepted_tokens for s in group.seqs),
+                             kv_policy=first.kv.policy if first.kv is not None else None,
+                             num_evicted_tokens=sum(s.num_evicted_tokens for s in group.seqs))
 
     # ---- introspection ------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -323,4 +354,14 @@ class LLMEngine:
             "spec_decode_num_drafts": self.scheduler.num_spec_drafts,
             "spec_decode_num_draft_tokens": self.scheduler.num_spec_draft_tokens,
             "spec_decode_num_accepted_tokens": self.scheduler.num_spec_accepted_tokens,
+            # The disk tier (zero without one): prompt tokens read back from it, bytes moved and held.
+            "prefix_cache_disk_hits": self.kv.disk_hits,
+            "kv_offload_bytes_written": self.tier.bytes_written if self.tier is not None else 0,
+            "kv_offload_bytes_read": self.tier.bytes_read if self.tier is not None else 0,
+            "kv_offload_bytes_stored": self.tier.bytes_stored if self.tier is not None else 0,
         }
+
+    def shutdown(self) -> None:
+        """Release what outlives a step: the disk tier's files (and its key) go."""
+        if self.tier is not None:
+            self.tier.close()

@@ -12,7 +12,12 @@ import hashlib
 import secrets
 from array import array
 
+import numpy as np
+
+from collections.abc import Callable
+
 from llmserve.engine.block_pool import Block, BlockPool
+from llmserve.engine.kv_offload import DiskKVTier
 from llmserve.engine.request import Request
 
 
@@ -41,7 +46,21 @@ class KVCacheManager:
         self._in_flight: dict[bytes, str] = {}  # hash -> id of the request whose step is writing it
         self._committed: dict[str, int] = {}  # request id -> how many of its blocks are published
         self.prefix_queries = 0  # tokens looked up in the prefix cache
-        self.prefix_hits = 0  # tokens found there
+        self.prefix_hits = 0  # tokens found there (in memory or on the disk tier)
+        self.disk_hits = 0  # of those, tokens read back from the disk tier
+        self.tier: DiskKVTier | None = None
+        self._read_block: Callable[[int], bytes] | None = None
+        self._write_block: Callable[[int, bytes], None] | None = None
+
+    def attach_tier(self, tier: DiskKVTier, read_block: Callable[[int], bytes],
+                    write_block: Callable[[int, bytes], None]) -> None:
+        """Offload evicted prefix blocks to `tier` (read_block: a block's K/V as bytes, from the
+        runner) and bring them back on a hit (write_block)."""
+        self.tier, self._read_block, self._write_block = tier, read_block, write_block
+        self.pool.on_evict = self._offload
+
+    def _offload(self, block: Block) -> None:
+        self.tier.store(block.block_hash, self._read_block(block.block_id))
 
     @property
     def num_free_blocks(self) -> int:
@@ -68,16 +87,43 @@ class KVCacheManager:
     def find_cached_prefix(self, req: Request) -> list[Block]:
         """The longest run of cached blocks that starts the request. At least one token is always
         left to compute, because the last position's logits are needed to sample."""
-        if not self.enable_caching:
+        if not self.enable_caching or req.kv is not None:  # a lossy request rewrites its blocks: never shared
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
+        hashes = self._full_block_hashes(req, max_blocks * self.block_size)
         hits: list[Block] = []
-        for h in self._full_block_hashes(req, max_blocks * self.block_size):
+        for h in hashes:
             block = self.pool.lookup(h)
             if block is None:
                 break
             hits.append(block)
+        if self.tier is not None and len(hits) < len(hashes) and hashes[len(hits)] in self.tier:
+            self._bring_back(hashes[len(hits):], hits)
         return hits
+
+    def _bring_back(self, hashes: list[bytes], hits: list[Block]) -> None:
+        """Read the blocks of `hashes` that follow the memory hits back from the disk tier, as
+        long as they are there, into blocks that then sit in the prefix cache like any other."""
+        held = list(hits)
+        for block in held:  # off the free list while new blocks are taken, so none is evicted
+            self.pool.touch(block)
+        try:
+            for h in hashes:
+                if h not in self.tier or self.pool.num_free == 0:
+                    break
+                data = self.tier.load(h)
+                if data is None:
+                    break
+                block = self.pool.allocate()
+                held.append(block)
+                self._write_block(block.block_id, data)
+                self.pool.cache(block, h)
+                block.wipe_on_evict = self.wipe_on_free and self.pool.lookup(h) is block
+                hits.append(block)
+                self.disk_hits += self.block_size
+        finally:
+            for block in held:
+                self.pool.free(block, wipe=False)
 
     def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
         """Count one admitted request's prefix lookup, in tokens (failed admissions don't count)."""
@@ -89,7 +135,7 @@ class KVCacheManager:
         cached_prefix when it is being admitted). False, with nothing changed, if blocks run out."""
         table = self.block_tables.setdefault(req.request_id, [])
         cached_prefix = cached_prefix or []
-        num_computed = len(cached_prefix) * self.block_size if cached_prefix else req.num_computed_tokens
+        num_computed = len(cached_prefix) * self.block_size if cached_prefix else req.num_kv_tokens
         total = num_computed + num_new_tokens
         num_needed = -(-total // self.block_size) - len(table) - len(cached_prefix)
         idle_hits = sum(1 for b in cached_prefix if b.ref_count == 0)  # these come off the free list
@@ -101,7 +147,7 @@ class KVCacheManager:
             self.pool.touch(block)
         table.extend(cached_prefix)
         table.extend(self.pool.allocate() for _ in range(max(num_needed, 0)))
-        if self.enable_caching:  # full blocks this step writes: in flight until committed
+        if self.enable_caching and req.kv is None:  # full blocks this step writes: in flight until committed
             hashes = self._full_block_hashes(req, min(total, req.num_tokens))
             for h in hashes[num_computed // self.block_size:]:
                 self._in_flight.setdefault(h, req.request_id)
@@ -110,7 +156,7 @@ class KVCacheManager:
     def in_flight_prefix(self, req: Request, num_hits: int) -> bool:
         """True if the block after req's num_hits cached blocks is being written by this step: the
         request gains that block for free by waiting one step."""
-        if not self._in_flight:
+        if not self._in_flight or req.kv is not None:
             return False
         hashes = self._full_block_hashes(req, ((req.num_tokens - 1) // self.block_size) * self.block_size)
         return num_hits < len(hashes) and hashes[num_hits] in self._in_flight
@@ -119,7 +165,7 @@ class KVCacheManager:
         """Publish req's full blocks among its first num_tokens tokens: their KV is written and
         their tokens are final. The update point calls it after each forward pass; only blocks
         not committed before are visited."""
-        if not self.enable_caching:
+        if not self.enable_caching or req.kv is not None:  # a lossy request's blocks are never published
             return
         rid = req.request_id
         done, full = self._committed.get(rid, 0), num_tokens // self.block_size
@@ -155,6 +201,24 @@ class KVCacheManager:
             del hashes[num_tokens // self.block_size:]
         if req.request_id in self._committed:
             self._committed[req.request_id] = min(self._committed[req.request_id], num_tokens // self.block_size)
+
+    def compact(self, req: Request, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Keep only the cached tokens at indices `keep` (ascending) of req, moved to the front of
+        its table in order; the blocks past them go back to the pool. Returns the (source,
+        destination) cache slots of the moves, which the caller applies before the freed blocks
+        are wiped or handed out."""
+        table = self.block_tables[req.request_id]
+        ids = np.fromiter((b.block_id for b in table), dtype=np.int64, count=len(table))
+        bs = self.block_size
+        dst = np.arange(len(keep))
+        moved = keep != dst
+        src_slots = ids[keep[moved] // bs] * bs + keep[moved] % bs
+        dst_slots = ids[dst[moved] // bs] * bs + dst[moved] % bs
+        num_blocks = -(-len(keep) // bs)
+        for block in reversed(table[num_blocks:]):
+            self.pool.free(block, wipe=self.wipe_on_free)
+        del table[num_blocks:]
+        return src_slots, dst_slots
 
     def _salt(self, req: Request) -> str | None:
         if req.cache_salt is not None or not self.private:

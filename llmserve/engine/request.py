@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from llmserve.engine.detokenizer import IncrementalDetokenizer
+from llmserve.engine.kv_policy import KVPolicyState
 from llmserve.outputs import PositionLogprobs
 from llmserve.sampling_params import SamplingParams
 from llmserve.structured.compiler import GrammarState
@@ -79,6 +80,8 @@ class Request:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     spec_acceptance: float = 0.7
+    # A lossy KV policy (engine/kv_policy.py): which tokens' K/V are still cached; None: all are.
+    kv: KVPolicyState | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
@@ -90,6 +93,16 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens whose K/V the cache holds: the computed ones less those a KV policy evicted. A new
+        token's cache index is its position less the evicted count."""
+        return self.num_computed_tokens - (self.kv.num_evicted if self.kv is not None else 0)
+
+    @property
+    def num_evicted_tokens(self) -> int:
+        return self.kv.num_evicted if self.kv is not None else 0
 
     @property
     def num_output_tokens(self) -> int:

@@ -15,6 +15,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from llmserve.engine import kv_policy
 from llmserve.engine.kv_cache import KVCacheManager
 from llmserve.engine.request import Request, RequestStatus
 from llmserve.outputs import PositionLogprobs
@@ -51,6 +54,15 @@ class SampledTokens:
 
 
 @dataclass
+class KVMoves:
+    """A lossy request's compaction: copy the cache slots src to dst (every layer, K and V), before
+    the blocks it freed are wiped or reused."""
+    request_id: str
+    src: np.ndarray
+    dst: np.ndarray
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
@@ -83,6 +95,7 @@ class Scheduler:
         self.num_spec_draft_tokens = 0
         self.num_spec_accepted_tokens = 0
         self._left: list[str] = []
+        self._kv_moves: list[KVMoves] = []  # compactions of this update, for the runner
 
     # ---- queue management -------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -152,7 +165,7 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._scoring_chunk(req, min(req.num_tokens - req.num_computed_tokens, budget), req.num_computed_tokens)
             drafts = self._drafts(req, n, budget)
             req.draft_token_ids = []  # consumed: the next step's drafts are proposed after this one
             if drafts and not self.kv.allocate(req, n + len(drafts)):
@@ -188,7 +201,7 @@ class Scheduler:
                     i += 1  # its next blocks are being written this step: hit them next step
                     continue
                 num_cached = len(prefix) * self.kv.block_size
-                n = min(req.num_tokens - num_cached, budget)
+                n = self._scoring_chunk(req, min(req.num_tokens - num_cached, budget), num_cached)
                 if not self.kv.allocate(req, n, prefix):
                     break
                 self.waiting.pop(i)
@@ -206,10 +219,19 @@ class Scheduler:
         return out
 
     @staticmethod
+    def _scoring_chunk(req: Request, n: int, computed: int) -> int:
+        """A prompt under a scored KV policy computes its last token alone: that step is a decode
+        whose attention over the whole prompt gives the first scores, before anything is evicted."""
+        if req.kv is not None and req.kv.scored and req.kv.steps == 0 and n > 1 \
+                and computed + n == req.num_tokens:
+            return n - 1
+        return n
+
+    @staticmethod
     def _drafts(req: Request, n: int, budget: int) -> list[int]:
         """The draft tokens req verifies this step: only a decode (one known token behind) has
         any, as many as the budget leaves room for after its own token."""
-        if not req.draft_token_ids or n != 1 or req.num_tokens - req.num_computed_tokens != 1:
+        if not req.draft_token_ids or req.kv is not None or n != 1 or req.num_tokens - req.num_computed_tokens != 1:
             return []
         room = budget - 1
         if req.max_model_len is not None:  # a draft's position must stay inside the context
@@ -223,21 +245,27 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        if req.kv is not None:  # recomputed from its tokens, evicting afresh
+            req.kv = kv_policy.KVPolicyState(req.kv.policy, req.kv.budget, seed=req.kv.seed)
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.append(req)  # the sort by rank puts it back in its place in line
 
-    def update(self, out: SchedulerOutput, sampled: list[SampledTokens] = ()) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: list[SampledTokens] = (),
+               kv_scores: dict[str, np.ndarray] | None = None) -> list[Request]:
         """THE update point, after the forward pass. Advances computed tokens and publishes the
         blocks they filled, then appends each request's accepted tokens in order, applying
         min_tokens, stop tokens, stop strings, max_tokens and the context limit token by token: a
         run of tokens is cut where the request stops. Finished requests are freed. Returns the
-        requests that gained tokens."""
+        requests that gained tokens. Lossy requests (a KV policy) add this step's attention
+        scores (kv_scores, by request id) and evict what exceeds their budget."""
         for s in out.scheduled:
             req = s.request
             # Draft positions count as computed only once accepted (below).
             req.num_computed_tokens = s.start + s.num_new_tokens - s.num_draft
             self.kv.commit(req, min(req.num_computed_tokens, req.num_tokens))
+            if req.kv is not None:
+                req.kv.extend(s.start, s.num_new_tokens)
         self.kv.end_step()
         now = time.monotonic()
         changed = []
@@ -254,7 +282,33 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             changed.append(req)
+        for s in out.scheduled:
+            if s.request.kv is not None and not s.request.status.finished:
+                self._apply_kv_policy(s.request, (kv_scores or {}).get(s.request.request_id))
         return changed
+
+    def _apply_kv_policy(self, req: Request, scores: np.ndarray | None) -> None:
+        """Add the step's scores; once the cache holds more than the budget, keep the policy's
+        choice of the budget less one block and record the moves that compact it."""
+        state = req.kv
+        if scores is not None:
+            state.scores[:len(scores)] += scores
+            state.steps += 1
+        if state.scored and state.steps == 0:
+            return  # a scored policy evicts only once its tokens have scores (the prompt's last token attended)
+        budget = kv_policy.budget_tokens(state.budget, req.num_tokens)
+        if len(state.positions) <= budget:
+            return
+        target = max(budget - self.kv.block_size, (budget + 1) // 2)
+        keep = kv_policy.select_keep(state.policy, state.positions, state.scores, target)
+        src, dst = self.kv.compact(req, keep)
+        state.num_evicted += len(state.positions) - len(keep)
+        state.positions, state.scores = state.positions[keep], state.scores[keep]
+        self._kv_moves.append(KVMoves(req.request_id, src, dst))
+
+    def take_kv_moves(self) -> list[KVMoves]:
+        moves, self._kv_moves = self._kv_moves, []
+        return moves
 
     def _settle_drafts(self, req: Request, num_draft: int, num_accepted: int) -> None:
         """After a verify run: count it, and (unless the request finished) make the accepted drafts'

@@ -67,6 +67,12 @@ SETTINGS: tuple[Gated, ...] = (
           "which can call into it",
           "refused: a private node starts its own loopback-only Ray",
           _refuse("ray_address", lambda v: v is None, "the node would join a cluster it does not control")),
+    Gated("kv_offload_dir", "S",
+          "evicted prefix KV written to disk outlives the request in files, where a cold-boot, backup or "
+          "another process could read it",
+          "encrypted: AES-256-GCM under a key drawn at start that exists only in the node's memory, "
+          "the block hash as associated data; the files are removed at shutdown",
+          lambda v: v),
     Gated("seed", "S",
           "a fixed engine seed makes unseeded sampling a function of the batch: one user's draws "
           "depend on what other users asked",
@@ -79,6 +85,9 @@ HARMLESS: frozenset[str] = frozenset({
     "max_model_len", "block_size", "num_kv_blocks", "kv_cache_memory", "max_num_seqs",
     "max_num_batched_tokens", "max_waiting_requests", "private", "replicas", "prefill_replicas", "decode_replicas",
     "share_weights",
+    # A KV policy drops a request's own tokens' K/V, kept per request and shared with no one.
+    "kv_policy", "kv_budget",
+    "kv_offload_bytes",  # the tier's size; whether there is one, and how it is kept, is gated above
 })
 
 

@@ -47,7 +47,8 @@ class _EngineCollector(Collector):
         for name, doc, value in (
                 ("llmserve:num_requests_running", "Sequences being computed this step.", s.num_running),
                 ("llmserve:num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting),
-                ("llmserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", s.kv_usage)):
+                ("llmserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", s.kv_usage),
+                ("llmserve:kv_offload_bytes_stored", "Bytes of KV held by the disk tier.", s.kv_offload_bytes_stored)):
             gauge = GaugeMetricFamily(name, doc, labels=["model_name"])
             gauge.add_metric([self.model_name], value)
             yield gauge
@@ -60,7 +61,13 @@ class _EngineCollector(Collector):
                 ("llmserve:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified.",
                  s.spec_decode_num_draft_tokens),
                 ("llmserve:spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens accepted.",
-                 s.spec_decode_num_accepted_tokens)):
+                 s.spec_decode_num_accepted_tokens),
+                ("llmserve:prefix_cache_disk_hits", "Prompt tokens read back from the KV disk tier.",
+                 s.prefix_cache_disk_hits),
+                ("llmserve:kv_offload_bytes_written", "Bytes of KV written to the disk tier.",
+                 s.kv_offload_bytes_written),
+                ("llmserve:kv_offload_bytes_read", "Bytes of KV read back from the disk tier.",
+                 s.kv_offload_bytes_read)):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter

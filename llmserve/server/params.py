@@ -102,6 +102,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
             logprobs=logprobs,
             logit_bias=logit_bias(req),
             structured_outputs=so,
+            kv_policy=req.kv_policy,
+            kv_budget=req.kv_budget,
         )
     except InvalidRequestError as e:  # its messages name the parameter and its range only
         raise bad_request(f"{e}.", _param_of(str(e))) from None

@@ -99,6 +99,10 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
     cache_salt: str | None = None
     priority: int = 0
+    # llmserve's: which tokens' K/V to keep (none: the server's default) and how many, a token
+    # count or a fraction in (0, 1] of the request's length.
+    kv_policy: str | None = None
+    kv_budget: int | float | None = None
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_*.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
@@ -253,6 +257,8 @@ class Usage(_Model):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] | None = None
+    # Only when a lossy KV policy ran: {"policy": ..., "evicted_tokens": ...}.
+    kv_policy_details: dict[str, str | int] | None = None
 
 
 class CompletionLogprobs(_Model):

@@ -104,5 +104,8 @@ def usage(outputs: list[RequestOutput]) -> Usage:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in outputs)
+    policy = next((o.kv_policy for o in outputs if o.kv_policy is not None), None)
+    details = None if policy is None else {"policy": policy,
+                                           "evicted_tokens": sum(o.num_evicted_tokens for o in outputs)}
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": cached})
+                 prompt_tokens_details={"cached_tokens": cached}, kv_policy_details=details)

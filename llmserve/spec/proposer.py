@@ -66,9 +66,10 @@ class Proposer(ABC):
 
     def propose_for(self, running: list[Request]) -> None:
         """Set draft_token_ids of the running requests that decode next step (grammar requests
-        never speculate: their matcher must see accepted tokens only)."""
+        never speculate: their matcher must see accepted tokens only; nor do requests under a lossy KV
+        policy, whose compacted tables a draft model's cache would not follow)."""
         candidates = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and r.grammar is None
-                      and not r.status.finished]
+                      and r.kv is None and not r.status.finished]
         if not candidates:
             return
         for req in candidates:  # drafts of a step that did not run are not carried over
