@@ -27,7 +27,7 @@ def test_dequantize_kernel_is_bitwise_ggml(kernels, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 64, 65, 200])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 64, 65, 200])
 @pytest.mark.parametrize("k", [128, 256, 320])  # 4 blocks (no group of 8), exactly 8, 8 + 2
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_kernel_matches_float_matmul_of_dequantized(kernels, fmt, rows, k, with_bias):

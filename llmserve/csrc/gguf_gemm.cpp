@@ -125,24 +125,30 @@ void gemm(const float* x, const uint8_t* w, const float* bias, float* y, int64_t
       sums[i] = s;
     }
   }
+  // Up to STREAM_MAX_ROWS rows share one pass over the weights: each block is widened once for all
+  // of them (a verify run of 1 + k tokens then costs little more than one decode row).
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int rows = static_cast<int>(std::min<int64_t>(4, M - m0));
-      const float* xs[4];
-      const float* xsum[4];
-      for (int r = 0; r < 4; ++r) {
+    for (int64_t m0 = 0; m0 < M; m0 += STREAM_MAX_ROWS) {
+      const int rows = static_cast<int>(std::min<int64_t>(STREAM_MAX_ROWS, M - m0));
+      const float* xs[STREAM_MAX_ROWS];
+      const float* xsum[STREAM_MAX_ROWS];
+      for (int r = 0; r < STREAM_MAX_ROWS; ++r) {
         const int64_t row = m0 + std::min(r, rows - 1);
         xs[r] = x + row * K;
         xsum[r] = sums.empty() ? nullptr : sums.data() + row * nb;
       }
       for (int64_t n = begin; n < end; ++n) {
-        float d[4];
+        float d[STREAM_MAX_ROWS];
         const uint8_t* wn = w + n * nb * bytes;
         switch (rows) {
           case 1: dot_rows<fmt, 1>(xs, xsum, wn, nb, d); break;
           case 2: dot_rows<fmt, 2>(xs, xsum, wn, nb, d); break;
           case 3: dot_rows<fmt, 3>(xs, xsum, wn, nb, d); break;
-          default: dot_rows<fmt, 4>(xs, xsum, wn, nb, d); break;
+          case 4: dot_rows<fmt, 4>(xs, xsum, wn, nb, d); break;
+          case 5: dot_rows<fmt, 5>(xs, xsum, wn, nb, d); break;
+          case 6: dot_rows<fmt, 6>(xs, xsum, wn, nb, d); break;
+          case 7: dot_rows<fmt, 7>(xs, xsum, wn, nb, d); break;
+          default: dot_rows<fmt, 8>(xs, xsum, wn, nb, d); break;
         }
         const float b = bias ? bias[n] : 0.f;
         for (int r = 0; r < rows; ++r) y[(m0 + r) * N + n] = d[r] + b;

@@ -1,5 +1,5 @@
 """Linear layers that keep their weights in GGUF's block formats (Q4_1, Q8_0) and compute with
-float32 activations (csrc/gguf_gemm.cpp: a streaming kernel for up to 4 rows, a widen-a-tile
+float32 activations (csrc/gguf_gemm.cpp: a streaming kernel for up to 8 rows, a widen-a-tile
 register-tiled GEMM beyond, which beats float32 oneDNN at every batch size measured here).
 
 A GGUF model is published quantized: SmolLM2's file stores every projection as Q4_1 and the
