@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser(sub)
     except ImportError:
         pass
+    from llmserve.cluster.plan_cli import add_plan_parser
+    add_plan_parser(sub)
     return parser
 
 

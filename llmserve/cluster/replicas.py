@@ -290,6 +290,10 @@ class ReplicatedEngine:
         import ray
 
         self.drain(replica)
+        try:
+            ray.get(self.replicas[replica].shutdown_engine.remote(), timeout=10)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            pass  # gone or stuck: nothing of it is worth waiting for
         ray.kill(self.replicas[replica], no_restart=True)
         self._down.pop(replica, None)
         self._retired.add(replica)

@@ -1,0 +1,270 @@
+"""Goodput planner (DistServe): which placement of this engine on these cores serves the most
+requests per second within both SLOs.
+
+A step-time model is fitted to steps measured on this machine (profile_steps); a discrete-event
+simulation replays a workload (the bench's length shapes, Poisson arrivals) through each candidate
+placement exactly as the scheduler builds steps (one token budget: running decodes first, then
+prompt chunks first come first served); goodput is the highest arrival rate at which at least
+`attainment` of the requests meet both the TTFT and the TPOT SLO, found by bisection. Placements are
+ranked by goodput per core.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StepTimeModel:
+    """Seconds of one engine step: a fixed cost, plus per prompt token computed, per decoding
+    sequence, and per context token those decodes attend to."""
+    fixed_s: float
+    per_prefill_token_s: float
+    per_decode_seq_s: float
+    per_context_token_s: float
+
+    def step_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+        return (self.fixed_s + self.per_prefill_token_s * prefill_tokens + self.per_decode_seq_s * decode_seqs
+                + self.per_context_token_s * context_tokens)
+
+    @classmethod
+    def fit(cls, samples: list[tuple[int, int, int, float]]) -> StepTimeModel:
+        """Least squares over (prefill tokens, decode sequences, context tokens, seconds) samples,
+        coefficients kept non-negative (a cost never goes down with more work)."""
+        a = np.array([[1.0, p, d, c] for p, d, c, _ in samples])
+        y = np.array([s for *_, s in samples])
+        keep = [0, 1, 2, 3]
+        while True:  # drop the most negative per-unit term and refit, until none is negative
+            coef = np.zeros(4)
+            coef[keep] = np.linalg.lstsq(a[:, keep], y, rcond=None)[0]
+            negative = [j for j in keep if j and coef[j] < 0]
+            if not negative:
+                return cls(*(max(float(c), 0.0) for c in coef))
+            keep.remove(min(negative, key=lambda j: coef[j]))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Colocated replicas (prefill_replicas == 0) or a prefill/decode split, `threads` each."""
+    replicas: int
+    threads: int
+    token_budget: int = 512
+    prefill_replicas: int = 0
+
+    @property
+    def decode_replicas(self) -> int:
+        return self.replicas - self.prefill_replicas if self.prefill_replicas else 0
+
+    @property
+    def cores(self) -> int:
+        return self.replicas * self.threads
+
+    def __str__(self) -> str:
+        shape = (f"{self.prefill_replicas} prefill + {self.decode_replicas} decode" if self.prefill_replicas
+                 else f"{self.replicas} replica{'s' if self.replicas > 1 else ''}")
+        return f"{shape} x {self.threads} thread{'s' if self.threads > 1 else ''}, budget {self.token_budget}"
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    arrival: float
+    prompt: int
+    output: int
+
+
+@dataclass
+class _Seq:
+    req: SimRequest
+    index: int
+    computed: int = 0  # prompt tokens computed
+    generated: int = 0
+    first_token: float | None = None
+
+
+@dataclass
+class SimResult:
+    ttft: list[float] = field(default_factory=list)  # per request, in request order
+    tpot: list[float] = field(default_factory=list)  # per request (0 for one-token outputs)
+
+    def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
+        ok = sum(1 for a, b in zip(self.ttft, self.tpot) if a <= ttft_slo and b <= tpot_slo)
+        return ok / len(self.ttft) if self.ttft else 1.0
+
+
+def _run_replica(arrivals: list[tuple[float, _Seq]], model: StepTimeModel, budget: int, prefill_only: bool,
+                 on_first: Callable[[_Seq, float], None], on_finish: Callable[[_Seq, float], None]) -> None:
+    """One replica's steps over the sequences that reach it (arrival time, sequence), in time order.
+    A sequence arriving with its prompt computed (a decode replica's) starts decoding at once."""
+    pending = deque(sorted(arrivals, key=lambda a: a[0]))
+    waiting: deque[_Seq] = deque()  # prompts not yet fully computed, first come first served
+    decoding: list[_Seq] = []
+    t = 0.0
+    while pending or waiting or decoding:
+        if not waiting and not decoding:
+            t = max(t, pending[0][0])
+        while pending and pending[0][0] <= t:
+            seq = pending.popleft()[1]
+            (decoding if seq.computed >= seq.req.prompt else waiting).append(seq)
+        left = budget - len(decoding)
+        chunks = []
+        for seq in waiting:
+            if left <= 0:
+                break
+            n = min(seq.req.prompt - seq.computed, left)
+            chunks.append((seq, n))
+            left -= n
+        context = sum(s.req.prompt + s.generated for s in decoding)
+        t += model.step_s(sum(n for _, n in chunks), len(decoding), context)
+        for seq in list(decoding):
+            seq.generated += 1
+            if seq.generated >= seq.req.output:
+                decoding.remove(seq)
+                on_finish(seq, t)
+        for seq, n in chunks:
+            seq.computed += n
+            if seq.computed >= seq.req.prompt:
+                waiting.remove(seq)
+                seq.generated = 1
+                seq.first_token = t
+                on_first(seq, t)
+                if seq.generated >= seq.req.output:
+                    on_finish(seq, t)
+                elif not prefill_only:
+                    decoding.append(seq)
+
+
+def simulate(placement: Placement, model: StepTimeModel, requests: list[SimRequest],
+             transfer_s_per_token: float = 0.0, decode_model: StepTimeModel | None = None) -> SimResult:
+    """TTFT and TPOT of every request through `placement`; requests go to replicas in turn (the
+    round_robin router). Disaggregated: a prompt's KV moves to a decode replica after its first
+    token, taking transfer_s_per_token per prompt token."""
+    result = SimResult([0.0] * len(requests), [0.0] * len(requests))
+    seqs = [_Seq(r, i) for i, r in enumerate(requests)]
+
+    def first(seq: _Seq, t: float) -> None:
+        result.ttft[seq.index] = t - seq.req.arrival
+
+    def finish(seq: _Seq, t: float) -> None:
+        if seq.req.output > 1:
+            result.tpot[seq.index] = (t - seq.first_token) / (seq.req.output - 1)
+
+    front = placement.prefill_replicas or placement.replicas
+    for r in range(front):
+        mine = [(s.req.arrival, s) for s in seqs if s.index % front == r]
+        _run_replica(mine, model, placement.token_budget, bool(placement.prefill_replicas), first, finish)
+    if placement.prefill_replicas:
+        moved = [s for s in seqs if s.req.output > 1]
+        for r in range(placement.decode_replicas):
+            mine = [(s.first_token + transfer_s_per_token * s.req.prompt, s) for s in moved
+                    if s.index % placement.decode_replicas == r]
+            # Its sequences' first tokens are out already (on_first never fires there).
+            _run_replica(mine, decode_model or model, placement.token_budget, False, first, finish)
+    return result
+
+
+def poisson_requests(lengths: list[tuple[int, int]], rate: float, seed: int = 0) -> list[SimRequest]:
+    """The lengths arriving as a Poisson process of `rate` per second (the same draws scaled, so a
+    higher rate is the same sequence of requests, closer together)."""
+    gaps = np.random.default_rng(seed).exponential(1.0, size=len(lengths))
+    arrivals = np.cumsum(gaps) / rate
+    return [SimRequest(float(a), p, o) for a, (p, o) in zip(arrivals, lengths)]
+
+
+def goodput(placement: Placement, model: StepTimeModel, lengths: list[tuple[int, int]], ttft_slo: float,
+            tpot_slo: float, attainment: float = 0.9, transfer_s_per_token: float = 0.0,
+            decode_model: StepTimeModel | None = None, seed: int = 0) -> float:
+    """The highest request rate (per second) at which `attainment` of the requests meet both SLOs
+    (0 if not even a trickle does), to within 2%."""
+    def ok(rate: float) -> bool:
+        res = simulate(placement, model, poisson_requests(lengths, rate, seed), transfer_s_per_token, decode_model)
+        return res.attainment(ttft_slo, tpot_slo) >= attainment
+
+    lo, hi = 0.0, 1e-3
+    if not ok(hi):
+        return 0.0
+    while ok(hi * 2) and hi < 1e6:
+        hi *= 2
+    lo, hi = hi, hi * 2
+    while hi - lo > 0.02 * lo:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def candidate_placements(cores: int, budgets: tuple[int, ...] = (256, 512)) -> list[Placement]:
+    """Every way to split `cores` into equal replicas, colocated or as a prefill/decode split."""
+    out = []
+    for threads in range(1, cores + 1):
+        if cores % threads:
+            continue
+        n = cores // threads
+        for budget in budgets:
+            out.append(Placement(n, threads, budget))
+            out.extend(Placement(n, threads, budget, prefill_replicas=p) for p in range(1, n))
+    return out
+
+
+def profile_steps(llm, threads: int, repeats: int = 3) -> StepTimeModel:
+    """Fit a StepTimeModel to steps of chosen shapes run on `llm`'s engine with `threads` threads:
+    prompt chunks alone, and decodes of several batch sizes at two context lengths. Each shape runs
+    `repeats` times after a warm-up and counts with its median step time, so one slow step (a
+    compile, another process) does not bend the fit."""
+    import torch
+
+    from llmserve.sampling_params import SamplingParams
+
+    engine = llm.engine
+    torch.set_num_threads(threads)
+    vocab = engine.model_config.vocab_size
+    g = np.random.default_rng(0)
+    schedule = engine.scheduler.schedule
+    last: list = []
+
+    def recording():
+        out = schedule()
+        last.append(out)
+        return out
+
+    engine.scheduler.schedule = recording
+    shapes = [(64, 1, 1), (256, 1, 1), (512, 1, 1)] + [(ctx, n, 8) for ctx in (64, 448) for n in (1, 8, 32)]
+    by_shape: dict[tuple[int, int, int], list[float]] = {}
+    try:
+        for rep in range(repeats + 1):  # the first round warms up (kernels, allocations) and is dropped
+            for prompt, batch, steps in shapes:
+                params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+                for i in range(batch):
+                    engine.add_request(f"profile-{rep}-{prompt}-{batch}-{i}", g.integers(0, vocab, prompt).tolist(),
+                                       params)
+                while engine.has_unfinished_requests():
+                    last.clear()
+                    start = time.perf_counter()
+                    engine.step()
+                    elapsed = time.perf_counter() - start
+                    if not last or last[0].empty or rep == 0:
+                        continue
+                    sched = last[0]
+                    prefill = sum(s.num_new_tokens for s in sched.scheduled if s.start < s.request.num_prompt_tokens)
+                    decodes = [s for s in sched.scheduled if s.start >= s.request.num_prompt_tokens]
+                    key = (prefill, len(decodes), sum(s.start for s in decodes))
+                    by_shape.setdefault(key, []).append(elapsed)
+    finally:
+        engine.scheduler.schedule = schedule
+    return StepTimeModel.fit([(*key, float(np.median(times))) for key, times in by_shape.items()])
+
+
+def rank(placements: list[Placement], models: dict[int, StepTimeModel], lengths: list[tuple[int, int]],
+         ttft_slo: float, tpot_slo: float, transfer_s_per_token: float = 0.0) -> list[tuple[Placement, float]]:
+    """(placement, goodput) for each placement whose thread count was profiled, best goodput per core first."""
+    scored = [(p, goodput(p, models[p.threads], lengths, ttft_slo, tpot_slo, transfer_s_per_token=transfer_s_per_token))
+              for p in placements if p.threads in models]
+    return sorted(scored, key=lambda x: (-x[1] / x[0].cores, str(x[0])))
+
+
+def describe(model: StepTimeModel) -> str:
+    return (f"{model.fixed_s * 1e3:.2f} ms + {model.per_prefill_token_s * 1e6:.1f} us/prompt token + "
+            f"{model.per_decode_seq_s * 1e6:.0f} us/decode + {model.per_context_token_s * 1e9:.1f} ns/context token")
+
