@@ -66,7 +66,10 @@ def test_model_drafts_that_cannot_be_built_are_refused(tmp_path):
     ([1, 2, 3, 4, 1, 2], 3, [3, 4, 1]),  # the suffix "1 2" occurred before: what followed it
     ([1, 2, 3, 9, 2, 3, 7, 2, 3], 2, [7, 2]),  # the latest earlier occurrence wins
     ([5, 6, 7], 2, []),  # nothing repeats
-    ([1, 2, 3, 1, 2, 3], 8, [1, 2, 3]),  # the longest suffix (3 tokens) is found; the draft runs to the end
+    ([1, 2, 3, 1, 2, 3], 8, [1, 2, 3, 1, 2, 3, 1, 2]),  # the match runs into the end: the period-3 cycle goes on
+    ([4, 9, 7, 7, 7], 4, [7, 7, 7, 7]),  # a one-token loop drafts k tokens, not one
+    ([4, 9, 7, 8, 9, 7, 8], 5, [9, 7, 8, 9, 7]),  # "9 7 8" repeats: period 3
+    ([1, 2, 3, 4, 5, 6, 1, 2], 3, [3, 4, 5]),  # enough follows: no cycling
 ])
 def test_ngram_lookup(tokens, k, want):
     assert ngram_draft(np.asarray(tokens), k, 1, 3) == want

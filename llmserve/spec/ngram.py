@@ -2,7 +2,10 @@
 
 The last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked up in the
 request's earlier tokens; at the most recent earlier occurrence, the tokens that followed it are the
-draft. Text that repeats what the prompt holds (edits, quotes, code) is drafted well.
+draft. Text that repeats what the prompt holds (edits, quotes, code) is drafted well. When that
+occurrence is so recent that what followed it runs into the end, the text is periodic with that
+distance as its period (a loop, a list, a table's rows), and the draft continues the cycle instead of
+stopping short.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def ngram_draft(tokens: np.ndarray, k: int, n_min: int, n_max: int) -> list[int]
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if len(hits):
             start = int(hits[-1]) + n
-            return tokens[start:start + k].tolist()
+            return np.resize(tokens[start:], k).tolist()  # cyclic when fewer than k follow
     return []
 
 
