@@ -2,13 +2,19 @@
 free, prefix affinity keeps prefixes where they were cached, and every socket is on loopback."""
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
 from llmserve.cluster.router import LeastLoad, PowerOfTwo, PrefixAffinity, ReplicaLoad, RoundRobin
 from llmserve.privacy.routing import RoutingFeatures
 from llmserve.sampling_params import SamplingParams
+from server_fixtures import free_port
 from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
 
 
@@ -85,14 +91,66 @@ def test_prefix_affinity_keeps_prefixes_where_they_are(ray_session, folder):
     assert two >= 0.9 * one
 
 
+def _non_loopback_listeners(pids: set[int]) -> list[str]:
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids and not line.split()[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")):
+            found.append(line)
+    return found
+
+
+def _family(root: int) -> set[int]:
+    """root and every process below it."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    family, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        family.add(pid)
+        todo.extend(children.get(pid, []))
+    return family
+
+
 def test_ray_listens_on_loopback_only(ray_session):
     out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout
     ours = [line for line in out.splitlines()
             if any(name in line for name in ("raylet", "gcs_server", "ray::", "plasma"))]
     assert ours
-    for line in ours:
-        local = line.split()[3]
-        assert local.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")), line
+    assert _non_loopback_listeners(_family(os.getpid())) == []
+
+
+def test_a_server_with_replicas_listens_on_loopback_only(tmp_path):
+    """`llmserve serve --replicas 2` in its own process (Ray imported before it is started there):
+    every socket of it and of every process it started is on 127.0.0.1."""
+    import httpx
+
+    make_model_folder(tmp_path, llama_config())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llmserve.cli", "serve", str(tmp_path), "--port", str(port),
+                             "--replicas", "2", "--num-kv-blocks", "64"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "LLMSERVE_NUM_THREADS": "2"},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "the server exited"
+            time.sleep(0.5)
+        family = _family(proc.pid)
+        assert len(family) > 3  # Ray's processes and the replicas are there to check
+        assert _non_loopback_listeners(family) == []
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def test_server_with_two_replicas_streams(ray_session):

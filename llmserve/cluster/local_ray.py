@@ -36,10 +36,14 @@ def start_ray(num_cpus: int, address: str | None = None, object_store_bytes: int
 
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return RaySession(None)
-    # Read by Ray's processes as they start (some at import): set before Ray is imported or started.
+    # Read by Ray's processes as they start (some at import): set before Ray starts them. Ray reads
+    # it at import too, and this process may have imported Ray already: its constant is set as well.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
     temp_dir = tempfile.mkdtemp(prefix="llmserve-ray-")
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=num_cpus,
