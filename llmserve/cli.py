@@ -35,6 +35,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="disaggregated serving: replicas that compute prompts (with --decode-replicas)")
     p.add_argument("--decode-replicas", type=int, default=0,
                    help="disaggregated serving: replicas that continue requests, their KV moved from prefill")
+    p.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="SLO-driven replica count between MIN and MAX (with --ttft-slo and --tpot-slo): out when "
+                        "queued or running requests are predicted to miss an SLO, in with hysteresis")
+    p.add_argument("--tpot-slo", type=float, default=None, help="seconds per output token; the autoscaler's target")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -46,7 +50,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority", "deadline"])
     p.add_argument("--wipe-kv-on-free", action="store_true")
-    p.add_argument("--ttft-slo", type=float, default=None, help="seconds; default TTFT deadline for --scheduling-policy deadline")
+    p.add_argument("--ttft-slo", type=float, default=None, help="seconds; the autoscaler's TTFT target, and the default TTFT deadline under "
+                        "--scheduling-policy deadline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative-config", default=None,
                    help='speculative decoding, as JSON (vLLM\'s shape): {"method": "ngram" | "self_quantized" | '
@@ -71,6 +76,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         replicas=getattr(args, "replicas", 1), router=getattr(args, "router", "round_robin"),
         ray_address=getattr(args, "ray_address", None),
         prefill_replicas=getattr(args, "prefill_replicas", 0), decode_replicas=getattr(args, "decode_replicas", 0),
+        autoscale=getattr(args, "autoscale", None), tpot_slo=getattr(args, "tpot_slo", None),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,

@@ -58,6 +58,10 @@ class EngineConfig:
     decode_replicas: int = 0
     # Replicas map one copy of the weights per host (Ray's object store) instead of loading their own.
     share_weights: bool = True
+    # SLO-driven autoscaling (cluster/autoscaler.py): "min:max" replicas (parsed into a tuple),
+    # against ttft_slo and tpot_slo (seconds). Starts at min; each replica gets the threads / max.
+    autoscale: str | tuple[int, int] | None = None
+    tpot_slo: float | None = None
     # Speculative decoding (vLLM's shape): a dict or JSON string, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4}; validated into a spec.config.SpeculativeConfig. None: off.
     speculative_config: object = None
@@ -93,6 +97,14 @@ class EngineConfig:
             raise InvalidRequestError("prefill_replicas and decode_replicas go together, both positive")
         if self.prefill_replicas:
             object.__setattr__(self, "replicas", self.prefill_replicas + self.decode_replicas)
+        if self.autoscale is not None:
+            object.__setattr__(self, "autoscale", _autoscale_bounds(self.autoscale))
+            if self.ttft_slo is None or self.tpot_slo is None or min(self.ttft_slo, self.tpot_slo) <= 0:
+                raise InvalidRequestError("autoscale needs positive ttft_slo and tpot_slo (seconds) to scale against")
+            if self.prefill_replicas:
+                raise InvalidRequestError("autoscale scales colocated replicas; it does not go with prefill/decode "
+                                          "replicas")
+            object.__setattr__(self, "replicas", self.autoscale[0])
         if self.router not in ROUTERS:
             raise InvalidRequestError(f"router must be one of {ROUTERS}, not {self.router!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -115,3 +127,16 @@ class EngineConfig:
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not seed_in_range(self.seed)):
             raise InvalidRequestError(f"seed must be an integer in [{MIN_SEED}, {MAX_SEED}]")
+
+
+def _autoscale_bounds(value) -> tuple[int, int]:
+    """"min:max" (or a pair) as (min, max) replicas, 1 <= min <= max."""
+    from llmserve.errors import InvalidRequestError
+
+    try:
+        low, high = (int(v) for v in (value.split(":") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise InvalidRequestError("autoscale must be MIN:MAX replicas, e.g. 1:4") from None
+    if not 1 <= low <= high:
+        raise InvalidRequestError("autoscale needs 1 <= MIN <= MAX replicas")
+    return low, high

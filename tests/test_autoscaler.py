@@ -1,10 +1,18 @@
 """The autoscaler's decisions on a scripted load with a fake clock: out within the window when a rate
-step would miss the SLOs, in only after the hysteresis, never past the bounds."""
+step would miss the SLOs, in only after the hysteresis, never past the bounds. Then live, on Ray
+replicas: a scale-out while requests run (none waits on the new replica's start) and a scale-in that
+drains a replica by migration, outputs unchanged."""
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import pytest
 
 from llmserve.cluster.autoscaler import AutoscaleConfig, Autoscaler, LoadSample, StepModel, predict
+from llmserve.errors import InvalidRequestError
+from llmserve.sampling_params import SamplingParams
+from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
 
 MODEL = StepModel(prefill_s_per_token=0.002, decode_step_s=0.02, decode_s_per_seq=0.004)
 CONFIG = AutoscaleConfig(min_replicas=1, max_replicas=3, ttft_slo_s=2.0, tpot_slo_s=0.1, out_window_s=5, in_hold_s=30)
@@ -41,3 +49,48 @@ def test_bounds_are_kept_and_bad_configs_refused():
     assert scaler.decide(LoadSample(100.0, 1, 10**6, 500)).delta == 0  # already at the maximum
     with pytest.raises(ValueError):
         AutoscaleConfig(3, 2, 1.0, 0.1)
+
+
+def test_autoscale_settings_are_checked(tmp_path):
+    from llmserve.config import EngineConfig
+
+    assert EngineConfig(autoscale="2:4", ttft_slo=1.0, tpot_slo=0.1).replicas == 2
+    for bad in ("4:2", "0:2", "two", "1:2:3"):
+        with pytest.raises(InvalidRequestError, match="MIN"):
+            EngineConfig(autoscale=bad, ttft_slo=1.0, tpot_slo=0.1)
+    with pytest.raises(InvalidRequestError, match="tpot_slo"):
+        EngineConfig(autoscale="1:2", ttft_slo=1.0)
+    with pytest.raises(InvalidRequestError, match="colocated"):
+        EngineConfig(autoscale="1:2", ttft_slo=1.0, tpot_slo=0.1, prefill_replicas=1, decode_replicas=1)
+
+
+def test_live_scale_out_then_in_loses_nothing(tmp_path):
+    make_model_folder(tmp_path, llama_config())
+    prompts = random_prompts(6, [12, 30, 5, 21, 17, 9], seed=5)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(tmp_path).generate(prompts, params, use_tqdm=False)]
+    # SLOs no step can meet: the first decision with a fitted step-time model is to scale out.
+    llm = make_llm(tmp_path, autoscale="1:2", ttft_slo=1e-6, tpot_slo=1e-6)
+    engine = llm.engine
+    try:
+        engine.tick_s, engine.refit_every = 0.0, 4
+        scaler = engine.autoscaler
+        scaler.config = dataclasses.replace(scaler.config, out_window_s=0.0, in_hold_s=0.0)
+        assert engine.serving == [0] and scaler.model is None
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want  # served while the new replica started
+        assert engine.scale_outs == 1 and scaler.model is not None
+        assert scaler.model.prefill_s_per_token >= 0 and scaler.model.decode_step_s >= 0
+        deadline = time.monotonic() + 120
+        while engine.serving != [0, 1] and time.monotonic() < deadline:
+            engine.tick()
+            time.sleep(0.05)
+        assert engine.serving == [0, 1]
+        # SLOs any step meets: one replica fewer holds them, so scale in, draining one mid-request.
+        scaler.config = dataclasses.replace(scaler.config, ttft_slo_s=1e6, tpot_slo_s=1e6)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+        assert engine.scale_ins == 1 and len(engine.serving) == 1 and engine.scale_outs == 1
+        assert engine.kv_all_free()
+    finally:
+        llm.shutdown()

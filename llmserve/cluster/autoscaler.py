@@ -60,14 +60,23 @@ def predict(model: StepModel, sample: LoadSample, replicas: int) -> tuple[float,
     return ttft, tpot
 
 
+def step_model(fitted, mean_context: float) -> StepModel:
+    """The autoscaler's StepModel from a planner StepTimeModel fitted to a replica's own steps, at
+    the running requests' mean context."""
+    return StepModel(prefill_s_per_token=fitted.per_prefill_token_s, decode_step_s=fitted.fixed_s,
+                     decode_s_per_seq=fitted.per_decode_seq_s + fitted.per_context_token_s * mean_context)
+
+
 class Autoscaler:
-    def __init__(self, config: AutoscaleConfig, model: StepModel) -> None:
-        self.config, self.model = config, model
+    def __init__(self, config: AutoscaleConfig, model: StepModel | None) -> None:
+        self.config, self.model = config, model  # model: None until steps have been measured
         self._breach_since: float | None = None
         self._calm_since: float | None = None
 
     def decide(self, sample: LoadSample) -> Decision:
         c, r = self.config, sample.replicas
+        if self.model is None:
+            return Decision(0, "no step times measured yet", 0.0, 0.0)
         ttft, tpot = predict(self.model, sample, r)
         if (ttft > c.ttft_slo_s or tpot > c.tpot_slo_s) and r < c.max_replicas:
             self._calm_since = None

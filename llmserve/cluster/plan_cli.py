@@ -20,8 +20,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--num-requests", type=int, default=200, help="requests simulated per rate tried")
     p.add_argument("--max-input-len", type=int, default=1024)
     p.add_argument("--max-output-len", type=int, default=256)
-    # --ttft-slo comes with the engine arguments (seconds; the planner's default: 2)
-    p.add_argument("--tpot-slo", type=float, default=0.2, help="seconds")
+    # --ttft-slo and --tpot-slo come with the engine arguments (seconds; the planner's defaults: 2 and 0.2)
     p.add_argument("--budgets", default="256,512", help="token budgets to consider")
     p.add_argument("--output-json", default=None)
     p.set_defaults(func=_cmd_plan)
@@ -36,9 +35,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from llmserve.entrypoints.llm import LLM
 
     ttft_slo = args.ttft_slo if args.ttft_slo is not None else 2.0
+    tpot_slo = args.tpot_slo if args.tpot_slo is not None else 0.2
     cores = args.cores or int(os.environ.get("LLMSERVE_NUM_THREADS", 0)) or os.cpu_count() or 1
     kwargs = engine_kwargs(args)
-    kwargs.update(replicas=1, prefill_replicas=0, decode_replicas=0)
+    kwargs.update(replicas=1, prefill_replicas=0, decode_replicas=0, autoscale=None)
     llm = LLM(**kwargs)
     threads = [t for t in range(1, cores + 1) if cores % t == 0]
     models = {}
@@ -52,8 +52,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     lengths = sample_lengths(args.workload, args.num_requests, seed=0, max_input_len=args.max_input_len,
                              max_output_len=args.max_output_len)
     budgets = tuple(int(b) for b in args.budgets.split(","))
-    ranked = rank(candidate_placements(cores, budgets), models, lengths, ttft_slo, args.tpot_slo, transfer)
-    print(f"\n{args.workload} workload, TTFT SLO {ttft_slo} s, TPOT SLO {args.tpot_slo * 1e3:.0f} ms, "
+    ranked = rank(candidate_placements(cores, budgets), models, lengths, ttft_slo, tpot_slo, transfer)
+    print(f"\n{args.workload} workload, TTFT SLO {ttft_slo} s, TPOT SLO {tpot_slo * 1e3:.0f} ms, "
           f">= 90% meeting both; {cores} cores")
     print(f"{'placement':48}{'goodput req/s':>15}{'per core':>10}")
     for placement, rate in ranked:

@@ -8,10 +8,13 @@ compute in parallel; each returns its outputs and its load, which the router rea
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
+from llmserve.cluster.autoscaler import AutoscaleConfig, Autoscaler, LoadSample, step_model
 from llmserve.cluster.router import ReplicaLoad, make_router
 from llmserve.config import EngineConfig
 from llmserve.engine.detokenizer import IncrementalDetokenizer
@@ -22,17 +25,27 @@ from llmserve.outputs import CompletionOutput, RequestOutput
 from llmserve.privacy.routing import RoutingFeatures
 from llmserve.sampling_params import SamplingParams
 
+logger = logging.getLogger("llmserve.cluster")
+AUTOSCALE_TICK_S = 1.0
+STEP_SAMPLES = 512  # the replicas' latest steps, to which the autoscaler's step-time model is fitted
+REFIT_EVERY = 32  # new steps between fits
+
 
 class EngineReplica:
     """One engine (the Ray actor's body)."""
 
-    def __init__(self, config: dict, skeleton: bytes | None = None, arrays: list | None = None) -> None:
+    def __init__(self, config: dict, skeleton: bytes | None = None, chunks: list | None = None) -> None:
         from llmserve.engine import setup
         from llmserve.engine.engine import LLMEngine
 
         if skeleton is not None:  # the host's one copy of the weights, mapped from the object store
-            from llmserve.cluster.shared_weights import unpack
+            import ray
 
+            from llmserve.cluster.shared_weights import unpack
+            from llmserve.cluster.weight_chain import joined
+
+            # The chunks' references (not resolved by Ray as arguments): this host's copies, zero-copy.
+            arrays = joined(ray.get(list(chunks)))
             setup.MODEL_SOURCE = lambda: unpack(skeleton, arrays)
         self.engine = LLMEngine(EngineConfig(**config))
 
@@ -53,9 +66,10 @@ class EngineReplica:
     def abort_request(self, ids: list[str]) -> None:
         self.engine.abort_request(ids)
 
-    def step(self) -> tuple[list[RequestOutput], ReplicaLoad, dict[str, float], str | None]:
+    def step(self) -> tuple[list[RequestOutput], ReplicaLoad, dict[str, float], str | None, tuple | None]:
+        self.engine.last_step_shape = None
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        return outputs, self.load(), self.engine.stats(), self.engine.last_step_error
+        return outputs, self.load(), self.engine.stats(), self.engine.last_step_error, self.engine.last_step_shape
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
@@ -137,7 +151,8 @@ class ReplicatedEngine:
 
         n = config.replicas
         total = threads or int(os.environ.get("LLMSERVE_NUM_THREADS", 0)) or os.cpu_count() or 1
-        per = max(1, total // n)
+        # Autoscaled: every replica gets its share of the cores at the maximum count, from the start.
+        per = max(1, total // (config.autoscale[1] if config.autoscale else n))
         self.session = start_ray(num_cpus=max(total, n), address=config.ray_address) if not ray.is_initialized() else None
         folder = resolve_model_folder(config.model)  # converted here once, not by each replica at the same time
         self.tokenizer = load_tokenizer(config.tokenizer or folder)
@@ -149,8 +164,10 @@ class ReplicatedEngine:
         actor = ray.remote(num_cpus=0, max_restarts=-1,
                            runtime_env={"env_vars": {"LLMSERVE_NUM_THREADS": str(per)}})(EngineReplica)
         # Kept referenced for as long as the replicas live: Ray restarts a dead one with these arguments.
-        self._shared = self._share_weights(inner) if config.share_weights else (None, None)
+        self.skeleton, self.weights = self._share_weights(inner) if config.share_weights else (None, None)
         self._actor, self._inner = actor, inner
+        if self.weights is not None:  # every host that gets a replica gets the weights first, in one chain
+            self.weights.distribute([self._node_for(i) for i in range(n)])
         self.replicas = [self._start_replica(i) for i in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
         self.router = make_router(config.router, seed=config.seed or 0)
@@ -173,17 +190,27 @@ class ReplicatedEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self.last_step_error: str | None = None
         self._stats: list[dict[str, float]] = ray.get([r.stats.remote() for r in self.replicas])
+        self.autoscaler: Autoscaler | None = None
+        if config.autoscale:
+            self.autoscaler = Autoscaler(AutoscaleConfig(*config.autoscale, config.ttft_slo, config.tpot_slo), None)
+        self.scale_outs = self.scale_ins = 0
+        self._steps: deque[tuple[int, int, int, float]] = deque(maxlen=STEP_SAMPLES)
+        self._fitted_at = 0  # samples seen when the step-time model was last fitted
+        self._seen = 0
+        self._next_tick = 0.0
+        self.tick_s, self.refit_every = AUTOSCALE_TICK_S, REFIT_EVERY
 
     @staticmethod
     def _share_weights(inner: dict) -> tuple:
-        """Load and convert the model once, here, and put it in the object store for every replica;
-        then drop this copy. (With replicas on several hosts Ray copies it once to each host.)"""
+        """Load and convert the model once, here, and put it in the object store in chunks (the pool
+        forwards them host to host in a chain); then drop this copy."""
         import ctypes
         import gc
 
         import ray
 
         from llmserve.cluster.shared_weights import pack
+        from llmserve.cluster.weight_chain import WeightPool, cut
         from llmserve.engine.setup import build_engine_parts
 
         # num_kv_blocks=1: only the model is wanted from these parts (its rope tables are sized by the
@@ -191,7 +218,7 @@ class ReplicatedEngine:
         parts = build_engine_parts(EngineConfig(**{**inner, "num_kv_blocks": 1, "kv_cache_memory": None,
                                                    "speculative_config": None}))
         skeleton, arrays = pack(parts.runner.model)
-        refs = ray.put(skeleton), ray.put(arrays)
+        refs = ray.put(skeleton), WeightPool(cut(arrays))
         del parts, arrays
         gc.collect()
         try:
@@ -239,11 +266,14 @@ class ReplicatedEngine:
         self.last_step_error = None
         for i, ref in refs.items():
             try:
-                outs, load, stats, error = ray.get(ref)
+                outs, load, stats, error, shape = ray.get(ref)
             except ray.exceptions.RayActorError:
                 self._fail_over(i)
                 continue
             self.loads[i], self._stats[i] = load, stats
+            if shape is not None:
+                self._steps.append(shape)
+                self._seen += 1
             self.last_step_error = self.last_step_error or error
             for out in outs:
                 tracked = self._live.get(out.request_id)
@@ -258,7 +288,46 @@ class ReplicatedEngine:
                     self.migrate(out.request_id, self._least_loaded(self.decode))
         if not self.prefill:
             self._rebalance()
+        self.tick()
         return outputs
+
+    def tick(self) -> None:
+        """Between steps, and every idle tick of the loop: replicas that finished starting join, and
+        the autoscaler decides (at most once a second)."""
+        self._check_restarted()
+        now = time.monotonic()
+        if self.autoscaler is None or now < self._next_tick:
+            return
+        self._next_tick = now + self.tick_s
+        running = [t for t in self._live.values() if t.last is not None]
+        if self._seen - self._fitted_at >= self.refit_every and len(self._steps) >= self.refit_every:
+            from llmserve.cluster.planner import StepTimeModel
+
+            mean_context = (sum(len(t.token_ids) + len(t.last.outputs[0].token_ids) for t in running) / len(running)
+                            if running else 0.0)
+            self.autoscaler.model = step_model(StepTimeModel.fit(list(self._steps)), mean_context)
+            self._fitted_at = self._seen
+        if any(i not in self._retired for i in self._down):
+            return  # a replica is starting (or restarting): decide again once it serves
+        sample = LoadSample(now, len(self.serving), sum(len(t.token_ids) for t in self._live.values() if t.last is None),
+                            len(running))
+        decision = self.autoscaler.decide(sample)
+        if decision.delta > 0:
+            index = self.add_replica(wait=False)
+            self.scale_outs += 1
+            logger.info("autoscale: out to %d replicas (replica %d starting): %s", sample.replicas + 1, index,
+                        decision.reason)
+        elif decision.delta < 0:
+            serving = self.serving
+            count = {i: 0 for i in serving}
+            for t in self._live.values():
+                if t.replica in count:
+                    count[t.replica] += 1
+            index = min(reversed(serving), key=count.get)  # the least busy, the newest of equals
+            self.remove_replica(index)
+            self.scale_ins += 1
+            logger.info("autoscale: in to %d replicas (replica %d drained, %d requests moved): %s",
+                        sample.replicas - 1, index, count[index], decision.reason)
 
     def _rebalance(self) -> None:
         """When one replica holds `imbalance` more requests than another, move its newest running
@@ -275,15 +344,20 @@ class ReplicatedEngine:
             newest = next(rid for rid, t in reversed(self._live.items()) if t.replica == busiest)
             self.migrate(newest, idlest)
 
-    def add_replica(self) -> int:
-        """Scale out: one more replica (mapping the host's shared weights); returns its index."""
+    def add_replica(self, wait: bool = True) -> int:
+        """Scale out: one more replica (mapping the host's shared weights); returns its index. With
+        wait=False it takes requests only once it answers (tick), so no request waits on its start."""
         import ray
 
         self.replicas.append(self._start_replica(len(self.replicas)))
-        ray.get(self.replicas[-1].pid.remote())
+        index = len(self.replicas) - 1
         self.loads.append(ReplicaLoad())
-        self._stats.append(ray.get(self.replicas[-1].stats.remote()))
-        return len(self.replicas) - 1
+        self._stats.append(dict(self._stats[0], num_running=0, num_waiting=0, kv_usage=0.0))
+        if wait:
+            ray.get(self.replicas[index].pid.remote())
+        else:
+            self._down[index] = self.replicas[index].pid.remote()
+        return index
 
     def remove_replica(self, replica: int) -> None:
         """Scale in: drain `replica` (its requests move on with their KV), then stop it for good."""
@@ -415,24 +489,35 @@ class ReplicatedEngine:
                 except ray.exceptions.RayActorError:
                     self._down[i] = self.replicas[i].pid.remote()
 
-    def _start_replica(self, index: int):
-        """Replica `index` on the cluster's nodes in turn (soft: anywhere if that node is gone)."""
+    @staticmethod
+    def _node_for(index: int) -> str:
+        """Replica `index`'s node: the cluster's live nodes in turn."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        strategy = NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True) if nodes else "SPREAD"
-        return self._actor.options(scheduling_strategy=strategy).remote(self._inner, *self._shared)
+        return nodes[index % len(nodes)]
+
+    def _start_replica(self, index: int):
+        """Replica `index` on its node, mapping the weights held there (forwarded first if that
+        host lacks them)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = self._node_for(index)
+        # Soft: if that host is gone when Ray restarts the replica, it runs elsewhere and pulls the chunks.
+        strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+        shared = (self.skeleton, self.weights.refs_on(node)) if self.weights is not None else ()
+        return self._actor.options(scheduling_strategy=strategy).remote(self._inner, *shared)
 
     # ---- stats and shutdown ------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         """The replicas' engine stats summed (KV usage: their mean)."""
         total: dict[str, float] = {}
-        for s in self._stats:
+        live = [s for i, s in enumerate(self._stats) if i not in self._retired]
+        for s in live:
             for k, v in s.items():
                 total[k] = total.get(k, 0.0) + v
         if "kv_usage" in total:
-            total["kv_usage"] /= len(self._stats)
+            total["kv_usage"] /= len(live)
         return total
 
     def replica_stats(self) -> list[tuple[int, int, float, bool]]:
@@ -471,5 +556,7 @@ class ReplicatedEngine:
             pass  # a replica that is gone or stuck keeps nothing worth waiting for
         for r in live:
             ray.kill(r, no_restart=True)
+        if self.weights is not None:
+            self.weights.shutdown()
         if self.session is not None:
             self.session.shutdown()

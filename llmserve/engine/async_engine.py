@@ -64,6 +64,8 @@ class EngineStats:
     kv_transfer_seconds: float = 0.0
     kv_transfer_bytes: int = 0
     replica_restarts: int = 0
+    autoscale_outs: int = 0  # the autoscaler's decisions (cluster/autoscaler.py)
+    autoscale_ins: int = 0
     # The KV disk tier: prompt tokens read back from it; bytes written, read and held.
     prefix_cache_disk_hits: int = 0
     kv_offload_bytes_written: int = 0
@@ -225,7 +227,7 @@ class AsyncLLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
         bound = config.max_waiting_requests
-        if config.replicas > 1:  # engines on Ray behind the same interface (cluster/replicas.py)
+        if config.replicas > 1 or config.autoscale:  # engines on Ray behind the same interface (cluster/replicas.py)
             from llmserve.cluster.replicas import ReplicatedEngine
 
             return cls(lambda: ReplicatedEngine(config), DEFAULT_MAX_WAITING_REQUESTS if bound is None else bound)
@@ -332,6 +334,8 @@ class AsyncLLMEngine:
                 # record of the aborted output instead of keeping it until the next request.
                 if aborted or self.engine.has_unfinished_requests():
                     self._step()
+                elif hasattr(self.engine, "tick"):  # replicas: the autoscaler decides when idle too
+                    self.engine.tick()
                 self._publish()
         except BaseException as e:  # noqa: BLE001 - any failure must release every waiting client
             self._die(e)
@@ -440,7 +444,8 @@ class AsyncLLMEngine:
         e = self.engine
         if not hasattr(e, "replica_stats"):
             return ()
-        return tuple(e.replica_stats()), e.transfers, e.transfer_s, e.transfer_bytes, e.restarts
+        return (tuple(e.replica_stats()), e.transfers, e.transfer_s, e.transfer_bytes, e.restarts, e.scale_outs,
+                e.scale_ins)
 
     def _die(self, e: BaseException) -> None:
         # Stack frames but not the exception's message, which could quote request content.

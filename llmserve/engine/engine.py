@@ -61,6 +61,9 @@ class LLMEngine:
         self.device = p.device
         self.thread_governor = p.thread_governor
         self.last_step_error: str | None = None  # exception type of the last failed step, until one succeeds
+        # The last step's shape and time, for a step-time model (the autoscaler's): prompt tokens
+        # computed, decoding sequences, the context tokens those decodes attend to, seconds.
+        self.last_step_shape: tuple[int, int, int, float] | None = None
         # Structured outputs: compiled grammars cached by spec; the tokenizer's JSON is read lazily.
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         # Speculative decoding: drafts proposed after each update, verified in the next step.
@@ -252,6 +255,8 @@ class LLMEngine:
         self.last_step_error = None
         seconds = time.perf_counter() - start
         self.scheduler.observe_step(sched.num_tokens, seconds)
+        decodes = [s.start for s in sched.scheduled if s.start >= s.request.num_prompt_tokens]
+        self.last_step_shape = (sched.num_tokens - len(decodes), len(decodes), sum(decodes), seconds)
         if self.proposer is not None:
             self.proposer.cost.observe_step(sched.num_tokens, seconds)
         changed = {self._group_of[r.request_id].request_id: self._group_of[r.request_id]

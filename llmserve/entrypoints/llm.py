@@ -28,7 +28,7 @@ class LLM:
             from llmserve.privacy.threats import private_config
 
             self.config = private_config(self.config)
-        if self.config.replicas > 1:
+        if self.config.replicas > 1 or self.config.autoscale:
             from llmserve.cluster.replicas import ReplicatedEngine
 
             self.engine = ReplicatedEngine(self.config)

@@ -52,7 +52,8 @@ SETTINGS: tuple[Gated, ...] = (
           "fcfs only; a request that asks for a priority is served as any other",
           _refuse("scheduling_policy", lambda v: v == "fcfs", "priorities and deadlines make requests targetable")),
     Gated("ttft_slo", "T", "a deadline per request (with the deadline policy) singles requests out",
-          "unset (fcfs)", lambda v: None),
+          "kept for the autoscaler, which reads only aggregate load; no request is scheduled by it (the "
+          "deadline policy is refused)", lambda v: v),
     Gated("speculative_config", "S",
           "accepted drafts shorten steps when the text repeats itself: token timing then reveals "
           "what the output contains",

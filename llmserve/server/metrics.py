@@ -88,7 +88,9 @@ class _EngineCollector(Collector):
                     ("llmserve:kv_transfer_seconds", "Time those moves took (migration downtime).",
                      s.kv_transfer_seconds),
                     ("llmserve:kv_transfer_bytes", "KV bytes those moves carried.", s.kv_transfer_bytes),
-                    ("llmserve:replica_restarts", "Replicas that died and were restarted.", s.replica_restarts)):
+                    ("llmserve:replica_restarts", "Replicas that died and were restarted.", s.replica_restarts),
+                    ("llmserve:autoscale_scale_outs", "Replicas the autoscaler added.", s.autoscale_outs),
+                    ("llmserve:autoscale_scale_ins", "Replicas the autoscaler drained and stopped.", s.autoscale_ins)):
                 counter = CounterMetricFamily(name, doc, labels=["model_name"])
                 counter.add_metric([self.model_name], value)
                 yield counter
