@@ -39,7 +39,7 @@ def free_port() -> int:
 def serve(flags: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "LLMSERVE_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "llmserve.cli", "serve", "--port", str(port),
-                             "--max-model-len", "2048", *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                             "--max-model-len", "4096", *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     for _ in range(600):
         try:

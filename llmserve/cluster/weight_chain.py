@@ -95,10 +95,11 @@ class WeightPool:
         return [n for n, refs in self.held.items() if all(r is not None for r in refs)]
 
     def refs_on(self, node: str) -> list:
-        """The chunks' references on `node`, forwarding them there first if it lacks them."""
+        """The chunks' references on `node`, forwarding them there first if it lacks them (if that
+        host died meanwhile, another host's: Ray pulls them to wherever the replica runs)."""
         if node not in self.hosts():
             self.distribute([node])
-        return list(self.held[node])
+        return list(self.held[node] if node in self.hosts() else self.held[self.hosts()[0]])
 
     def distribute(self, nodes: list[str]) -> None:
         """Fill every node of `nodes` that lacks chunks, chained; a node that dies is dropped."""
