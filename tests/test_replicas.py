@@ -367,3 +367,20 @@ def test_scale_out_and_in_lose_no_request(ray_session, folder):
         assert engine.kv_all_free()
     finally:
         llm.shutdown()
+
+
+def test_a_new_replica_maps_the_weights_without_reading_the_weights_file(ray_session, tmp_path):
+    make_model_folder(tmp_path, llama_config())
+    prompt = random_prompts(1, [20], seed=41)[0]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = make_llm(tmp_path).generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    llm = make_llm(tmp_path, replicas=1, autoscale="1:2", ttft_slo=1e6, tpot_slo=1e6)  # a replicated engine of one
+    try:
+        (tmp_path / "model.safetensors").rename(tmp_path / "moved-away")  # nothing left to load from
+        engine = llm.engine
+        new = engine.add_replica()
+        engine.remove_replica(0)
+        assert engine.serving == [new]
+        assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want
+    finally:
+        llm.shutdown()
