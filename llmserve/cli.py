@@ -39,6 +39,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="SLO-driven replica count between MIN and MAX (with --ttft-slo and --tpot-slo): out when "
                         "queued or running requests are predicted to miss an SLO, in with hysteresis")
     p.add_argument("--tpot-slo", type=float, default=None, help="seconds per output token; the autoscaler's target")
+    p.add_argument("--upscale-delay", type=float, default=5.0,
+                   help="seconds over which the autoscaler's predictions, averaged, must miss an SLO to scale out")
+    p.add_argument("--downscale-delay", type=float, default=30.0,
+                   help="seconds one replica fewer must be predicted to hold both SLOs before scaling in")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -77,6 +81,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         ray_address=getattr(args, "ray_address", None),
         prefill_replicas=getattr(args, "prefill_replicas", 0), decode_replicas=getattr(args, "decode_replicas", 0),
         autoscale=getattr(args, "autoscale", None), tpot_slo=getattr(args, "tpot_slo", None),
+        upscale_delay_s=getattr(args, "upscale_delay", 5.0), downscale_delay_s=getattr(args, "downscale_delay", 30.0),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,

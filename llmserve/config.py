@@ -62,6 +62,8 @@ class EngineConfig:
     # against ttft_slo and tpot_slo (seconds). Starts at min; each replica gets the threads / max.
     autoscale: str | tuple[int, int] | None = None
     tpot_slo: float | None = None
+    upscale_delay_s: float = 5.0  # predictions averaged over this long must miss an SLO to scale out
+    downscale_delay_s: float = 30.0  # one replica fewer must hold both SLOs this long to scale in
     # Speculative decoding (vLLM's shape): a dict or JSON string, e.g. {"method": "ngram",
     # "num_speculative_tokens": 4}; validated into a spec.config.SpeculativeConfig. None: off.
     speculative_config: object = None
@@ -104,6 +106,8 @@ class EngineConfig:
             if self.prefill_replicas:
                 raise InvalidRequestError("autoscale scales colocated replicas; it does not go with prefill/decode "
                                           "replicas")
+            if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+                raise InvalidRequestError("upscale and downscale delays must be >= 0 seconds")
             object.__setattr__(self, "replicas", self.autoscale[0])
         if self.router not in ROUTERS:
             raise InvalidRequestError(f"router must be one of {ROUTERS}, not {self.router!r}")

@@ -38,10 +38,21 @@ def test_a_rate_step_up_then_down():
         assert CONFIG.min_replicas <= replicas <= CONFIG.max_replicas
     outs = [t for t, d in decisions if d > 0]
     ins = [t for t, d in decisions if d < 0]
-    assert outs and outs[0] == 25  # the step at t=20 breaches; 5 s later, out
+    assert outs and 20 < outs[0] <= 25  # the step at t=20 breaches: out once the 5 s mean misses the SLO
     assert peak >= 2  # 3200 tokens over 2 replicas: 1.6 s TTFT, 80 ms TPOT: within the SLOs
     assert ins and ins[0] >= 60 + 30  # calm from t=60, in only after the 30 s hold
     assert replicas == 1  # and back to the minimum
+
+
+def test_a_burst_alone_does_not_scale_out():
+    scaler = Autoscaler(CONFIG, MODEL)
+    # Every 4th second a burst (3.2 s predicted TTFT), light between: the 5 s mean stays under 2 s.
+    for now in range(60):
+        waiting = 1600 if now % 4 == 0 else 200
+        assert scaler.decide(LoadSample(float(now), 1, waiting, 10)).delta == 0
+    # Bursts two seconds in three: the mean misses the SLO, and it scales out.
+    deltas = [scaler.decide(LoadSample(float(now), 1, 1600 if now % 3 else 200, 10)).delta for now in range(60, 80)]
+    assert 1 in deltas
 
 
 def test_bounds_are_kept_and_bad_configs_refused():
@@ -60,6 +71,8 @@ def test_autoscale_settings_are_checked(tmp_path):
             EngineConfig(autoscale=bad, ttft_slo=1.0, tpot_slo=0.1)
     with pytest.raises(InvalidRequestError, match="tpot_slo"):
         EngineConfig(autoscale="1:2", ttft_slo=1.0)
+    with pytest.raises(InvalidRequestError, match="delays"):
+        EngineConfig(autoscale="1:2", ttft_slo=1.0, tpot_slo=0.1, upscale_delay_s=-1)
     with pytest.raises(InvalidRequestError, match="colocated"):
         EngineConfig(autoscale="1:2", ttft_slo=1.0, tpot_slo=0.1, prefill_replicas=1, decode_replicas=1)
 

@@ -3,12 +3,14 @@ running ones the TPOT SLO, scale in (with hysteresis) when one replica fewer wou
 
 Predictions come from a step-time model measured on this engine (seconds per prefill token, and a
 decode step's fixed cost plus its cost per running sequence), so the decision is made before the
-SLO is missed, not after. A breach must last `out_window_s` before scaling out (one burst is not a
-trend); calm must last `in_hold_s` before scaling in. Every decision carries its reason (counts and
-timings only), for a log line and a metric.
+SLO is missed, not after. Scaling out needs the predictions averaged over the last `out_window_s`
+to miss an SLO (one burst is not a trend, and Poisson arrivals drain the queue now and then, so a
+breach rarely holds at every tick; ticks with nothing queued or running do not count); scaling in needs calm at every tick for `in_hold_s`. Every
+decision carries its reason (counts and timings only), for a log line and a metric.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -60,6 +62,11 @@ def predict(model: StepModel, sample: LoadSample, replicas: int) -> tuple[float,
     return ttft, tpot
 
 
+def _mean(values: list[float | None]) -> float:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else 0.0
+
+
 def step_model(fitted, mean_context: float) -> StepModel:
     """The autoscaler's StepModel from a planner StepTimeModel fitted to a replica's own steps, at
     the running requests' mean context."""
@@ -70,7 +77,8 @@ def step_model(fitted, mean_context: float) -> StepModel:
 class Autoscaler:
     def __init__(self, config: AutoscaleConfig, model: StepModel | None) -> None:
         self.config, self.model = config, model  # model: None until steps have been measured
-        self._breach_since: float | None = None
+        self._window: deque[tuple[float, float, float]] = deque()  # (time, TTFT, TPOT) predicted at _count
+        self._count = 0
         self._calm_since: float | None = None
 
     def decide(self, sample: LoadSample) -> Decision:
@@ -78,15 +86,24 @@ class Autoscaler:
         if self.model is None:
             return Decision(0, "no step times measured yet", 0.0, 0.0)
         ttft, tpot = predict(self.model, sample, r)
-        if (ttft > c.ttft_slo_s or tpot > c.tpot_slo_s) and r < c.max_replicas:
+        if r != self._count:  # predictions at another replica count say nothing of this one
+            self._window.clear()
+            self._count = r
+        # A tick with nothing queued predicts no TTFT (and with nothing running no TPOT): it neither
+        # misses nor meets, so it does not dilute the mean.
+        self._window.append((sample.now, ttft if sample.waiting_prompt_tokens else None,
+                             tpot if sample.running else None))
+        while self._window[0][0] < sample.now - c.out_window_s:
+            self._window.popleft()
+        covered = sample.now - self._window[0][0] >= c.out_window_s
+        mean_ttft, mean_tpot = (_mean([w[k] for w in self._window]) for k in (1, 2))
+        if (mean_ttft > c.ttft_slo_s or mean_tpot > c.tpot_slo_s) and r < c.max_replicas:
             self._calm_since = None
-            self._breach_since = self._breach_since if self._breach_since is not None else sample.now
-            if sample.now - self._breach_since >= c.out_window_s:
-                self._breach_since = None
-                return Decision(+1, f"predicted TTFT {ttft:.2f} s / TPOT {tpot * 1e3:.0f} ms over the SLO "
-                                    f"for {c.out_window_s:.0f} s at {r} replicas", ttft, tpot)
+            if covered:
+                self._window.clear()
+                return Decision(+1, f"predicted TTFT {mean_ttft:.2f} s / TPOT {mean_tpot * 1e3:.0f} ms over the "
+                                    f"SLO on average over {c.out_window_s:.0f} s at {r} replicas", ttft, tpot)
             return Decision(0, "over the SLO, within the window", ttft, tpot)
-        self._breach_since = None
         fewer_ttft, fewer_tpot = predict(self.model, sample, r - 1) if r > 1 else (float("inf"),) * 2
         if r > c.min_replicas and fewer_ttft <= c.in_margin * c.ttft_slo_s and fewer_tpot <= c.in_margin * c.tpot_slo_s:
             self._calm_since = self._calm_since if self._calm_since is not None else sample.now

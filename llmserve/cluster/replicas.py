@@ -192,7 +192,9 @@ class ReplicatedEngine:
         self._stats: list[dict[str, float]] = ray.get([r.stats.remote() for r in self.replicas])
         self.autoscaler: Autoscaler | None = None
         if config.autoscale:
-            self.autoscaler = Autoscaler(AutoscaleConfig(*config.autoscale, config.ttft_slo, config.tpot_slo), None)
+            self.autoscaler = Autoscaler(AutoscaleConfig(*config.autoscale, config.ttft_slo, config.tpot_slo,
+                                                         out_window_s=config.upscale_delay_s,
+                                                         in_hold_s=config.downscale_delay_s), None)
         self.scale_outs = self.scale_ins = 0
         self._steps: deque[tuple[int, int, int, float]] = deque(maxlen=STEP_SAMPLES)
         self._fitted_at = 0  # samples seen when the step-time model was last fitted
