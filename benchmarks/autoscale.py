@@ -6,7 +6,7 @@ times that, then the base rate again. Reported: TTFT p50/p99 over all requests a
 over the step, TPOT p50/p99, and replica-seconds (the `llmserve:replicas_serving` gauge, read every
 second, integrated over the run).
 
-Usage: python benchmarks/autoscale.py [--base-rate 0.12] [--phases 30,90,90] [--cores 2]
+Usage: python benchmarks/autoscale.py [--base-rate 0.25] [--phases 30,60,90] [--cores 2]
 """
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base-rate", type=float, default=0.12)
-    ap.add_argument("--phases", default="30,90,90", help="seconds at base, 4 x base, base")
+    ap.add_argument("--base-rate", type=float, default=0.25)
+    ap.add_argument("--phases", default="30,60,90", help="seconds at base, 4 x base, base")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=str(ROOT / "bench-results" / "autoscale"))

@@ -22,6 +22,10 @@ def test_prediction_matches_a_hand_computed_case():
     # 3000 queued prompt tokens over 2 replicas: 1500 x 2 ms = 3 s; 40 running over 2: 20 ms + 20 x 4 ms
     ttft, tpot = predict(MODEL, LoadSample(0, 2, 3000, 40), 2)
     assert ttft == pytest.approx(3.0) and tpot == pytest.approx(0.1)
+    # 200 prompt tokens/s over 2 replicas at 2 ms a token: prompts take 20% of each replica's time,
+    # so decodes stretch to 0.1 / 0.8.
+    _, tpot = predict(MODEL, LoadSample(0, 2, 3000, 40, prompt_tokens_per_s=200), 2)
+    assert tpot == pytest.approx(0.125)
 
 
 def test_a_rate_step_up_then_down():

@@ -45,6 +45,7 @@ class LoadSample:
     replicas: int
     waiting_prompt_tokens: int  # queued prompt tokens, all replicas
     running: int  # running sequences, all replicas
+    prompt_tokens_per_s: float = 0.0  # prompt tokens arriving, all replicas (recent rate)
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,16 @@ class Decision:
     predicted_tpot_s: float
 
 
+MAX_PREFILL_SHARE = 0.95
+
+
 def predict(model: StepModel, sample: LoadSample, replicas: int) -> tuple[float, float]:
-    """(TTFT of the last queued request, TPOT of running ones) with the load spread over `replicas`."""
+    """(TTFT of the last queued request, TPOT of running ones) with the load spread over `replicas`.
+    Prompts arriving take a share of every replica's time (their chunks ride in the same steps as
+    the decodes), and decodes get the rest: TPOT is the decode step's time stretched by that share."""
     ttft = sample.waiting_prompt_tokens / replicas * model.prefill_s_per_token
-    tpot = model.decode_step_s + sample.running / replicas * model.decode_s_per_seq
+    prefill_share = min(MAX_PREFILL_SHARE, sample.prompt_tokens_per_s / replicas * model.prefill_s_per_token)
+    tpot = (model.decode_step_s + sample.running / replicas * model.decode_s_per_seq) / (1 - prefill_share)
     return ttft, tpot
 
 

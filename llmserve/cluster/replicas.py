@@ -29,6 +29,7 @@ logger = logging.getLogger("llmserve.cluster")
 AUTOSCALE_TICK_S = 1.0
 STEP_SAMPLES = 512  # the replicas' latest steps, to which the autoscaler's step-time model is fitted
 REFIT_EVERY = 32  # new steps between fits
+ARRIVAL_WINDOW_S = 30.0  # the prompt-token arrival rate is measured over this long
 
 
 class EngineReplica:
@@ -200,6 +201,7 @@ class ReplicatedEngine:
         self._fitted_at = 0  # samples seen when the step-time model was last fitted
         self._seen = 0
         self._next_tick = 0.0
+        self._arrivals: deque[tuple[float, int]] = deque()  # (time, prompt tokens) of recent requests
         self.tick_s, self.refit_every = AUTOSCALE_TICK_S, REFIT_EVERY
 
     @staticmethod
@@ -242,6 +244,8 @@ class ReplicatedEngine:
         i = self._place(token_ids, params, cache_salt)
         self._submit(i, request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time)
         self._live[request_id] = _Tracked(list(token_ids), params, prompt, priority, cache_salt, i)
+        if self.autoscaler is not None:  # pruned by tick, which only the autoscaler needs
+            self._arrivals.append((time.monotonic(), len(token_ids)))
 
     def abort_request(self, ids: list[str] | str) -> None:
         import ray
@@ -311,9 +315,13 @@ class ReplicatedEngine:
             self._fitted_at = self._seen
         if any(i not in self._retired for i in self._down):
             return  # a replica is starting (or restarting): decide again once it serves
+        while self._arrivals and self._arrivals[0][0] < now - ARRIVAL_WINDOW_S:
+            self._arrivals.popleft()
         sample = LoadSample(now, len(self.serving), sum(len(t.token_ids) for t in self._live.values() if t.last is None),
-                            len(running))
+                            len(running), sum(n for _, n in self._arrivals) / ARRIVAL_WINDOW_S)
         decision = self.autoscaler.decide(sample)
+        logger.debug("autoscale: %s (predicted TTFT %.2f s, TPOT %.0f ms at %d replicas)", decision.reason,
+                     decision.predicted_ttft_s, decision.predicted_tpot_s * 1e3, sample.replicas)
         if decision.delta > 0:
             index = self.add_replica(wait=False)
             self.scale_outs += 1
