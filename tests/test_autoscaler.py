@@ -48,6 +48,13 @@ def test_a_rate_step_up_then_down():
     assert replicas == 1  # and back to the minimum
 
 
+def test_ticks_off_the_whole_second_still_scale_out():
+    # A real clock never lands on exact multiples of the window: a sustained breach must still count.
+    scaler = Autoscaler(CONFIG, MODEL)
+    deltas = [scaler.decide(LoadSample(0.37 + 1.013 * k, 1, 1600, 30)).delta for k in range(10)]
+    assert 1 in deltas and deltas.index(1) in (5, 6)
+
+
 def test_a_burst_alone_does_not_scale_out():
     scaler = Autoscaler(CONFIG, MODEL)
     # Every 4th second a burst (3.2 s predicted TTFT), light between: the 5 s mean stays under 2 s.

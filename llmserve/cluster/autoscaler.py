@@ -86,6 +86,7 @@ class Autoscaler:
         self.config, self.model = config, model  # model: None until steps have been measured
         self._window: deque[tuple[float, float, float]] = deque()  # (time, TTFT, TPOT) predicted at _count
         self._count = 0
+        self._since = 0.0  # when predictions at _count began
         self._calm_since: float | None = None
 
     def decide(self, sample: LoadSample) -> Decision:
@@ -93,16 +94,16 @@ class Autoscaler:
         if self.model is None:
             return Decision(0, "no step times measured yet", 0.0, 0.0)
         ttft, tpot = predict(self.model, sample, r)
-        if r != self._count:  # predictions at another replica count say nothing of this one
+        if r != self._count or not self._window:  # predictions at another count say nothing of this one
             self._window.clear()
-            self._count = r
+            self._count, self._since = r, sample.now
         # A tick with nothing queued predicts no TTFT (and with nothing running no TPOT): it neither
         # misses nor meets, so it does not dilute the mean.
         self._window.append((sample.now, ttft if sample.waiting_prompt_tokens else None,
                              tpot if sample.running else None))
         while self._window[0][0] < sample.now - c.out_window_s:
             self._window.popleft()
-        covered = sample.now - self._window[0][0] >= c.out_window_s
+        covered = sample.now - self._since >= c.out_window_s  # predictions span the whole window
         mean_ttft, mean_tpot = (_mean([w[k] for w in self._window]) for k in (1, 2))
         if (mean_ttft > c.ttft_slo_s or mean_tpot > c.tpot_slo_s) and r < c.max_replicas:
             self._calm_since = None
