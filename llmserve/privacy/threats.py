@@ -63,6 +63,12 @@ SETTINGS: tuple[Gated, ...] = (
           "it would let one replica collect a chosen user's requests",
           "any router, all of them identity-free: they see only RoutingFeatures (privacy/routing.py)",
           lambda v: v),
+    Gated("autoscale", "T",
+          "machine-level scheduling: which replicas exist, and when, could be steered to gather chosen "
+          "users' requests on one of them",
+          "kept: decisions read aggregate counts only (queued prompt tokens, running requests, step times), "
+          "and a new replica takes requests only through the identity-free router",
+          lambda v: v),
     Gated("ray_address", "P",
           "joining an existing Ray cluster runs the engine among processes the node does not control, "
           "which can call into it",
@@ -89,6 +95,7 @@ HARMLESS: frozenset[str] = frozenset({
     # A KV policy drops a request's own tokens' K/V, kept per request and shared with no one.
     "kv_policy", "kv_budget",
     "kv_offload_bytes",  # the tier's size; whether there is one, and how it is kept, is gated above
+    "tpot_slo", "upscale_delay_s", "downscale_delay_s",  # the autoscaler's targets and delays (gated above)
 })
 
 
