@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,32 +22,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from replicas import free_port, serve  # noqa: E402 - the same server start as the replicas benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SLO = ["--ttft-slo", "1.5", "--tpot-slo", "0.15"]
 VOCAB = 49152  # the embedded model's (SmolLM2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(flags: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "LLMSERVE_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "llmserve.cli", "serve", "--port", str(port), "--max-model-len",
-                             "2048", *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log}")
-        time.sleep(0.5)
-    raise RuntimeError(f"server did not become ready; see {log}")
 
 
 def schedule(base: float, phases: list[float], seed: int) -> list[tuple[float, int, int, bool]]:
@@ -142,7 +120,7 @@ def main() -> None:
     summary = {}
     for name, (flags, threads) in configs.items():
         port = free_port()
-        proc = serve(flags, port, threads, out / f"{name.replace(' ', '_').replace(':', '-')}.log")
+        proc = serve(flags, port, threads, out / f"{name.replace(' ', '_').replace(':', '-')}.log", max_model_len=2048)
         try:
             model = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"][0]["id"]
             results, replica_s = asyncio.run(drive(f"http://127.0.0.1:{port}", model, plan, args.seed))

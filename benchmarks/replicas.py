@@ -36,10 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(flags: list[str], port: int, threads: int, log: Path) -> subprocess.Popen:
+def serve(flags: list[str], port: int, threads: int, log: Path, max_model_len: int = 4096) -> subprocess.Popen:
+    """`llmserve serve` on the embedded model in its own session, once it answers /ready."""
     env = {**os.environ, "LLMSERVE_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "llmserve.cli", "serve", "--port", str(port),
-                             "--max-model-len", "4096", *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                             "--max-model-len", str(max_model_len), *flags], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     for _ in range(600):
         try:
