@@ -265,7 +265,7 @@ class ReplicatedEngine:
     def step(self) -> list[RequestOutput]:
         import ray
 
-        self._check_restarted()
+        # Restarted or newly started replicas joined in the last tick (the end of the last step).
         active = sorted({t.replica for t in self._live.values()} - set(self._down))
         refs = {i: self.replicas[i].step.remote() for i in active}
         outputs: list[RequestOutput] = []
