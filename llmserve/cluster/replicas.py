@@ -169,6 +169,7 @@ class ReplicatedEngine:
         self._actor, self._inner = actor, inner
         if self.weights is not None:  # every host that gets a replica gets the weights first, in one chain
             self.weights.distribute([self._node_for(i) for i in range(n)])
+        self.placed: list[str] = []  # each replica's node, as placed
         self.replicas = [self._start_replica(i) for i in range(n)]
         self.loads = [ReplicaLoad() for _ in range(n)]
         self.router = make_router(config.router, seed=config.seed or 0)
@@ -497,14 +498,21 @@ class ReplicatedEngine:
                     del self._down[i]
                     self.loads[i] = ReplicaLoad()
                 except ray.exceptions.RayActorError:
+                    if self.placed[i] not in self._live_nodes():
+                        # Pinned to a node that is gone, Ray cannot restart it: start it afresh on a live one.
+                        ray.kill(self.replicas[i], no_restart=True)
+                        self.replicas[i] = self._start_replica(i)
                     self._down[i] = self.replicas[i].pid.remote()
 
     @staticmethod
-    def _node_for(index: int) -> str:
-        """Replica `index`'s node: the cluster's live nodes in turn."""
+    def _live_nodes() -> list[str]:
         import ray
 
-        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+    def _node_for(self, index: int) -> str:
+        """Replica `index`'s node: the cluster's live nodes in turn."""
+        nodes = self._live_nodes()
         return nodes[index % len(nodes)]
 
     def _start_replica(self, index: int):
@@ -513,9 +521,15 @@ class ReplicatedEngine:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         node = self._node_for(index)
-        # Soft: if that host is gone when Ray restarts the replica, it runs elsewhere and pulls the chunks.
-        strategy = NodeAffinitySchedulingStrategy(node, soft=True)
+        # Hard: a soft affinity lets Ray place it on another node while this one's resources are not yet
+        # in its view. Ray restarts a crashed replica on the same node; one whose node died is started
+        # afresh by _check_restarted.
+        strategy = NodeAffinitySchedulingStrategy(node, soft=False)
         shared = (self.skeleton, self.weights.refs_on(node)) if self.weights is not None else ()
+        if index < len(self.placed):
+            self.placed[index] = node
+        else:
+            self.placed.append(node)
         return self._actor.options(scheduling_strategy=strategy).remote(self._inner, *shared)
 
     # ---- stats and shutdown ------------------------------------------------------------------
