@@ -75,7 +75,8 @@ def position_logprobs(ids: list[int], vals: list[float], sampled_rank: int, k: i
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, backend_factory: Callable[[KVCaches], AttentionBackend] = TorchAttention,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, kernels=None) -> None:
+        """kernels: llmserve's compiled CPU kernels, for the sampler (None: plain torch)."""
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -83,7 +84,7 @@ class ModelRunner:
                                 for _ in range(2)) for spec in model.kv_cache_specs()]
         self.backend = backend_factory(self.kv_caches)
         self.batch = InputBatch(block_size)
-        self.sampler = Sampler(seed)  # unseeded requests draw from it: the engine's seed makes them reproducible
+        self.sampler = Sampler(seed, kernels)  # unseeded requests draw from it: the engine's seed makes them reproducible
         self._staging: dict[str, torch.Tensor] = {}  # pinned host buffers, reused (CUDA only)
 
     def remove_requests(self, request_ids: list[str]) -> None:

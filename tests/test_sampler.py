@@ -12,6 +12,19 @@ from llmserve.sampling import Sampler, SamplingMetadata, SamplingRow, gather_log
 from llmserve.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=["torch", "kernels"])
+def sampler_kernels(request):
+    """The sampler as plain torch and with llmserve's CPU kernels (sample_rows)."""
+    if request.param == "torch":
+        return None
+    from llmserve.kernels import cpu_kernels
+
+    k = cpu_kernels()
+    if k is None:
+        pytest.skip("llmserve's CPU kernels are unavailable here")
+    return k
 NUM_DRAWS = 20_000
 SMALL_LOGITS = [2.0, 1.6, 1.2, 0.9, 0.5, 0.1, -0.4, -1.0]
 
@@ -60,11 +73,11 @@ def expected_distribution(logits: list[float], temperature: float, top_k: int, t
         (1.3, 6, 0.85, 0.1),  # all three combined
     ],
 )
-def test_truncated_distribution_matches_reference(temperature, top_k, top_p, min_p):
+def test_truncated_distribution_matches_reference(temperature, top_k, top_p, min_p, sampler_kernels):
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     vocab = len(SMALL_LOGITS)
     logits = torch.tensor([SMALL_LOGITS] * NUM_DRAWS)
-    tokens = Sampler(seed=0)(logits, meta_for([row(params)] * NUM_DRAWS, vocab)).token_ids
+    tokens = Sampler(seed=0, kernels=sampler_kernels)(logits, meta_for([row(params)] * NUM_DRAWS, vocab)).token_ids
 
     expected = expected_distribution(SMALL_LOGITS, temperature, top_k, top_p, min_p)
     counts = torch.bincount(tokens, minlength=vocab).tolist()
@@ -74,13 +87,13 @@ def test_truncated_distribution_matches_reference(temperature, top_k, top_p, min
     assert chisquare(observed, [expected[i] * NUM_DRAWS for i in kept]).pvalue > 0.001
 
 
-def test_seeded_row_is_independent_of_batch():
+def test_seeded_row_is_independent_of_batch(sampler_kernels):
     vocab, steps = 500, 6
     logits_seq = [torch.randn(1, vocab, generator=torch.Generator().manual_seed(s)) * 2 for s in range(steps)]
     seeded = SamplingParams(temperature=0.9, top_k=200, seed=1234)
 
     def run_alone() -> list[int]:
-        r, sampler = row(seeded), Sampler(seed=1)
+        r, sampler = row(seeded), Sampler(seed=1, kernels=sampler_kernels)
         return [int(sampler(lg, meta_for([r], vocab)).token_ids[0]) for lg in logits_seq]
 
     def run_in_batch(position: int, sampler_seed: int) -> list[int]:
@@ -93,7 +106,7 @@ def test_seeded_row_is_independent_of_batch():
         rows = [row(others[i % len(others)]) for i in range(31)]
         target = row(seeded)
         rows.insert(position, target)
-        sampler = Sampler(seed=sampler_seed)
+        sampler = Sampler(seed=sampler_seed, kernels=sampler_kernels)
         out = []
         for lg in logits_seq:
             batch = torch.randn(32, vocab) * 2
@@ -107,16 +120,16 @@ def test_seeded_row_is_independent_of_batch():
         assert run_in_batch(position, sampler_seed) == alone
 
 
-def test_greedy_is_argmax_with_low_id_ties_and_bf16():
+def test_greedy_is_argmax_with_low_id_ties_and_bf16(sampler_kernels):
     logits = torch.randn(16, 300)
     logits[3, 10] = logits[3, 200] = logits[3].max() + 1.0  # tie: the lower id wins
     meta = meta_for([row(SamplingParams(temperature=0.0))] * 16, 300)
-    tokens = Sampler()(logits, meta).token_ids
+    tokens = Sampler(kernels=sampler_kernels)(logits, meta).token_ids
     assert tokens.dtype == torch.int64
     assert torch.equal(tokens, logits.argmax(dim=-1))
     assert tokens[3] == 10
     bf16 = logits.to(torch.bfloat16)
-    assert torch.equal(Sampler()(bf16, meta).token_ids, bf16.float().argmax(dim=-1))
+    assert torch.equal(Sampler(kernels=sampler_kernels)(bf16, meta).token_ids, bf16.float().argmax(dim=-1))
 
 
 def reference_penalties(logits: list[float], params: SamplingParams, prompt: list[int],
@@ -130,7 +143,7 @@ def reference_penalties(logits: list[float], params: SamplingParams, prompt: lis
     return out
 
 
-def test_penalties_match_reference():
+def test_penalties_match_reference(sampler_kernels):
     vocab = 40
     gen = torch.Generator().manual_seed(5)
     cases = [
@@ -148,7 +161,7 @@ def test_penalties_match_reference():
     logits = torch.randn(len(rows), vocab, generator=gen) * 3
     original = logits.clone()
     meta = meta_for(rows, vocab)
-    sampler = Sampler(seed=0)
+    sampler = Sampler(seed=0, kernels=sampler_kernels)
     reference = torch.tensor([
         reference_penalties(logits[i].tolist(), r.params, r.prompt_token_ids, r.output_token_ids)
         for i, r in enumerate(rows)
@@ -161,18 +174,18 @@ def test_penalties_match_reference():
     assert torch.equal(logits, original)  # the caller's logits are untouched
 
 
-def test_banned_tokens_never_sampled():
+def test_banned_tokens_never_sampled(sampler_kernels):
     vocab = len(SMALL_LOGITS)
     banned = [0, 1, 5]  # the two most likely tokens among them
     rows = [row(SamplingParams(temperature=1.0), banned=banned)] * 5000
     rows += [row(SamplingParams(temperature=0.0), banned=banned)]
     logits = torch.tensor([SMALL_LOGITS] * len(rows))
-    tokens = Sampler(seed=0)(logits, meta_for(rows, vocab)).token_ids
+    tokens = Sampler(seed=0, kernels=sampler_kernels)(logits, meta_for(rows, vocab)).token_ids
     assert not set(tokens.tolist()) & set(banned)
     assert tokens[-1] == 2  # greedy falls to the best allowed token
 
 
-def test_logprobs_are_raw_log_softmax_with_ranks_and_sorted_top():
+def test_logprobs_are_raw_log_softmax_with_ranks_and_sorted_top(sampler_kernels):
     vocab, k = 64, 5
     logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(9)) * 2
     params = [
@@ -184,7 +197,7 @@ def test_logprobs_are_raw_log_softmax_with_ranks_and_sorted_top():
         SamplingParams(temperature=1.0, logprobs=1),
     ]
     rows = [row(p, prompt=[1, 2, 3], output=[4, 5]) for p in params]
-    out = Sampler(seed=0)(logits, meta_for(rows, vocab))
+    out = Sampler(seed=0, kernels=sampler_kernels)(logits, meta_for(rows, vocab))
     ref = torch.log_softmax(logits, dim=-1)
     assert out.logprobs.shape == out.logprob_token_ids.shape == (6, 1 + k)
     assert torch.equal(out.logprob_token_ids[:, 0], out.token_ids)
@@ -205,7 +218,7 @@ def test_gather_logprobs_without_top():
     assert ranks.tolist() == [2, 1]
 
 
-def test_mixed_batch_shapes_and_greedy_rows():
+def test_mixed_batch_shapes_and_greedy_rows(sampler_kernels):
     vocab = 100
     logits = torch.randn(5, vocab)
     params = [
@@ -216,7 +229,7 @@ def test_mixed_batch_shapes_and_greedy_rows():
         SamplingParams(temperature=1.1, min_p=0.05, seed=43),
     ]
     rows = [row(p, output=[7, 7, 8]) for p in params]
-    out = Sampler(seed=0)(logits, meta_for(rows, vocab))
+    out = Sampler(seed=0, kernels=sampler_kernels)(logits, meta_for(rows, vocab))
     assert out.token_ids.shape == (5,) and out.token_ids.dtype == torch.int64
     assert out.logprobs.shape == out.logprob_token_ids.shape == (5, 4)
     assert out.sampled_ranks.shape == (5,)
@@ -228,9 +241,9 @@ def test_mixed_batch_shapes_and_greedy_rows():
     assert all(0 <= t < vocab for t in out.token_ids.tolist())
 
 
-def test_all_greedy_fast_path_has_no_random_state():
+def test_all_greedy_fast_path_has_no_random_state(sampler_kernels):
     meta = meta_for([row(SamplingParams(temperature=0.0))] * 3, 10)
     assert meta.all_greedy and meta.no_penalties and meta.no_top_k and meta.no_top_p and meta.no_min_p
     assert meta.temperature is None and meta.max_num_logprobs is None
-    out = Sampler()(torch.randn(3, 10), meta)
+    out = Sampler(kernels=sampler_kernels)(torch.randn(3, 10), meta)
     assert out.logprobs is None and out.sampled_ranks is None

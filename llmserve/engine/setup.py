@@ -146,7 +146,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
         max_model_len = num_blocks * config.block_size
     backend = partial(CpuPagedAttention, kernels) if kernels is not None else TorchAttention
-    runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device, backend, seed=config.seed)
+    runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device, backend, seed=config.seed,
+                         kernels=kernels)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                 str(kv_dtype).removeprefix("torch."), device)

@@ -28,7 +28,10 @@ Semantics
     8. min-p (drop tokens whose prob < min_p * the largest prob, after steps 6-7);
     9. sample by inverse CDF: one U ~ [0, 1) per row, token = the first whose float64 cumulative
        probability exceeds U * total, which draws exactly from p (no renormalization needed, and
-       one random number a row instead of one per vocabulary entry).
+       one random number a row instead of one per vocabulary entry). With the CPU kernels, steps
+       4-9 for float32 rows are one kernel call (`sample_rows`): weights and argmax in one pass
+       per row, float64 sums without a float64 copy of the batch; with truncation it samples the
+       truncated probabilities.
 * Randomness: a row with a generator (the engine gives one to each request with a seed) draws its
   U with that generator alone, so its tokens do not depend on the rest of the batch or its
   position in it. Unseeded rows share one draw from the sampler's own
@@ -60,12 +63,14 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, kernels=None) -> None:
         """seed: of the generator that unseeded random rows share (the engine passes its config's
-        seed, so the same seed and the same requests give the same tokens); None draws a fresh one."""
+        seed, so the same seed and the same requests give the same tokens); None draws a fresh one.
+        kernels: llmserve's CPU kernels; float32 CPU logits are then sampled by `sample_rows`."""
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not seed_in_range(seed)):
             raise ValueError(f"the sampler's seed must be an integer in [{MIN_SEED}, {MAX_SEED}]")
         self._seed = seed
+        self._kernels = kernels
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
@@ -88,11 +93,23 @@ class Sampler:
         return _truncated_probs(logits, meta)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        logits = _penalized(logits, meta)
+        kernels = self._kernels if logits.device.type == "cpu" else None
+        truncated = meta.top_k is not None or meta.top_p is not None or meta.min_p is not None
+        one_call = kernels is not None and not meta.all_greedy and not truncated
+        logits = _penalized(logits, meta, copy=not one_call)  # sample_rows leaves its input as it is
+        if one_call:
+            none = torch.empty(0, dtype=torch.float32)
+            temperature = meta.temperature if meta.temperature is not None else none
+            greedy_ids, sampled_ids = kernels.sample_rows(logits, temperature, self._uniforms(logits, meta))
+            return torch.where(meta.is_greedy, greedy_ids, sampled_ids)
         greedy_ids = logits.argmax(dim=-1)
         if meta.all_greedy:
             return greedy_ids
         probs = _truncated_probs(logits, meta)
+        if kernels is not None:
+            _, sampled_ids = kernels.sample_rows(probs, torch.empty(0, dtype=torch.float32),
+                                                 self._uniforms(probs, meta), from_probs=True)
+            return torch.where(meta.is_greedy, greedy_ids, sampled_ids)
         # Inverse CDF in float64: u * total lands in token i's interval [c_{i-1}, c_i) with
         # probability p_i / total, and an interval of zero width (a truncated token) is never hit.
         # float64 keeps even the smallest probabilities' intervals their true width.
@@ -141,8 +158,12 @@ def _grammar_masked(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     return logits
 
 
-def _penalized(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Steps 1-3 on a float32 copy (the caller's logits stay untouched)."""
+def _penalized(logits: torch.Tensor, meta: SamplingMetadata, copy: bool = True) -> torch.Tensor:
+    """Steps 1-3 on a float32 copy (the caller's logits stay untouched); copy=False: the logits
+    themselves (as float32) when there is nothing to apply, for a caller that does not write them."""
+    if not copy and meta.banned_rows is None and meta.bias_rows is None and meta.repetition_penalty is None \
+            and meta.frequency_penalty is None:
+        return logits.to(torch.float32)
     logits = logits.to(torch.float32, copy=True)
     if meta.banned_rows is not None:
         logits[meta.banned_rows, meta.banned_ids] = _NEG_INF
