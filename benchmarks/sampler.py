@@ -20,6 +20,8 @@ MIXES = {
     "temperature 1": SamplingParams(temperature=1.0),
     "temperature 0.7": SamplingParams(temperature=0.7),
     "top_p 0.9": SamplingParams(temperature=0.8, top_p=0.9),
+    "top_k 40": SamplingParams(temperature=0.8, top_k=40),
+    "min_p 0.05": SamplingParams(temperature=1.0, min_p=0.05),
     "greedy": SamplingParams(temperature=0.0),
 }
 

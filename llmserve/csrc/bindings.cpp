@@ -16,7 +16,9 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tens
 torch::Tensor silu_mul(torch::Tensor x);
 void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads);
 std::tuple<torch::Tensor, torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor temperature, torch::Tensor u,
-                                                     bool from_probs, bool vec);
+                                                     std::optional<torch::Tensor> top_k, std::optional<torch::Tensor> top_p,
+                                                     std::optional<torch::Tensor> min_p, bool vec);
+torch::Tensor argmax_rows(torch::Tensor logits, bool vec);
 
 // Every kernel releases the GIL while it runs: the server's event loop (SSE writes, new requests)
 // then runs beside the engine thread instead of waiting for it at every switch interval.
@@ -44,9 +46,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; return rms_norm(residual) * weight (float32)", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (float32)", nogil);
   m.def("sample_rows", &sample_rows,
-        "(argmax, inverse-CDF sample) per row of float32 logits at temperature (empty: 1), u [rows] float64; "
-        "from_probs: rows are weights already; vec=False: the portable code",
-        py::arg("logits"), py::arg("temperature"), py::arg("u"), py::arg("from_probs") = false,
-        py::arg("vec") = true, nogil);
+        "(argmax, inverse-CDF sample) per row of float32 logits at temperature, after top-k, top-p and min-p "
+        "(each [rows] or empty: none), u [rows] float64; vec=False: the portable code",
+        py::arg("logits"), py::arg("temperature"), py::arg("u"), py::arg("top_k") = py::none(),
+        py::arg("top_p") = py::none(), py::arg("min_p") = py::none(), py::arg("vec") = true, nogil);
+  m.def("argmax_rows", &argmax_rows, "the first index of each row's largest value (float32 CPU logits)",
+        py::arg("logits"), py::arg("vec") = true, nogil);
   m.def("rotary_", &rotary_, "rotate the first heads of a [T, heads, D] tensor in place (float32)", nogil);
 }

@@ -4,6 +4,13 @@
 // passes over [rows, vocab] (copy, divide, softmax, widen to float64, cumsum, search), the cumsum
 // single-threaded: at 64 rows x 49k it cost more than the logits head.
 //
+// Truncation without a sort: top-k keeps the logits >= the k-th largest (nth_element); top-p keeps
+// the smallest most-likely set whose mass reaches p (a token stays while the mass of the tokens
+// before it, most likely first, is < p x total): the weights are binned by their float bits (16
+// bins an octave, so bin order is value order), whole bins are kept from the top while the mass
+// stays under, and only the bin where it crosses is sorted; min-p drops weights < min_p x the
+// largest. torch sorted the whole row for top-p (126 ms at 64 x 49k).
+//
 // Sums are float64 (as the torch path's cumsum), so even the smallest weights keep intervals of
 // their true width; the total is the sum of the same partial sums the walk adds, so u * total < total
 // always lands on a token. A weight is 0 exactly where x/T - max/T < -87 (e^-87 ~ 1e-38, below any
@@ -12,8 +19,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
+#include <utility>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "vec_math.h"
@@ -94,6 +106,68 @@ double sum_chunk(const float* p, int64_t n) {
   return sum;
 }
 
+// The k-th largest of x (1 <= k < V): a min-heap of the k largest so far, which most values pass
+// by with one comparison; nth_element on a copy when k is a large share of the row.
+float kth_largest(const float* x, int64_t V, int64_t k, std::vector<float>& scratch) {
+  if (k * 16 > V) {
+    scratch.assign(x, x + V);
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
+    return scratch[k - 1];
+  }
+  scratch.assign(x, x + k);
+  std::make_heap(scratch.begin(), scratch.end(), std::greater<float>());
+  for (int64_t i = k; i < V; ++i)
+    if (x[i] > scratch.front()) {
+      std::pop_heap(scratch.begin(), scratch.end(), std::greater<float>());
+      scratch.back() = x[i];
+      std::push_heap(scratch.begin(), scratch.end(), std::greater<float>());
+    }
+  return scratch.front();
+}
+
+constexpr int kBinShift = 19;  // float bits >> 19: the exponent and 4 mantissa bits
+constexpr int kBins = 1 << (31 - kBinShift);
+
+inline int bin_of(float w) {
+  int32_t bits;
+  std::memcpy(&bits, &w, sizeof(bits));
+  return bits >> kBinShift;  // w > 0: the sign bit is 0
+}
+
+// Zeroes the weights top-p drops: the smallest most-likely set whose mass reaches target stays.
+void top_p_cut(float* w, int64_t V, double target, std::vector<double>& bins,
+               std::vector<std::pair<float, int64_t>>& edge) {
+  bins.assign(kBins, 0.0);
+  for (int64_t i = 0; i < V; ++i)
+    if (w[i] > 0.f) bins[bin_of(w[i])] += w[i];
+  double cum = 0.0;
+  int cut = -1;
+  for (int b = kBins - 1; b >= 0 && cut < 0; --b) {
+    if (bins[b] == 0.0) continue;
+    if (cum + bins[b] < target) {  // even its last token has less than target before it
+      cum += bins[b];
+      continue;
+    }
+    edge.clear();
+    for (int64_t i = 0; i < V; ++i)
+      if (w[i] > 0.f && bin_of(w[i]) == b) edge.emplace_back(w[i], i);
+    std::sort(edge.begin(), edge.end(), [](const auto& a, const auto& c) {
+      return a.first > c.first || (a.first == c.first && a.second < c.second);
+    });
+    for (const auto& [wi, i] : edge) {
+      if (cum < target) {
+        cum += wi;
+      } else {
+        w[i] = 0.f;
+      }
+    }
+    if (cum >= target) cut = b;  // rounding can leave it short: then the next bin is walked too
+  }
+  if (cut < 0) return;
+  for (int64_t i = 0; i < V; ++i)
+    if (w[i] > 0.f && bin_of(w[i]) < cut) w[i] = 0.f;
+}
+
 // The first index whose running float64 sum of w exceeds target, walking the chunk sums first.
 // Rounding can leave the walk inside a chunk short of target: then the chunk's last positive weight.
 int64_t search(const float* w, const std::vector<double>& chunks, int64_t V, double target) {
@@ -122,52 +196,94 @@ int64_t search(const float* w, const std::vector<double>& chunks, int64_t V, dou
 }  // namespace
 
 // logits [R, V] float32; temperature [R] float32 (> 0; rows that are greedy may hold anything
-// positive) or empty for 1; u [R] float64 in [0, 1). Returns (argmax [R], sampled [R]) int64. With
-// from_probs, the rows are nonnegative weights already (e.g. after top-k/top-p/min-p) and are
-// sampled as they are, temperature unused. vec = false forces the portable code (for tests).
+// positive) or empty for 1; u [R] float64 in [0, 1); top_k [R] int64 (>= V: none), top_p [R] float32
+// in (0, 1] and min_p [R] float32 in [0, 1], each empty when no row truncates that way. Returns
+// (argmax [R], sampled [R]) int64. vec = false forces the portable code (for tests).
 std::tuple<torch::Tensor, torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor temperature, torch::Tensor u,
-                                                     bool from_probs, bool vec) {
+                                                     std::optional<torch::Tensor> top_k_opt,
+                                                     std::optional<torch::Tensor> top_p_opt,
+                                                     std::optional<torch::Tensor> min_p_opt, bool vec) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2,
               "sample_rows takes [rows, vocab] float32 CPU logits");
-  TORCH_CHECK(u.scalar_type() == torch::kFloat64 && u.dim() == 1 && u.size(0) == logits.size(0),
-              "u must be [rows] float64");
-  const bool has_t = temperature.numel() > 0;
-  TORCH_CHECK(!has_t || (temperature.scalar_type() == torch::kFloat32 && temperature.numel() == logits.size(0)),
-              "temperature must be [rows] float32 or empty");
-  logits = logits.contiguous();
-  temperature = temperature.contiguous();
-  u = u.contiguous();
   const int64_t R = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V > 0, "an empty vocabulary");
+  TORCH_CHECK(u.scalar_type() == torch::kFloat64 && u.dim() == 1 && u.size(0) == R, "u must be [rows] float64");
+  auto per_row = [R](const std::optional<torch::Tensor>& t, c10::ScalarType type, const char* name) {
+    if (!t.has_value() || t->numel() == 0) return torch::empty({0}, type);
+    TORCH_CHECK(t->scalar_type() == type && t->dim() == 1 && t->numel() == R, name, " must be [rows] ",
+                c10::toString(type), " or empty");
+    return t->contiguous();
+  };
+  temperature = per_row(temperature, torch::kFloat32, "temperature");
+  const auto top_k = per_row(top_k_opt, torch::kInt64, "top_k");
+  const auto top_p = per_row(top_p_opt, torch::kFloat32, "top_p");
+  const auto min_p = per_row(min_p_opt, torch::kFloat32, "min_p");
+  logits = logits.contiguous();
+  u = u.contiguous();
   auto argmax = torch::empty({R}, torch::kInt64), sampled = torch::empty({R}, torch::kInt64);
   const float* x = logits.data_ptr<float>();
-  const float* t = has_t ? temperature.data_ptr<float>() : nullptr;
+  const float* t = temperature.numel() ? temperature.data_ptr<float>() : nullptr;
+  const int64_t* tk = top_k.numel() ? top_k.data_ptr<int64_t>() : nullptr;
+  const float* tp = top_p.numel() ? top_p.data_ptr<float>() : nullptr;
+  const float* mp = min_p.numel() ? min_p.data_ptr<float>() : nullptr;
   const double* up = u.data_ptr<double>();
   int64_t* am = argmax.data_ptr<int64_t>();
   int64_t* sp = sampled.data_ptr<int64_t>();
   const int64_t num_chunks = (V + kChunk - 1) / kChunk;
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(from_probs ? 0 : V);
-    std::vector<double> chunks(num_chunks);
+    std::vector<float> w(V), kth_scratch;
+    std::vector<double> chunks(num_chunks), bins;
+    std::vector<std::pair<float, int64_t>> edge;
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * V;
       float best;
       am[r] = argmax_row(xr, V, vec, best);
-      const float* weights = xr;
-      if (!from_probs) {
-        const float inv_t = 1.f / (t ? t[r] : 1.f);
-        for (int64_t c = 0; c < num_chunks; ++c) {
-          const int64_t lo = c * kChunk;
-          chunks[c] = weights_chunk(xr + lo, w.data() + lo, std::min(kChunk, V - lo), inv_t, best * inv_t, vec);
-        }
-        weights = w.data();
-      } else {
-        for (int64_t c = 0; c < num_chunks; ++c) chunks[c] = sum_chunk(xr + c * kChunk, std::min(kChunk, V - c * kChunk));
+      const float inv_t = 1.f / (t ? t[r] : 1.f);
+      for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t lo = c * kChunk;
+        chunks[c] = weights_chunk(xr + lo, w.data() + lo, std::min(kChunk, V - lo), inv_t, best * inv_t, vec);
       }
+      bool cut = false;
+      if (tk && tk[r] > 0 && tk[r] < V) {  // keep logits >= the k-th largest (ties at it stay)
+        const float kth = kth_largest(xr, V, tk[r], kth_scratch);
+        for (int64_t i = 0; i < V; ++i)
+          if (xr[i] < kth) w[i] = 0.f;
+        cut = true;
+      }
+      if (tp && tp[r] < 1.f) {
+        double total = 0.0;
+        for (int64_t i = 0; i < V; ++i) total += w[i];
+        top_p_cut(w.data(), V, static_cast<double>(tp[r]) * total, bins, edge);
+        cut = true;
+      }
+      if (mp && mp[r] > 0.f) {  // the largest weight is the argmax's, which every cut keeps
+        const float floor = mp[r] * w[am[r]];
+        for (int64_t i = 0; i < V; ++i)
+          if (w[i] < floor) w[i] = 0.f;
+        cut = true;
+      }
+      if (cut)
+        for (int64_t c = 0; c < num_chunks; ++c) chunks[c] = sum_chunk(w.data() + c * kChunk, std::min(kChunk, V - c * kChunk));
       double total = 0.0;
       for (double s : chunks) total += s;
-      sp[r] = std::isfinite(total) && total > 0.0 ? search(weights, chunks, V, up[r] * total) : am[r];
+      sp[r] = std::isfinite(total) && total > 0.0 ? search(w.data(), chunks, V, up[r] * total) : am[r];
     }
   });
   return {argmax, sampled};
+}
+
+// The first index of each row's largest value (torch.argmax's choice), rows in parallel.
+torch::Tensor argmax_rows(torch::Tensor logits, bool vec) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2 &&
+              logits.size(1) > 0, "argmax_rows takes [rows, vocab] float32 CPU logits");
+  logits = logits.contiguous();
+  const int64_t R = logits.size(0), V = logits.size(1);
+  auto out = torch::empty({R}, torch::kInt64);
+  const float* x = logits.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 4, [&](int64_t begin, int64_t end) {
+    float best;
+    for (int64_t r = begin; r < end; ++r) o[r] = argmax_row(x + r * V, V, vec, best);
+  });
+  return out;
 }

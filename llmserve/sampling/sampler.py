@@ -29,9 +29,8 @@ Semantics
     9. sample by inverse CDF: one U ~ [0, 1) per row, token = the first whose float64 cumulative
        probability exceeds U * total, which draws exactly from p (no renormalization needed, and
        one random number a row instead of one per vocabulary entry). With the CPU kernels, steps
-       4-9 for float32 rows are one kernel call (`sample_rows`): weights and argmax in one pass
-       per row, float64 sums without a float64 copy of the batch; with truncation it samples the
-       truncated probabilities.
+       4-9 are one kernel call (`sample_rows`, csrc/sampling.cpp): the same rules, per row in one
+       thread's cache, float64 sums without a float64 copy of the batch, and top-p without a sort.
 * Randomness: a row with a generator (the engine gives one to each request with a seed) draws its
   U with that generator alone, so its tokens do not depend on the rest of the batch or its
   position in it. Unseeded rows share one draw from the sampler's own
@@ -79,10 +78,15 @@ class Sampler:
         logits = _grammar_masked(logits, meta)
         raw_logprobs = compute_logprobs(logits) if meta.max_num_logprobs is not None else None
         if meta.all_greedy and meta.no_penalties and meta.no_banned:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = self._argmax(logits)
         else:
             token_ids = self._sample(logits, meta)
         return _make_output(token_ids, raw_logprobs, meta.max_num_logprobs)
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return self._kernels.argmax_rows(logits)
+        return logits.argmax(dim=-1)
 
     def compute_probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """The distribution non-greedy rows sample from (steps 1-8), e.g. for spec-decode verification.
@@ -94,22 +98,16 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         kernels = self._kernels if logits.device.type == "cpu" else None
-        truncated = meta.top_k is not None or meta.top_p is not None or meta.min_p is not None
-        one_call = kernels is not None and not meta.all_greedy and not truncated
+        one_call = kernels is not None and not meta.all_greedy
         logits = _penalized(logits, meta, copy=not one_call)  # sample_rows leaves its input as it is
         if one_call:
-            none = torch.empty(0, dtype=torch.float32)
-            temperature = meta.temperature if meta.temperature is not None else none
-            greedy_ids, sampled_ids = kernels.sample_rows(logits, temperature, self._uniforms(logits, meta))
+            greedy_ids, sampled_ids = kernels.sample_rows(logits, meta.temperature, self._uniforms(logits, meta),
+                                                          meta.top_k, meta.top_p, meta.min_p)
             return torch.where(meta.is_greedy, greedy_ids, sampled_ids)
         greedy_ids = logits.argmax(dim=-1)
         if meta.all_greedy:
             return greedy_ids
         probs = _truncated_probs(logits, meta)
-        if kernels is not None:
-            _, sampled_ids = kernels.sample_rows(probs, torch.empty(0, dtype=torch.float32),
-                                                 self._uniforms(probs, meta), from_probs=True)
-            return torch.where(meta.is_greedy, greedy_ids, sampled_ids)
         # Inverse CDF in float64: u * total lands in token i's interval [c_{i-1}, c_i) with
         # probability p_i / total, and an interval of zero width (a truncated token) is never hit.
         # float64 keeps even the smallest probabilities' intervals their true width.
