@@ -130,6 +130,28 @@ def test_queries_and_prefixes(kernels, D, heads, block_size):
     check(kernels, make_batch(SHAPES, H=H, KVH=KVH, D=D, block_size=block_size, seed=D + H))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cache_dtype", [None, torch.float16])
+@pytest.mark.parametrize("heads", [(9, 3), (8, 8), (16, 2)], ids=lambda h: f"H{h[0]}KVH{h[1]}")
+def test_many_decodes_take_whole_rows(kernels, threads, cache_dtype, heads):
+    """Enough decodes for every thread: each sequence's KV heads go in one task (whole cache rows);
+    with a chunk beside them, a window or a soft cap alike."""
+    H, KVH = heads
+    decodes = [(1, pre) for pre in (0, 3, 15, 16, 17, 40, 100, 255, 256, 300)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = lambda seqs, **kw: make_batch(seqs, H=H, KVH=KVH, D=64, block_size=16, cache_dtype=cache_dtype,
+                                              seed=H * KVH, **kw)
+        tol = dict(atol=2e-5, rtol=1e-4) if cache_dtype is None else dict(atol=1e-3, rtol=1e-3)
+        check(kernels, batch(decodes), **tol)
+        check(kernels, batch(decodes + [(40, 20)], fused=True), **tol)
+        check(kernels, batch(decodes, window=24), window=24, **tol)
+        check(kernels, batch(decodes), scale=0.5, cap=5.0, **{**tol, "atol": max(tol["atol"], 5e-5)})
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_mixed_step_with_shared_prefix(kernels):
     # Decodes, a verify of 5, and two chunks, interleaved; sequence 4 hits the first two blocks of
     # sequence 6, which sequence 6 writes in this very step (listed after it).
@@ -237,17 +259,23 @@ def test_rejects_bad_inputs_without_data(kernels):
 @pytest.mark.parametrize("D", [64, 24])  # the vector decode path; the flash path (D % 32 != 0)
 @pytest.mark.parametrize("cache_dtype", [None, torch.float16])
 @pytest.mark.parametrize("cap", [0.0, 30.0])
-def test_decode_logits_are_the_scaled_scores_of_each_decode_row(kernels, D, cache_dtype, cap):
+@pytest.mark.parametrize("threads", [1, 4])  # 5 decodes: whole rows a task with 1 thread, a head a task with 4
+def test_decode_logits_are_the_scaled_scores_of_each_decode_row(kernels, D, cache_dtype, cap, threads):
     """decode_logits (for the KV policies that score tokens): each decode row's q.k * scale
     (soft-capped) at the positions it attends; rows of longer queries and positions past a decode's
     context are left as they were."""
-    seqs = [(1, 37), (5, 11), (1, 0), (1, 70)]
+    seqs = [(1, 37), (5, 11), (1, 0), (1, 70), (1, 20), (1, 5)]
     batch = make_batch(seqs, H=6, KVH=2, D=D, block_size=16, cache_dtype=cache_dtype, seed=3)
     args = dict(batch)
     bs = args.pop("block_size")
     length = 80
     logits = torch.full((len(seqs), 6, length), -7.0)
-    kernels.paged_attention(*args.values(), bs, 0.2, 0, cap, logits)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernels.paged_attention(*args.values(), bs, 0.2, 0, cap, logits)
+    finally:
+        torch.set_num_threads(previous)
     k_cache, tables = batch["k_cache"], batch["block_tables"]
     qsl = batch["query_start_loc"].tolist()
     for b, (ql, pre) in enumerate(seqs):
