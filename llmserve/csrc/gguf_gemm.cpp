@@ -3,6 +3,7 @@
 //   Q4_1: 32 weights in 20 bytes {fp16 d, fp16 m, 16 bytes of nibbles}; w = q * d + m, q in 0..15.
 //         Byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
 //   Q8_0: 32 weights in 34 bytes {fp16 d, 32 x int8}; w = q * d.
+//   Q5_0 (the decode rows only; gguf_kquant.cpp has the rest): 32 in 22 bytes; w = d * (q - 16).
 // A GGUF model published in these formats computes here with the weights it was published with, at
 // 5 (Q4_1) or 8.5 (Q8_0) bits a weight instead of 32. Unlike llama.cpp, activations are not
 // quantized: each block is widened to float32 in registers, so the result equals a float32 matmul
@@ -25,7 +26,11 @@ namespace {
 using namespace llmserve::gguf;
 
 constexpr int64_t QK = 32;  // weights per block, both formats
-constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22;
+
+constexpr int64_t block_bytes(Format fmt) {
+  return fmt == kQ4_1 ? Q4_1_BYTES : fmt == kQ5_0 ? Q5_0_BYTES : Q8_0_BYTES;
+}
 
 #ifdef LLMSERVE_AVX2
 inline __m256 i8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -41,6 +46,15 @@ inline void unpack_scalar(const uint8_t* blk, Format fmt, float* q, float& d, fl
       q[j] = static_cast<float>(qs[j] & 0x0F);
       q[j + 16] = static_cast<float>(qs[j] >> 4);
     }
+  } else if (fmt == kQ5_0) {  // {fp16 d, 32 fifth bits, 16 bytes of nibbles}; w = d * (q - 16)
+    m = 0.f;
+    uint32_t qh;
+    std::memcpy(&qh, blk + 2, 4);
+    const uint8_t* qs = blk + 6;
+    for (int j = 0; j < 16; ++j) {
+      q[j] = static_cast<float>(((qs[j] & 0x0F) | (((qh >> j) & 1) << 4)) - 16);
+      q[j + 16] = static_cast<float>(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+    }
   } else {
     m = 0.f;
     const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
@@ -52,7 +66,7 @@ inline void unpack_scalar(const uint8_t* blk, Format fmt, float* q, float& d, fl
 // of row r (used by Q4_1 only).
 template <Format fmt, int R>
 inline void dot_rows(const float* const* xs, const float* const* xsum, const uint8_t* w, int64_t nb, float* out) {
-  constexpr int64_t bytes = fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+  constexpr int64_t bytes = block_bytes(fmt);
   float macc[R] = {};
 #ifdef LLMSERVE_AVX2
   __m256 acc[R];
@@ -77,6 +91,24 @@ inline void dot_rows(const float* const* xs, const float* const* xsum, const uin
       const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm)));
       d = _mm256_broadcastss_ps(dmf);
       m = _mm_cvtss_f32(_mm_movehdup_ps(dmf));
+    } else if constexpr (fmt == kQ5_0) {
+      // As Q4_1's nibbles, with weight j's fifth bit (bit j of qh) put in as bit 4, then q - 16.
+      const __m256i mask = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1), sixteen = _mm256_set1_epi32(16);
+      const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 6)));
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 14)));
+      uint32_t qh;
+      std::memcpy(&qh, blk + 2, 4);
+      const __m256i hv = _mm256_set1_epi32(static_cast<int>(qh)), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      auto fifth = [&](int first) {  // bit 4 set for weights first..first + 7 whose qh bit is set
+        const __m256i bits = _mm256_srlv_epi32(hv, _mm256_add_epi32(lane, _mm256_set1_epi32(first)));
+        return _mm256_slli_epi32(_mm256_and_si256(bits, one), 4);
+      };
+      auto widen = [&](__m256i q) { return _mm256_cvtepi32_ps(_mm256_sub_epi32(q, sixteen)); };
+      w0 = widen(_mm256_or_si256(_mm256_and_si256(a, mask), fifth(0)));
+      w1 = widen(_mm256_or_si256(_mm256_and_si256(c, mask), fifth(8)));
+      w2 = widen(_mm256_or_si256(_mm256_srli_epi32(a, 4), fifth(16)));
+      w3 = widen(_mm256_or_si256(_mm256_srli_epi32(c, 4), fifth(24)));
+      d = _mm256_set1_ps(half_at(blk));
     } else {
       w0 = i8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2)));
       w1 = i8_to_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 10)));
@@ -114,7 +146,7 @@ inline void dot_rows(const float* const* xs, const float* const* xsum, const uin
 
 template <Format fmt>
 void gemm(const float* x, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
-  constexpr int64_t bytes = fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+  constexpr int64_t bytes = block_bytes(fmt);
   const int64_t nb = K / QK;
   std::vector<float> sums(fmt == kQ4_1 ? M * nb : 0);
   if constexpr (fmt == kQ4_1) {
@@ -248,6 +280,10 @@ torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, to
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   if (M == 0 || N == 0) return y;
+  if (fmt == kQ5_0 && M <= STREAM_MAX_ROWS) {  // decode rows: widened in registers like Q4_1/Q8_0
+    gemm<kQ5_0>(xp, wp, b, yp, M, N, K);
+    return y;
+  }
   if (fmt >= kQ5_0) {
     kquant_linear(xp, wp, static_cast<Format>(fmt), b, yp, M, N, K);
     return y;
