@@ -16,9 +16,18 @@ from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, quantize
 from llmserve.sampling_params import SamplingParams
 from tiny_models import llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts
 
-FORMATS = ["q4_1", "q8_0"]
-FMT_ARG = {"q4_1": 0, "q8_0": 1}
-BYTES = {"q4_1": 20, "q8_0": 34}
+FORMATS = ["q4_1", "q8_0", "q5_0"]
+FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2}
+BYTES = {"q4_1": 20, "q8_0": 34, "q5_0": 22}
+
+
+def blocks_of(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """ggml's quantizer (Q5_0 too, which llmserve only reads from files)."""
+    if fmt != "q5_0":
+        return quantize(weight, fmt)
+    import gguf
+
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q5_0)))
 
 
 # ---- the numpy reference ----
@@ -44,6 +53,12 @@ def parse_blocks(blocks: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, 
         m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
         qs = b[..., 4:]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+    elif fmt == "q5_0":  # w = d * (q - 16): as Q4_1 with q in 0..31 and m = -16 d (what the kernels compute)
+        m = -16.0 * d
+        qh = b[..., 2:6].copy().view(np.uint32)[..., 0].astype(np.int64)
+        qs = b[..., 6:].astype(np.int64)
+        fifth = (qh[..., None] >> np.arange(32)) & 1
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | (fifth << 4)
     else:
         m = np.zeros_like(d)
         q = b[..., 2:].copy().view(np.int8).astype(np.int64)
@@ -103,7 +118,7 @@ def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     weight = torch.randn(n, k, generator=g)
     bias = torch.randn(n, generator=g) if rows % 2 else None
-    blocks = quantize(weight, fmt)
+    blocks = blocks_of(weight, fmt)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 3
     y = kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0) if bias is None else bias, path)
     ref, mag = reference(x, blocks, fmt, bias)
@@ -115,7 +130,7 @@ def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_paths_agree_and_auto_is_the_best(kernels, fmt):
     g = torch.Generator().manual_seed(11)
-    blocks = quantize(torch.randn(50, 576, generator=g), fmt)
+    blocks = blocks_of(torch.randn(50, 576, generator=g), fmt)
     for rows in (1, 4, 33):
         x = torch.randn(rows, 576, generator=g)
         ys = {p: kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0), p) for p in kernels.gguf_q8_paths()}
@@ -140,13 +155,25 @@ def test_q8_is_close_to_float_activations(kernels, fmt):
     """Rounding x to 8 bits per block moves the output by about a percent of its scale."""
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(96, 576, generator=g)
-    for rows in (1, 64):
+    blocks = blocks_of(weight, fmt)
+    for rows in (1, 4) if fmt == "q5_0" else (1, 64):
         x = torch.randn(rows, 576, generator=g)
-        exact = GgufLinear.from_float(weight, None, fmt, kernels)
-        q8 = GgufLinear.from_float(weight, None, fmt, kernels, activations="q8")
+        exact = GgufLinear(blocks, fmt, 576, None, kernels)
+        q8 = GgufLinear(blocks, fmt, 576, None, kernels, activations="q8")
         assert torch.equal(exact.blocks, q8.blocks)
         rel = (q8(x) - exact(x)).norm() / exact(x).norm()
         assert 0 < rel < 0.02
+
+
+def test_q5_0_prefill_rows_stay_exact(kernels):
+    """Q5_0 has no q8 tiles: more than 4 rows (a prefill) take the exact float kernels."""
+    g = torch.Generator().manual_seed(6)
+    blocks = blocks_of(torch.randn(40, 160, generator=g), "q5_0")
+    exact = GgufLinear(blocks, "q5_0", 160, None, kernels)
+    q8 = GgufLinear(blocks, "q5_0", 160, None, kernels, activations="q8")
+    x = torch.randn(9, 160, generator=g)
+    assert torch.equal(q8(x), exact(x))
+    assert not torch.equal(q8(x[:3]), exact(x[:3]))
 
 
 def test_gguf_linear_module_uses_q8_kernel(kernels):

@@ -4,6 +4,7 @@
 // every block's dot product is an integer one:
 //   Q4_1 x Q8_1: d_w * d_x * sum(q_w * q_x) + m_w * s_x      (q_w in 0..15)
 //   Q8_0 x Q8_0: d_w * d_x * sum(q_w * q_x)                   (q_w in -128..127)
+//   Q5_0 x Q8_1: d_w * d_x * sum(q_w * q_x) - 16 d_w * s_x    (q_w in 0..31: Q4_1's form, m_w = -16 d_w)
 // This is lossy (x is rounded to 8 bits) where gguf_gemm.cpp is exact, and cheaper: 32 products are
 // one or two integer instructions instead of four float FMAs plus the widening of the weights.
 //
@@ -43,12 +44,16 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34;
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22;
 constexpr int64_t STREAM_MAX_ROWS = 4;
 constexpr int64_t TILE_N = 16;                 // columns of a repacked weight tile
 constexpr int64_t TILE_BLOCK_BYTES = QK * TILE_N;  // one block of a tile: 8 groups x 16 columns x 4 bytes
 constexpr int VNNI_ROWS = 8, AVX2_ROWS = 6;    // rows of x per panel (register budget of each ISA)
-enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1 };
+enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2 };
+
+constexpr int64_t block_bytes(Format fmt) {
+  return fmt == kQ4_1 ? Q4_1_BYTES : fmt == kQ5_0 ? Q5_0_BYTES : Q8_0_BYTES;
+}
 enum Path : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kVnni = 2 };
 
 inline float half_bits_to_float(const uint8_t* p) {
@@ -176,7 +181,7 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K, Path path) {
 template <Format fmt>
 void gemm_scalar(const QuantizedX& qx, const uint8_t* w, const float* bias, float* y, int64_t M, int64_t N,
                  int64_t K) {
-  constexpr int64_t bytes = fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+  constexpr int64_t bytes = block_bytes(fmt);
   const int64_t nb = K / QK;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     int32_t wq[QK];
@@ -193,6 +198,14 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* w, const float* bias, floa
             wq[j] = blk[4 + j] & 0x0F;
             wq[j + 16] = blk[4 + j] >> 4;
           }
+        } else if constexpr (fmt == kQ5_0) {
+          mw = -16.f * dw;
+          uint32_t qh;
+          std::memcpy(&qh, blk + 2, 4);
+          for (int j = 0; j < 16; ++j) {
+            wq[j] = (blk[6 + j] & 0x0F) | (((qh >> j) & 1) << 4);
+            wq[j + 16] = (blk[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+          }
         } else {
           for (int j = 0; j < QK; ++j) wq[j] = static_cast<int8_t>(blk[2 + j]);
         }
@@ -201,7 +214,7 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* w, const float* bias, floa
           int32_t sumi = 0;
           for (int j = 0; j < QK; ++j) sumi += wq[j] * xq[j];
           acc[m] += static_cast<float>(sumi) * (dw * qx.d[m * nb + b]);
-          if constexpr (fmt == kQ4_1) acc[m] += mw * qx.s[m * nb + b];
+          if constexpr (fmt != kQ8_0) acc[m] += mw * qx.s[m * nb + b];
         }
       }
       for (int64_t m = 0; m < M; ++m) y[m * N + n] = acc[m] + (bias ? bias[n] : 0.f);
@@ -225,6 +238,18 @@ Q8_AVX2 inline __m256i q4_1_bytes(const uint8_t* qs) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i mask = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+// Q5_0's fifth bits as bytes in weight order: 0x10 in byte j where bit j of qh is set.
+Q8_AVX2 inline __m256i q5_0_high_bytes(const uint8_t* qh_bytes) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, 4);
+  // Byte j takes byte j / 8 of qh (the shuffle works within each 128-bit half), then tests its bit j % 8.
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(0x10));
 }
 
 // 8 int32 partial sums of a block's 32 products: u (unsigned bytes) times s (signed bytes).
@@ -253,6 +278,17 @@ Q8_VNNI inline __m256i dot_us_vnni(__m256i u, __m256i s) {
         ACC[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(wv, xv)), scale, ACC[r]);                 \
         MACC[r] += mw * sx[r][b];                                                                 \
       }                                                                                           \
+    } else if constexpr (fmt == kQ5_0) {                                                          \
+      uint16_t h;                                                                                 \
+      std::memcpy(&h, blk, 2);                                                                    \
+      const float dw = _cvtsh_ss(h), mw = -16.f * dw;                                             \
+      const __m256i wv = _mm256_or_si256(q4_1_bytes(blk + 6), q5_0_high_bytes(blk + 2));         \
+      for (int r = 0; r < R; ++r) {                                                               \
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + (b) * QK)); \
+        const __m256 scale = _mm256_set1_ps(dw * dx[r][b]);                                       \
+        ACC[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(wv, xv)), scale, ACC[r]);                 \
+        MACC[r] += mw * sx[r][b];                                                                 \
+      }                                                                                           \
     } else {                                                                                      \
       uint16_t h;                                                                                 \
       std::memcpy(&h, blk, 2);                                                                    \
@@ -268,7 +304,7 @@ Q8_VNNI inline __m256i dot_us_vnni(__m256i u, __m256i s) {
   }
 
 #define Q8_STREAM_BODY(DOT)                                                                          \
-  constexpr int64_t bytes = fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;                               \
+  constexpr int64_t bytes = block_bytes(fmt);                                                     \
   for (int64_t n = n0; n < n1; ++n) {                                                             \
     const uint8_t* w = weights + n * nb * bytes;                                                  \
     __m256 acc0[R], acc1[R];                                                                      \
@@ -312,23 +348,25 @@ void stream_range(Path path, const uint8_t* w, int64_t nb, const int8_t* const* 
   else stream_avx2<fmt, R>(w, nb, xq, dx, sx, bias, y, N, n0, n1);
 }
 
+// Rows m0.. (at most STREAM_MAX_ROWS of them) of x against every weight row.
 template <Format fmt>
 void gemm_stream(Path path, const QuantizedX& qx, const uint8_t* w, const float* bias, float* y, int64_t M,
-                 int64_t N, int64_t K) {
-  const int64_t nb = K / QK;
+                 int64_t N, int64_t K, int64_t m0 = 0) {
+  const int64_t nb = K / QK, rows = std::min(STREAM_MAX_ROWS, M - m0);
   const int8_t* xq[STREAM_MAX_ROWS];
   const float *dx[STREAM_MAX_ROWS], *sx[STREAM_MAX_ROWS];
-  for (int64_t r = 0; r < M; ++r) {
-    xq[r] = qx.q.data() + r * K;
-    dx[r] = qx.d.data() + r * nb;
-    sx[r] = qx.s.data() + r * nb;
+  for (int64_t r = 0; r < rows; ++r) {
+    xq[r] = qx.q.data() + (m0 + r) * K;
+    dx[r] = qx.d.data() + (m0 + r) * nb;
+    sx[r] = qx.s.data() + (m0 + r) * nb;
   }
+  float* ym = y + m0 * N;
   at::parallel_for(0, N, 32, [&](int64_t begin, int64_t end) {
-    switch (M) {
-      case 1: stream_range<fmt, 1>(path, w, nb, xq, dx, sx, bias, y, N, begin, end); break;
-      case 2: stream_range<fmt, 2>(path, w, nb, xq, dx, sx, bias, y, N, begin, end); break;
-      case 3: stream_range<fmt, 3>(path, w, nb, xq, dx, sx, bias, y, N, begin, end); break;
-      default: stream_range<fmt, 4>(path, w, nb, xq, dx, sx, bias, y, N, begin, end); break;
+    switch (rows) {
+      case 1: stream_range<fmt, 1>(path, w, nb, xq, dx, sx, bias, ym, N, begin, end); break;
+      case 2: stream_range<fmt, 2>(path, w, nb, xq, dx, sx, bias, ym, N, begin, end); break;
+      case 3: stream_range<fmt, 3>(path, w, nb, xq, dx, sx, bias, ym, N, begin, end); break;
+      default: stream_range<fmt, 4>(path, w, nb, xq, dx, sx, bias, ym, N, begin, end); break;
     }
   });
 }
@@ -574,8 +612,13 @@ void gemm_q8(Path path, const QuantizedX& qx, const uint8_t* w, const float* bia
              int64_t K) {
 #ifdef Q8_X86
   if (path != kScalar) {
-    if (M <= STREAM_MAX_ROWS) gemm_stream<fmt>(path, qx, w, bias, y, M, N, K);
-    else gemm_tiled<fmt>(path, qx, w, bias, y, M, N, K);
+    if constexpr (fmt == kQ5_0) {  // no tiles for Q5_0 (callers send it decode rows): rows 4 at a time
+      for (int64_t m0 = 0; m0 < M; m0 += STREAM_MAX_ROWS) gemm_stream<fmt>(path, qx, w, bias, y, M, N, K, m0);
+    } else if (M <= STREAM_MAX_ROWS) {
+      gemm_stream<fmt>(path, qx, w, bias, y, M, N, K);
+    } else {
+      gemm_tiled<fmt>(path, qx, w, bias, y, M, N, K);
+    }
     return;
   }
 #endif
@@ -590,16 +633,17 @@ void check_x(const torch::Tensor& x) {
 
 }  // namespace
 
-// x: [M, K] float32; weight: [N, K / 32 * block bytes] uint8 (fmt 0 = Q4_1, 1 = Q8_0); bias: [N]
+// x: [M, K] float32; weight: [N, K / 32 * block bytes] uint8 (fmt 0 = Q4_1, 1 = Q8_0, 2 = Q5_0); bias: [N]
 // float32 or empty; path: -1 = the best this CPU has, else 0 scalar, 1 AVX2, 2 AVX-512 VNNI.
 // Returns [M, N] float32 computed with x quantized to 8 bits per block of 32.
 torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias, int64_t path) {
   check_x(x);
-  TORCH_CHECK(fmt == kQ4_1 || fmt == kQ8_0, "unknown GGUF block format ", fmt);
+  TORCH_CHECK(fmt == kQ4_1 || fmt == kQ8_0 || fmt == kQ5_0, "8-bit activations take Q4_1 (0), Q8_0 (1) or Q5_0 (2) "
+              "weights, not format ", fmt);
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
               "GGUF weights must be a contiguous 2-D uint8 tensor");
   const int64_t K = x.size(1), N = weight.size(0), M = x.size(0);
-  TORCH_CHECK(weight.size(1) == K / QK * (fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES), "weight bytes do not match x");
+  TORCH_CHECK(weight.size(1) == K / QK * block_bytes(static_cast<Format>(fmt)), "weight bytes do not match x");
   TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.numel() == N && bias.is_contiguous()),
               "bias must be empty or [N] float32");
   const Path p = resolve_path(path);
@@ -610,6 +654,7 @@ torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor weight, int64_t fmt,
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   if (fmt == kQ4_1) gemm_q8<kQ4_1>(p, qx, wp, b, y.data_ptr<float>(), M, N, K);
+  else if (fmt == kQ5_0) gemm_q8<kQ5_0>(p, qx, wp, b, y.data_ptr<float>(), M, N, K);
   else gemm_q8<kQ8_0>(p, qx, wp, b, y.data_ptr<float>(), M, N, K);
   return y;
 }
