@@ -266,23 +266,23 @@ Q8_VNNI inline __m256i dot_us_vnni(__m256i u, __m256i s) {
 #define Q8_STREAM_BLOCK(DOT, b, ACC, MACC)                                                          \
   {                                                                                               \
     const uint8_t* blk = w + (b) * bytes;                                                         \
-    if constexpr (fmt == kQ4_1) {                                                                 \
-      uint32_t dm;                                                                                \
-      std::memcpy(&dm, blk, 4);                                                                   \
-      const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm)));                   \
-      const float dw = _mm_cvtss_f32(dmf), mw = _mm_cvtss_f32(_mm_movehdup_ps(dmf));              \
-      const __m256i wv = q4_1_bytes(blk + 4);                                                     \
-      for (int r = 0; r < R; ++r) {                                                               \
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + (b) * QK)); \
-        const __m256 scale = _mm256_set1_ps(dw * dx[r][b]);                                       \
-        ACC[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(wv, xv)), scale, ACC[r]);                 \
-        MACC[r] += mw * sx[r][b];                                                                 \
+    if constexpr (fmt != kQ8_0) { /* unsigned weights and an offset: Q4_1, and Q5_0 as m = -16 d */ \
+      float dw, mw;                                                                               \
+      __m256i wv;                                                                                 \
+      if constexpr (fmt == kQ4_1) {                                                               \
+        uint32_t dm;                                                                              \
+        std::memcpy(&dm, blk, 4);                                                                 \
+        const __m128 dmf = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(dm)));                 \
+        dw = _mm_cvtss_f32(dmf);                                                                  \
+        mw = _mm_cvtss_f32(_mm_movehdup_ps(dmf));                                                 \
+        wv = q4_1_bytes(blk + 4);                                                                 \
+      } else {                                                                                    \
+        uint16_t h;                                                                               \
+        std::memcpy(&h, blk, 2);                                                                  \
+        dw = _cvtsh_ss(h);                                                                        \
+        mw = -16.f * dw;                                                                          \
+        wv = _mm256_or_si256(q4_1_bytes(blk + 6), q5_0_high_bytes(blk + 2));                      \
       }                                                                                           \
-    } else if constexpr (fmt == kQ5_0) {                                                          \
-      uint16_t h;                                                                                 \
-      std::memcpy(&h, blk, 2);                                                                    \
-      const float dw = _cvtsh_ss(h), mw = -16.f * dw;                                             \
-      const __m256i wv = _mm256_or_si256(q4_1_bytes(blk + 6), q5_0_high_bytes(blk + 2));         \
       for (int r = 0; r < R; ++r) {                                                               \
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[r] + (b) * QK)); \
         const __m256 scale = _mm256_set1_ps(dw * dx[r][b]);                                       \

@@ -66,6 +66,7 @@ struct Scratch {
   std::vector<const float*> kp, vp;
 #ifdef LLMSERVE_VEC_AVX2
   std::vector<__m256> part;  // the vector decode's partial dot products, 8 a head
+  std::vector<float> sums;  // the vector decode's softmax denominators, one a head
 #endif
 };
 
@@ -161,7 +162,8 @@ inline void softmax_in_place(float* s, int64_t n, float& sum) {
 // slice of a head. out: nkv * G rows of D floats.
 template <typename ct, int G>
 void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const int32_t* table, int64_t start,
-                 int64_t len, int64_t nkv, const Shape& sh, float* scores, __m256* part, float* out, float* logits) {
+                 int64_t len, int64_t nkv, const Shape& sh, float* scores, __m256* part, float* sums, float* out,
+                 float* logits) {
   constexpr int64_t kLine = 64 / sizeof(ct);  // cache values per 64-byte line
   const int64_t D = sh.D, row = sh.row, bs = sh.block_size, n = len - start, padded = round_up(n, 8);
   const int64_t span = nkv * D, heads = nkv * G;  // cache values a token's task reads; query heads
@@ -209,7 +211,6 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
       _mm256_storeu_ps(scores + hh * padded + (n & ~7), llmserve::transpose_sum8(part + hh * 8));
     }
   }
-  std::vector<float> sums(heads);
   for (int64_t hh = 0; hh < heads; ++hh) {
     if (sh.cap > 0.f) soft_cap(scores + hh * padded, n, sh.cap);
     if (logits) std::memcpy(logits + hh * sh.logits_len + start, scores + hh * padded, n * sizeof(float));
@@ -250,7 +251,7 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
 
 template <typename ct>
 using DecodeFn = void (*)(const float*, const ct*, const ct*, const int32_t*, int64_t, int64_t, int64_t, const Shape&,
-                          float*, __m256*, float*, float*);
+                          float*, __m256*, float*, float*, float*);
 
 template <typename ct>
 DecodeFn<ct> decode_for(int64_t G) {
@@ -576,8 +577,9 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
           for (int64_t j = 0; j < heads * D; ++j) sc.q[j] = src[j] * sh.scale;
           sc.scores.resize(heads * round_up(len - start, 8));
           sc.part.resize(heads * 8);
+          sc.sums.resize(heads);
           decode_for<ct>(G)(sc.q.data(), k_cache + task.g * D, v_cache + task.g * D, table, start, len, task.nkv, sh,
-                            sc.scores.data(), sc.part.data(), out + (row0 * sh.H + task.g * G) * D,
+                            sc.scores.data(), sc.part.data(), sc.sums.data(), out + (row0 * sh.H + task.g * G) * D,
                             logits_row(sh, b, task.g));
           continue;
         }

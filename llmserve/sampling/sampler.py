@@ -159,8 +159,7 @@ def _grammar_masked(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
 def _penalized(logits: torch.Tensor, meta: SamplingMetadata, copy: bool = True) -> torch.Tensor:
     """Steps 1-3 on a float32 copy (the caller's logits stay untouched); copy=False: the logits
     themselves (as float32) when there is nothing to apply, for a caller that does not write them."""
-    if not copy and meta.banned_rows is None and meta.bias_rows is None and meta.repetition_penalty is None \
-            and meta.frequency_penalty is None:
+    if not copy and meta.no_banned and meta.no_penalties:
         return logits.to(torch.float32)
     logits = logits.to(torch.float32, copy=True)
     if meta.banned_rows is not None:
