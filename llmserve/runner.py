@@ -1,9 +1,10 @@
 """Turns a SchedulerOutput into batched tensors, runs the forward pass and samples.
 
-The runner owns the KV cache tensors (per layer one K and one V tensor of shape
+The runner owns the KV cache tensors (per page one K and one V tensor of shape
 [num_blocks * block_size, kv_heads, head_dim], addressed by flat slot = block_id * block_size +
-offset) and the persistent batch (input_batch.py): rows kept between steps, of which each step
-writes only what changed.
+offset; a layer's KV lives in its page, in the blocks of its group: model/specs.py) and the
+persistent batch (input_batch.py): rows kept between steps, of which each step writes only what
+changed.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from llmserve.attention.metadata import AttentionBatch
 from llmserve.engine.block_pool import Block
 from llmserve.engine.kv_policy import SCORED_POLICIES, attention_scores, keyformer_scores, keyformer_tau
 from llmserve.input_batch import InputBatch
+from llmserve.model.specs import kv_layout
 from llmserve.engine.scheduler import SampledTokens, ScheduledRequest, SchedulerOutput
 from llmserve.sampling.logprobs import compute_logprobs, gather_logprobs
 from llmserve.outputs import PositionLogprobs
@@ -80,10 +82,12 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.kv_caches = [tuple(torch.zeros((num_blocks * block_size, *spec.slot_shape()), dtype=dtype, device=device)
-                                for _ in range(2)) for spec in model.kv_cache_specs()]
+        self.layout = kv_layout(model.kv_cache_specs())
+        self.kv_pages = [tuple(torch.zeros((num_blocks * block_size, *spec.slot_shape()), dtype=dtype, device=device)
+                               for _ in range(2)) for spec in self.layout.page_specs]
+        self.kv_caches = [self.kv_pages[page] for page in self.layout.page_of_layer]  # per layer
         self.backend = backend_factory(self.kv_caches)
-        self.batch = InputBatch(block_size)
+        self.batch = InputBatch(block_size, num_groups=self.layout.num_groups)
         self.sampler = Sampler(seed, kernels)  # unseeded requests draw from it: the engine's seed makes them reproducible
         self._staging: dict[str, torch.Tensor] = {}  # pinned host buffers, reused (CUDA only)
 
@@ -97,7 +101,7 @@ class ModelRunner:
             return
         bs = self.block_size
         slots = (torch.tensor(block_ids, device=self.device)[:, None] * bs + torch.arange(bs, device=self.device)).flatten()
-        for k, v in self.kv_caches:
+        for k, v in self.kv_pages:
             k.index_fill_(0, slots, 0)
             v.index_fill_(0, slots, 0)
 
@@ -108,38 +112,57 @@ class ModelRunner:
         if not len(src):
             return
         s, d = torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
-        for k, v in self.kv_caches:
+        for k, v in self.kv_pages:
             k.index_copy_(0, d, k.index_select(0, s))
             v.index_copy_(0, d, v.index_select(0, s))
 
     def read_block(self, block_id: int) -> bytes:
-        """One block's K and V in every layer, as bytes (for the disk tier)."""
-        return self.export_blocks([block_id], self.block_size).contiguous().view(torch.uint8).numpy().tobytes()
+        """One block's K and V in every page, as bytes (for the disk tier)."""
+        slots = torch.from_numpy(self._slots([block_id], 0, self.block_size)).to(self.device)
+        kv = torch.stack([torch.stack((k[slots], v[slots])) for k, v in self.kv_pages]).cpu()
+        return kv.contiguous().view(torch.uint8).numpy().tobytes()
 
     def write_block(self, block_id: int, data: bytes) -> None:
         """Put back what read_block gave for a block of the same shape, into block_id."""
-        k = self.kv_caches[0][0]
-        shape = (len(self.kv_caches), 2, self.block_size, *k.shape[1:])
-        kv = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(k.dtype).reshape(shape)
-        self.import_blocks([block_id], kv)
+        k = self.kv_pages[0][0]
+        shape = (len(self.kv_pages), 2, self.block_size, *k.shape[1:])
+        kv = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(k.dtype).reshape(shape).to(self.device)
+        slots = torch.from_numpy(self._slots([block_id], 0, self.block_size)).to(self.device)
+        for (k, v), page in zip(self.kv_pages, kv):
+            k.index_copy_(0, slots, page[0])
+            v.index_copy_(0, slots, page[1])
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> np.ndarray:
         pos = np.arange(start, end)
         return np.asarray(block_ids, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def export_blocks(self, block_ids: list[int], num_tokens: int) -> torch.Tensor:
-        """The KV of a request's first num_tokens tokens, held in block_ids, as one CPU tensor
-        [layers, 2, num_tokens, kv_heads, head_dim] (for another engine's import_blocks)."""
-        slots = torch.from_numpy(self._slots(block_ids, 0, num_tokens)).to(self.device)
-        return torch.stack([torch.stack((k[slots], v[slots])) for k, v in self.kv_caches]).cpu()
+    def export_blocks(self, tables: list[list[int]], num_tokens: int) -> list[torch.Tensor]:
+        """The KV of a request's first num_tokens tokens, held in its per-group block ids, as CPU
+        tensors (for another engine's import_blocks): per group [its layers, 2, num_tokens,
+        kv_heads, head_dim], zeros where a window group dropped a block (id -1)."""
+        out = []
+        for g, ids in enumerate(tables):
+            ids = np.asarray(ids[:-(-num_tokens // self.block_size)], dtype=np.int64)
+            slots = torch.from_numpy(self._slots(np.maximum(ids, 0), 0, num_tokens)).to(self.device)
+            dropped = torch.from_numpy(np.repeat(ids < 0, self.block_size)[:num_tokens]).to(self.device)
+            pages = [self.kv_pages[p] for p in range(len(self.layout.group_layers[g]))]
+            kv = torch.stack([torch.stack((k[slots], v[slots])) for k, v in pages])
+            out.append(kv.masked_fill_(dropped[None, None, :, None, None], 0).cpu())
+        return out
 
-    def import_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Write an exported request's KV into block_ids (allocated for its kv.shape[2] tokens)."""
-        slots = torch.from_numpy(self._slots(block_ids, 0, kv.shape[2])).to(self.device)
-        kv = kv.to(self.device)
-        for (k, v), layer in zip(self.kv_caches, kv):
-            k.index_copy_(0, slots, layer[0].to(k.dtype))
-            v.index_copy_(0, slots, layer[1].to(v.dtype))
+    def import_blocks(self, tables: list[list[int]], kv: list[torch.Tensor]) -> None:
+        """Write an exported request's KV into its per-group block ids (allocated for its
+        kv[0].shape[2] tokens), but for the blocks a window group dropped (id -1)."""
+        num_tokens = kv[0].shape[2]
+        for ids, group_kv in zip(tables, kv):
+            ids = np.asarray(ids[:-(-num_tokens // self.block_size)], dtype=np.int64)
+            keep = np.flatnonzero(np.repeat(ids >= 0, self.block_size)[:num_tokens])
+            slots = torch.from_numpy(self._slots(np.maximum(ids, 0), 0, num_tokens)[keep]).to(self.device)
+            index = torch.from_numpy(keep).to(self.device)
+            group_kv = group_kv.to(self.device)
+            for (k, v), layer in zip(self.kv_pages, group_kv):
+                k.index_copy_(0, slots, layer[0].index_select(0, index).to(k.dtype))
+                v.index_copy_(0, slots, layer[1].index_select(0, index).to(v.dtype))
 
     def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
         """A host array on the device: zero-copy on CPU; on CUDA through a reused pinned buffer,
@@ -155,15 +178,17 @@ class ModelRunner:
         return staged.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[Block]]) -> StepResult:
+    def execute(self, sched: SchedulerOutput, tables: list[dict[str, list[Block]]]) -> StepResult:
         """One forward over every scheduled token, then logits at the positions that sample (each
-        sampling request's last new token) and at prompt positions scored for prompt_logprobs."""
+        sampling request's last new token) and at prompt positions scored for prompt_logprobs.
+        tables: per KV group, each request's block table (KVCacheManager.tables)."""
         # One-token sequences first: backends that treat decodes as a group find them together.
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
         num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
         b = self.batch
         rows = np.fromiter((b.sync(s.request.request_id, s.request.token_ids, s.request.num_prompt_tokens,
-                                   block_tables[s.request.request_id]) for s in items), dtype=np.int64, count=len(items))
+                                   [t[s.request.request_id] for t in tables]) for s in items),
+                           dtype=np.int64, count=len(items))
         for row, s in zip(rows.tolist(), items):
             if s.num_draft:
                 b.write_drafts(row, s.draft_token_ids)
@@ -178,12 +203,14 @@ class ModelRunner:
         # Decodes of requests whose KV policy scores tokens: the backend reports their attention.
         scored_rows = np.array([i for i in range(num_decodes) if items[i].request.kv is not None
                                 and items[i].request.kv.policy in SCORED_POLICIES], dtype=np.int64)
+        groups = [(self._to_device(f"slots{g}", group_slots), self._to_device(f"tables{g}", b.block_tables[g][rows, :width]))
+                  for g, group_slots in enumerate(slots)]
         self.backend.prepare(AttentionBatch(
-            slot_mapping=self._to_device("slots", slots), query_start_loc=self._to_device("qsl", qsl.astype(np.int32)),
+            slot_mapping=groups[0][0], query_start_loc=self._to_device("qsl", qsl.astype(np.int32)),
             seq_lens=self._to_device("lens", seq_lens.astype(np.int32)),
-            block_tables=self._to_device("tables", b.block_table[rows, :width]), block_size=self.block_size,
+            block_tables=groups[0][1], block_size=self.block_size,
             num_decodes=num_decodes, query_start_loc_host=qsl, seq_lens_host=seq_lens,
-            scored_rows=scored_rows if len(scored_rows) else None))
+            scored_rows=scored_rows if len(scored_rows) else None, other_groups=tuple(groups[1:])))
         hidden = self.model(self._to_device("ids", ids), self._to_device("pos", positions), self.backend)
         kv_scores = self._kv_scores([items[i] for i in scored_rows.tolist()], seq_lens[scored_rows]) \
             if len(scored_rows) else None

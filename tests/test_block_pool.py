@@ -4,7 +4,9 @@ A random program of admissions (with prefix lookups), appends, forks (a request 
 prefix under the same salt), frees and allocations that force LRU eviction never leaks a block,
 frees one twice or hands out one in use; a prefix hit always returns blocks holding exactly the
 request's tokens under its salt; ref counts equal the number of block tables holding each block;
-and when everything is freed, every block is free.
+and when everything is freed, every block is free. The same program runs over layouts of several
+KV groups with sliding windows: a window group's hits and tables hold every block the next query
+reads, with the right tokens in the right group, and nothing before them.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, precondition, rule
 
-from llmserve.engine.block_pool import BlockPool, NoFreeBlocksError
+from llmserve.engine.block_pool import NULL_BLOCK, BlockPool, NoFreeBlocksError
 from llmserve.engine.kv_cache import KVCacheManager
 from llmserve.engine.request import Request
 from llmserve.sampling_params import SamplingParams
@@ -22,6 +24,7 @@ PARAMS = SamplingParams()
 TOKENS = st.integers(0, 3)  # a tiny alphabet, so prefixes collide often
 SALTS = st.sampled_from([None, "a", "b"])
 CHUNKS = st.one_of(st.integers(1, 3), st.integers(1, 24))  # small chunks: prefills left half done
+WINDOWS = st.integers(2, 7).flatmap(lambda w: st.sampled_from([(None,), (None, w), (w,), (None, w, w + 2)]))
 
 
 def new_request(rid: str, tokens: list[int], salt: str | None) -> Request:
@@ -34,44 +37,66 @@ class KVCacheMachine(RuleBasedStateMachine):
     live = Bundle("live")
 
     @initialize(num_blocks=st.integers(4, 24), block_size=st.integers(1, 4), caching=st.booleans(),
-                wipe=st.booleans())
-    def setup(self, num_blocks, block_size, caching, wipe):
-        self.kv = KVCacheManager(num_blocks, block_size, enable_caching=caching, wipe_on_free=wipe)
+                wipe=st.booleans(), windows=WINDOWS)
+    def setup(self, num_blocks, block_size, caching, wipe, windows):
+        self.kv = KVCacheManager(num_blocks, block_size, enable_caching=caching, wipe_on_free=wipe, windows=windows)
         self.bs = block_size
+        self.windows = windows
         self.requests: dict[str, Request] = {}
         self.counter = 0
-        # block id -> (salt, tokens by offset) written into it by a forward pass, or None if wiped.
-        self.content: dict[int, tuple[str | None, dict[int, int]] | None] = {}
+        # block id -> (group, salt, tokens by offset) written into it by a forward pass, or None if wiped.
+        self.content: dict[int, tuple[int, str | None, dict[int, int]] | None] = {}
         self.hits = 0
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _first_needed(self, group: int, num_computed: int) -> int:
+        """The first block a query at position num_computed reads in group."""
+        w = self.windows[group]
+        return 0 if w is None else max(0, num_computed - w + 1) // self.bs
+
     def _write(self, req: Request, start: int, end: int) -> None:
-        """What the forward pass does: write positions start..end-1 of req into its blocks."""
-        table = self.kv.block_tables[req.request_id]
-        for pos in range(start, end):
-            block = table[pos // self.bs]
-            entry = self.content.get(block.block_id)
-            if entry is None or entry[0] != req.cache_salt:
-                entry = (req.cache_salt, {})
-            entry[1][pos % self.bs] = req.token_ids[pos]
-            self.content[block.block_id] = entry
+        """What the forward pass does: write positions start..end-1 of req into its blocks, in every group."""
+        for g, tables in enumerate(self.kv.tables):
+            table = tables[req.request_id]
+            for pos in range(start, end):
+                block = table[pos // self.bs]
+                assert block is not NULL_BLOCK, "a block the step writes was dropped"
+                entry = self.content.get(block.block_id)
+                if entry is None or entry[:2] != (g, req.cache_salt):
+                    entry = (g, req.cache_salt, {})
+                entry[2][pos % self.bs] = req.token_ids[pos]
+                self.content[block.block_id] = entry
+
+    def _check_reads(self, req: Request, start: int) -> None:
+        """Every block a step from position start reads is held, in every group; a window group holds none before."""
+        for g, tables in enumerate(self.kv.tables):
+            table = tables[req.request_id]
+            first = self._first_needed(g, start)
+            assert all(b is NULL_BLOCK for b in table[:first]), "a window group holds a block it no longer reads"
+            assert all(b is not NULL_BLOCK for b in table[first:]), "a block the step reads was dropped"
 
     def _admit(self, req: Request, chunk: int) -> bool:
         free_before = self.kv.num_free_blocks
         prefix = self.kv.find_cached_prefix(req)
-        assert len(prefix) * self.bs < req.num_tokens  # one token is always left to compute
-        for i, block in enumerate(prefix):  # a hit holds exactly these tokens, under this salt
-            salt, toks = self.content[block.block_id]
-            assert salt == req.cache_salt
-            assert [toks.get(o) for o in range(self.bs)] == req.token_ids[i * self.bs:(i + 1) * self.bs]
-        num_cached = len(prefix) * self.bs
+        num_cached = prefix.num_blocks * self.bs
+        assert num_cached < req.num_tokens  # one token is always left to compute
+        for g, blocks in enumerate(prefix.blocks):
+            assert len(blocks) == prefix.num_blocks
+            first = self._first_needed(g, num_cached)
+            assert all(b is NULL_BLOCK for b in blocks[:first]) and NULL_BLOCK not in blocks[first:]
+            for i in range(first, prefix.num_blocks):  # a hit holds exactly these tokens, under this salt
+                group, salt, toks = self.content[blocks[i].block_id]
+                assert (group, salt) == (g, req.cache_salt)
+                assert [toks.get(o) for o in range(self.bs)] == req.token_ids[i * self.bs:(i + 1) * self.bs]
         n = min(req.num_tokens - num_cached, chunk)
         if not self.kv.allocate(req, n, prefix):
-            assert req.request_id not in self.kv.block_tables
+            assert all(req.request_id not in t for t in self.kv.tables)
             assert self.kv.num_free_blocks == free_before
             self.kv.free(req)  # the scheduler frees every request it is done with, admitted or not
             return False
-        self.hits += len(prefix)
+        self._check_reads(req, num_cached)
+        self._wipe_before_forward()
+        self.hits += prefix.num_blocks
         req.num_computed_tokens = num_cached
         self._write(req, num_cached, num_cached + n)
         req.num_computed_tokens += n
@@ -87,6 +112,13 @@ class KVCacheMachine(RuleBasedStateMachine):
     def _after_free(self) -> None:
         for block_id in self.kv.take_blocks_to_wipe():
             assert self.kv.pool.blocks[block_id].ref_count == 0
+            assert self.kv.pool.blocks[block_id].block_hash is None
+            self.content[block_id] = None
+
+    def _wipe_before_forward(self) -> None:
+        """As the engine does between scheduling and the forward pass: blocks a window group gave
+        back may already be someone else's, and are zeroed before that one writes them."""
+        for block_id in self.kv.take_blocks_to_wipe():
             assert self.kv.pool.blocks[block_id].block_hash is None
             self.content[block_id] = None
 
@@ -118,15 +150,18 @@ class KVCacheMachine(RuleBasedStateMachine):
         start = req.num_computed_tokens
         n = min(req.num_tokens - start, chunk)
         table_before = self.kv.block_ids(rid)
-        free_before = self.kv.num_free_blocks
         if self.kv.allocate(req, n):
+            self._check_reads(req, start)
+            self._wipe_before_forward()
             self._write(req, start, start + n)
             req.num_computed_tokens += n
             self.kv.commit(req, req.num_computed_tokens)
             self.kv.end_step()
-            assert self.kv.block_ids(rid)[:len(table_before)] == table_before
-        else:
-            assert self.kv.block_ids(rid) == table_before and self.kv.num_free_blocks == free_before
+            if self.windows[0] is None:
+                assert self.kv.block_ids(rid)[:len(table_before)] == table_before
+        else:  # nothing taken (a window group may have given back what it no longer reads)
+            assert len(self.kv.block_ids(rid)) == len(table_before)
+            self._check_reads(req, start)
 
     @rule(rid=consumes(live))
     def free(self, rid):
@@ -134,14 +169,20 @@ class KVCacheMachine(RuleBasedStateMachine):
             return
         self.kv.free(self.requests.pop(rid))
         self.kv.free(new_request(rid, [0], None))  # freeing again (a finished id) is a no-op
-        assert rid not in self.kv.block_tables
+        assert all(rid not in t for t in self.kv.tables)
         self._after_free()
 
     @precondition(lambda self: self.kv.num_free_blocks > 0)
     @rule(salt=SALTS)
     def evict(self, salt):
         """An admission that takes every free block: cached free blocks are evicted LRU first."""
-        tokens = [7] * (self.kv.num_free_blocks * self.bs)  # token 7 never occurs elsewhere
+        if len(self.windows) > 1 and self.kv.num_free_blocks % len(self.windows):
+            return  # groups take a block each per block of tokens
+        tokens = [7] * (self.kv.num_free_blocks // len(self.windows) * self.bs)  # token 7 never occurs elsewhere
+        if not tokens:
+            return
+        if self.windows != (None,):  # a hit of a window group takes fewer blocks than it covers: none here
+            salt = f"evict-{self.counter}"
         req = new_request(self._next_id(), tokens, salt)
         assert self._admit(req, len(tokens))
         assert self.kv.num_free_blocks == 0
@@ -159,10 +200,10 @@ class KVCacheMachine(RuleBasedStateMachine):
     def refcounts_match_tables(self):
         pool = self.kv.pool
         holders = [0] * pool.num_blocks
-        for rid, table in self.kv.block_tables.items():
+        for rid in self.kv.block_tables:
             assert rid in self.requests
-            ids = [b.block_id for b in table]
-            assert len(ids) == len(set(ids)), "a block twice in one table"
+            ids = [b.block_id for t in self.kv.tables for b in t[rid] if b is not NULL_BLOCK]
+            assert len(ids) == len(set(ids)), "a block twice in one request's tables"
             for b in ids:
                 holders[b] += 1
         assert [b.ref_count for b in pool.blocks] == holders
@@ -173,9 +214,8 @@ class KVCacheMachine(RuleBasedStateMachine):
     @invariant()
     def tables_cover_computed_tokens(self):
         for rid, req in self.requests.items():
-            table = self.kv.block_tables[rid]
-            assert len(table) * self.bs >= req.num_computed_tokens
-            assert len(table) == -(-req.num_computed_tokens // self.bs)
+            for tables in self.kv.tables:
+                assert len(tables[rid]) == -(-req.num_computed_tokens // self.bs)
 
     @invariant()
     def cache_index_is_consistent(self):
@@ -197,7 +237,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         pool = self.kv.pool
         assert self.kv.num_free_blocks == pool.num_blocks
         assert all(b.ref_count == 0 for b in pool.blocks)
-        assert not self.kv.block_tables and not self.kv._hashes
+        assert not any(self.kv.tables) and not self.kv._hashes
         if self.kv.wipe_on_free:
             assert not pool._cached
 
@@ -211,17 +251,17 @@ def test_prefix_hit_and_lru_eviction_order():
     """A worked example: hits share blocks, frees go tail first, and eviction takes the LRU block."""
     kv = KVCacheManager(6, 2, enable_caching=True, wipe_on_free=False)
     a = new_request("a", [1, 2, 3, 4, 5], None)
-    assert kv.find_cached_prefix(a) == []
+    assert kv.find_cached_prefix(a).num_blocks == 0
     assert kv.allocate(a, 5)
     b = new_request("b", [1, 2, 3, 4, 9], None)
-    assert kv.find_cached_prefix(b) == []  # allocated, but no KV written yet: nothing published
+    assert kv.find_cached_prefix(b).num_blocks == 0  # allocated, but no KV written yet: nothing published
     assert kv.in_flight_prefix(b, 0)  # ... it is in flight: b gains it by waiting a step
     a.num_computed_tokens = 5
     kv.commit(a, 5)
     kv.end_step()
     assert not kv.in_flight_prefix(b, 2)
     prefix = kv.find_cached_prefix(b)
-    assert [blk.block_id for blk in prefix] == kv.block_ids("a")[:2]
+    assert [blk.block_id for blk in prefix.blocks[0]] == kv.block_ids("a")[:2]
     assert kv.allocate(b, 1, prefix)
     assert [blk.ref_count for blk in kv.block_tables["a"]] == [2, 2, 1]
     assert kv.num_free_blocks == 2
@@ -230,13 +270,13 @@ def test_prefix_hit_and_lru_eviction_order():
     assert kv.num_free_blocks == 6
     # Cached blocks survive on the free list: the same prefix hits again, under the same salt only.
     c = new_request("c", [1, 2, 3, 4, 7, 7], None)
-    assert len(kv.find_cached_prefix(c)) == 2
-    assert kv.find_cached_prefix(new_request("d", [1, 2, 3, 4, 7], "salt")) == []
+    assert kv.find_cached_prefix(c).num_blocks == 2
+    assert kv.find_cached_prefix(new_request("d", [1, 2, 3, 4, 7], "salt")).num_blocks == 0
     # Taking every free block evicts them all; then nothing hits.
     e = new_request("e", [8] * 12, None)
     assert kv.allocate(e, 12)
     kv.free(e)
-    assert kv.find_cached_prefix(c) == []
+    assert kv.find_cached_prefix(c).num_blocks == 0
 
 
 def test_block_pool_double_free_raises():
@@ -246,3 +286,24 @@ def test_block_pool_double_free_raises():
     with pytest.raises(RuntimeError):
         pool.free(block, wipe=False)
     assert pool.num_free == 2
+
+
+def test_a_hit_in_a_later_group_is_not_handed_out_to_an_earlier_one():
+    """Regression: a window group's hit block may be the least recently freed block (window groups
+    give blocks back early); admission takes every group's hits off the free list before it takes
+    new blocks for any group, so a full group's new block is never that hit."""
+    kv = KVCacheManager(20, 1, enable_caching=True, wipe_on_free=False, windows=(None, 2))
+    a = new_request("a", list(range(1, 11)), None)
+    for n in (3, 2, 1, 1, 1, 1, 1):  # step by step: the window group gives back its blocks 0..7 on the way
+        assert kv.allocate(a, n)
+        a.num_computed_tokens += n
+        kv.commit(a, a.num_computed_tokens)
+        kv.end_step()
+    assert kv.held_blocks("a") == [10, 2] and kv.num_free_blocks == 8
+    kv.free(a)
+    b = new_request("b", [1, 2, 3, 4, 99, 99, 99, 99], None)
+    prefix = kv.find_cached_prefix(b)
+    assert prefix.num_blocks == 4 and prefix.blocks[1][:3] == [NULL_BLOCK] * 3
+    assert kv.allocate(b, 4, prefix)  # the full group's 4 new blocks come from the front of the free list
+    ids = [blk.block_id for t in kv.tables for blk in t["b"] if blk is not NULL_BLOCK]
+    assert len(ids) == len(set(ids)) == 8 + 5

@@ -74,7 +74,7 @@ def test_blocks_enter_the_prefix_index_only_after_the_forward(folder):
     engine.add_request("a", prompt, greedy(3))
     sched = engine.scheduler.schedule()
     assert sched.scheduled and not engine.kv.pool._cached  # allocated, not yet written: not published
-    engine.runner.execute(sched, engine.kv.block_tables)
+    engine.runner.execute(sched, engine.kv.tables)
     assert not engine.kv.pool._cached
     engine.scheduler.update(sched)
     assert len(engine.kv.pool._cached) == 4  # 16 of 17 tokens fill 4 blocks

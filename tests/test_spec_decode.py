@@ -252,8 +252,8 @@ def test_the_runners_rows_follow_the_block_tables(target, prompts, refs):
         for req in engine.scheduler.running:
             row = batch.row_of.get(req.request_id)
             ids = engine.kv.block_ids(req.request_id)
-            if row is not None and batch.num_blocks[row] == len(ids):
-                assert batch.block_table[row, :len(ids)].tolist() == ids
+            if row is not None and batch.num_blocks[0, row] == len(ids):
+                assert batch.block_tables[0][row, :len(ids)].tolist() == ids
         return outs
 
     engine.step = checked_step

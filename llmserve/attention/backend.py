@@ -45,25 +45,31 @@ class TorchAttention:
     def prepare(self, batch: AttentionBatch) -> None:
         self.batch = batch
         self._logits: list[torch.Tensor] = []
+        self._groups = [self._group_context(batch, *batch.group(g)) for g in range(1 + len(batch.other_groups))]
+
+    def _group_context(self, batch: AttentionBatch, slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> tuple:
+        """One KV group's (slot_mapping, decode context, chunk contexts): the decodes' context
+        slots with their padding mask, and per longer query (row slice, context slots, first
+        query position, context length)."""
         nd, bs = batch.num_decodes, batch.block_size
-        device = batch.slot_mapping.device
-        self._decode_ctx = None
+        device = slot_mapping.device
+        decode_ctx = None
         if nd:
             lens = batch.seq_lens_host[:nd]
             max_ctx = int(lens.max())
             offsets = torch.arange(bs, device=device)
-            tables = batch.block_tables[:nd, :-(-max_ctx // bs)].long()
+            tables = block_tables[:nd, :-(-max_ctx // bs)].long()
             slots = (tables[:, :, None] * bs + offsets).reshape(nd, -1)[:, :max_ctx]
             pos = np.broadcast_to(np.arange(max_ctx), (nd, max_ctx))
-            self._decode_ctx = (slots.contiguous(), self._mask_rows(pos, lens - 1, device))
-        # Longer queries: (row slice, context slots, query positions) per sequence.
-        self._chunks = []
+            decode_ctx = (slots.contiguous(), self._mask_rows(pos, lens - 1, device))
+        chunks = []
         qsl, lens = batch.query_start_loc_host, batch.seq_lens_host
         for b in range(nd, batch.num_seqs):
             start, end, ctx = int(qsl[b]), int(qsl[b + 1]), int(lens[b])
-            table = batch.block_tables[b, :-(-ctx // bs)].long()
+            table = block_tables[b, :-(-ctx // bs)].long()
             slots = (table[:, None] * bs + torch.arange(bs, device=device)).reshape(-1)[:ctx]
-            self._chunks.append((slice(start, end), slots, ctx - (end - start), ctx))
+            chunks.append((slice(start, end), slots, ctx - (end - start), ctx))
+        return slot_mapping, decode_ctx, chunks
 
     @staticmethod
     def _mask_rows(pos: np.ndarray, last: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -72,13 +78,14 @@ class TorchAttention:
 
     def forward(self, layer: AttentionLayer, q, k, v) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer.index]
+        slot_mapping, decode_ctx, chunks = self._groups[layer.group]
         # A cache may be narrower than the activations (--kv-cache-dtype): stored rounded, read widened.
-        k_cache.index_copy_(0, self.batch.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, self.batch.slot_mapping, v.to(v_cache.dtype))
+        k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)
         nd = self.batch.num_decodes
         if nd:
-            slots, outside = self._decode_ctx
+            slots, outside = decode_ctx
             scored = self.batch.scored_rows
             sink = [] if scored is not None and len(scored) else None
             out[:nd] = self._decode(layer, q[:nd], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype), outside,
@@ -86,7 +93,7 @@ class TorchAttention:
             if sink:  # [B, KVH, G, C] -> the scored rows' [heads, C]
                 logits = sink[0]
                 self._logits.append(logits.reshape(logits.shape[0], -1, logits.shape[-1])[torch.from_numpy(scored)])
-        for rows, slots, first_pos, ctx in self._chunks:
+        for rows, slots, first_pos, ctx in chunks:
             out[rows] = self._chunk(layer, q[rows], k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype),
                                     first_pos, ctx)
         return out

@@ -28,8 +28,9 @@ class CpuPagedAttention:
         logits = None
         if self._scored is not None:  # the kernel writes each decode row's logits as it attends
             logits = torch.full((b.num_seqs, q.shape[1], self._logits_len), float("-inf"))
-        out = self.kernels.paged_attention(q, k, v, k_cache, v_cache, b.slot_mapping, b.query_start_loc, b.seq_lens,
-                                           b.block_tables, b.block_size, layer.scale, layer.sliding_window or 0,
+        slot_mapping, block_tables = b.group(layer.group)
+        out = self.kernels.paged_attention(q, k, v, k_cache, v_cache, slot_mapping, b.query_start_loc, b.seq_lens,
+                                           block_tables, b.block_size, layer.scale, layer.sliding_window or 0,
                                            layer.soft_cap or 0.0, logits)
         if logits is not None:
             self._logits.append(logits[self._scored])

@@ -15,6 +15,7 @@ class AttentionLayer:
     scale: float
     sliding_window: int | None = None  # attend to at most this many most recent positions
     soft_cap: float | None = None  # logits soft-capping: cap * tanh(score / cap)
+    group: int = 0  # the KV group whose slots and block tables the layer uses (model/specs.py)
 
 
 @dataclass
@@ -34,6 +35,13 @@ class AttentionBatch:
     # Decode rows (indices < num_decodes) whose attention logits the backend reports per layer
     # (take_decode_logits), for the KV policies that score tokens; empty for most steps.
     scored_rows: np.ndarray | None = None
+    # The KV groups after the first (model/specs.py), each its (slot_mapping, block_tables) as the
+    # fields above are group 0's: a group's blocks are its own, so are its slots and tables.
+    other_groups: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    def group(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_mapping, block_tables) of KV group index."""
+        return (self.slot_mapping, self.block_tables) if index == 0 else self.other_groups[index - 1]
 
     @property
     def num_seqs(self) -> int:

@@ -21,6 +21,11 @@ class Block:
         return f"Block({self.block_id}, ref={self.ref_count}, cached={self.block_hash is not None})"
 
 
+# A table entry whose KV is gone: a sliding-window group's block that fell out of its window. Never
+# in a pool, never read (attention skips what is outside the window).
+NULL_BLOCK = Block(-1)
+
+
 class NoFreeBlocksError(RuntimeError):
     pass
 

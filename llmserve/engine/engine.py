@@ -52,7 +52,7 @@ class LLMEngine:
         self.tokenizer, self.model_config, self.runner = p.tokenizer, p.arch, p.runner
         self.max_model_len, self.eos_token_ids, self.model_name = p.max_model_len, p.eos_token_ids, p.model_name
         self.kv = KVCacheManager(p.num_blocks, config.block_size, config.enable_prefix_caching, config.wipe_kv_on_free,
-                                 private=config.private)
+                                 private=config.private, windows=self.runner.layout.windows)
         budget = config.max_num_batched_tokens or default_token_budget(p.device)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.scheduling_policy)
         self.groups: dict[str, RequestGroup] = {}
@@ -196,7 +196,7 @@ class LLMEngine:
                  "seqs": [req.to_state() for req in group.seqs], "kv": []}
         for req in group.seqs:
             running = req.status is RequestStatus.RUNNING and req.num_computed_tokens > 0
-            state["kv"].append(self.runner.export_blocks(self.kv.block_ids(req.request_id), req.num_kv_tokens)
+            state["kv"].append(self.runner.export_blocks(self.kv.group_block_ids(req.request_id), req.num_kv_tokens)
                                if with_kv and running else None)
         self._remove(request_id, RequestStatus.FINISHED_ABORTED)
         self._wipe()
@@ -221,10 +221,15 @@ class LLMEngine:
                 policy = req.kv
                 if policy is not None:  # allocated for the kept tokens; recomputed, it evicts afresh
                     req.kv = KVPolicyState(policy.policy, policy.budget, seed=policy.seed)
-                if kv is not None and self.kv.allocate(req, kv.shape[2]):
-                    self.runner.import_blocks(self.kv.block_ids(req.request_id), kv)
-                    req.num_computed_tokens, req.kv = computed, policy
-                    self.kv.commit(req, computed)
+                if kv is not None:
+                    # Allocated as computed (a window group takes only the blocks it still reads).
+                    req.num_computed_tokens = kv[0].shape[2]
+                    if self.kv.allocate(req, 0):
+                        self.runner.import_blocks(self.kv.group_block_ids(req.request_id), kv)
+                        req.num_computed_tokens, req.kv = computed, policy
+                        self.kv.commit(req, computed)
+                    else:
+                        req.num_computed_tokens = 0
             group.seqs.append(req)
         self._register(group)
 
@@ -249,7 +254,7 @@ class LLMEngine:
             return outputs
         start = time.perf_counter()
         try:
-            result = self.runner.execute(sched, self.kv.block_tables)
+            result = self.runner.execute(sched, self.kv.tables)
         except Exception as e:  # noqa: BLE001 - a device or kernel error fails this step's requests only
             return outputs + self._fail_step(sched, e)
         self.last_step_error = None

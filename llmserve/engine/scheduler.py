@@ -196,11 +196,12 @@ class Scheduler:
             while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[i]
                 # Prompt logprobs need every prompt position computed, so they skip the cache.
-                prefix = [] if req.params.prompt_logprobs is not None else self.kv.find_cached_prefix(req)
-                if req.params.prompt_logprobs is None and self.kv.in_flight_prefix(req, len(prefix)):
+                prefix = None if req.params.prompt_logprobs is not None else self.kv.find_cached_prefix(req)
+                num_hits = prefix.num_blocks if prefix is not None else 0
+                if prefix is not None and self.kv.in_flight_prefix(req, num_hits):
                     i += 1  # its next blocks are being written this step: hit them next step
                     continue
-                num_cached = len(prefix) * self.kv.block_size
+                num_cached = num_hits * self.kv.block_size
                 n = self._scoring_chunk(req, min(req.num_tokens - num_cached, budget), num_cached)
                 if not self.kv.allocate(req, n, prefix):
                     break

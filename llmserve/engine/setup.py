@@ -20,7 +20,7 @@ from llmserve.model.loader import load_model
 from llmserve.model.gguf_quant import GGUF_FORMATS, q8_path_name
 from llmserve.model.linear import WeightStorage, onednn_available
 from llmserve.model.ops import CpuFusedOps, TorchOps
-from llmserve.model.specs import kv_bytes_per_block
+from llmserve.model.specs import KVLayout, kv_layout
 from llmserve.runner import ModelRunner
 from llmserve.threads import ThreadGovernor
 from llmserve.tokenizer import eos_token_ids, load_tokenizer
@@ -80,7 +80,8 @@ def _model_len(config: EngineConfig, arch: ArchConfig) -> int:
     return limit
 
 
-def _num_blocks(config: EngineConfig, per_block: int, max_model_len: int, device: torch.device) -> int:
+def _num_blocks(config: EngineConfig, layout: KVLayout, per_block: int, max_model_len: int,
+                device: torch.device) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     if config.kv_cache_memory is not None:
@@ -92,10 +93,15 @@ def _num_blocks(config: EngineConfig, per_block: int, max_model_len: int, device
         budget = DEFAULT_CPU_KV_BYTES
     blocks = budget // per_block
     if config.kv_cache_memory is None:  # no more than every sequence at full length could use
-        blocks = min(blocks, config.max_num_seqs * -(-max_model_len // config.block_size))
+        per_request = layout.blocks_per_request(max_model_len, config.block_size, _token_budget(config, device))
+        blocks = min(blocks, config.max_num_seqs * per_request)
     if blocks < 1:
         raise InvalidRequestError(f"the KV cache budget of {budget} bytes holds no block of {per_block} bytes")
     return int(blocks)
+
+
+def _token_budget(config: EngineConfig, device: torch.device) -> int:
+    return config.max_num_batched_tokens or default_token_budget(device)
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
@@ -140,17 +146,29 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     else:
         logger.info("activations: float32")
     kv_dtype = _kv_cache_dtype(config.kv_cache_dtype, dtype)
-    per_block = kv_bytes_per_block(model.kv_cache_specs(), config.block_size, kv_dtype)
-    num_blocks = _num_blocks(config, per_block, max_model_len, device)
-    if num_blocks * config.block_size < max_model_len:
-        logger.info("context capped at %d tokens: the KV cache holds no more", num_blocks * config.block_size)
-        max_model_len = num_blocks * config.block_size
+    layout = kv_layout(model.kv_cache_specs())
+    per_block = layout.bytes_per_block(config.block_size, kv_dtype)
+    num_blocks = _num_blocks(config, layout, per_block, max_model_len, device)
+    budget = _token_budget(config, device)
+    longest = layout.max_tokens(num_blocks, config.block_size, budget)
+    if longest == 0:
+        raise InvalidRequestError(
+            f"a KV cache of {num_blocks} blocks holds no request: the window layers need "
+            f"{layout.blocks_per_request(1 << 40, config.block_size, budget)} blocks for one request's window "
+            f"and a step of {budget} tokens (raise the KV cache or lower max_num_batched_tokens)")
+    if longest is not None and longest < max_model_len:
+        logger.info("context capped at %d tokens: the KV cache holds no more", longest)
+        max_model_len = longest
     backend = partial(CpuPagedAttention, kernels) if kernels is not None else TorchAttention
     runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device, backend, seed=config.seed,
                          kernels=kernels)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                 str(kv_dtype).removeprefix("torch."), device)
+    if layout.num_groups > 1 or layout.windowed:
+        logger.info("KV groups: %s", ", ".join(
+            f"{len(layers)} layers {'full' if w is None else f'window {w}'}"
+            for w, layers in zip(layout.windows, layout.group_layers)))
     name = Path(config.model).name if config.model else _default_name()
     proposer = None
     if config.speculative_config is not None:

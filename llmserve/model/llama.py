@@ -17,7 +17,12 @@ from llmserve.model.gguf_quant import BLOCK_FORMATS, BlockEmbedding, GgufLinear
 from llmserve.model.linear import Projection, WeightStorage
 from llmserve.model.ops import TorchOps
 from llmserve.model.rope import rope_cos_sin
-from llmserve.model.specs import FullAttentionSpec, LayerSpec
+from llmserve.model.specs import FullAttentionSpec, LayerSpec, kv_layout
+
+
+def layer_specs(cfg: ArchConfig) -> list[LayerSpec]:
+    """What each layer keeps per token in the KV cache."""
+    return [FullAttentionSpec(cfg.num_kv_heads, cfg.head_dim, cfg.layer_window(i)) for i in range(cfg.num_layers)]
 
 
 class Attention(nn.Module):
@@ -34,7 +39,8 @@ class Attention(nn.Module):
             self.q_norm = norm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = norm(self.head_dim, cfg.rms_norm_eps)
         scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
-        self.layer = AttentionLayer(index, scale, cfg.layer_window(index), cfg.attn_logit_softcapping)
+        self.layer = AttentionLayer(index, scale, cfg.layer_window(index), cfg.attn_logit_softcapping,
+                                    group=kv_layout(layer_specs(cfg)).group_of_layer[index])
 
     def forward(self, x, cos, sin, backend: AttentionBackend, ops: TorchOps) -> torch.Tensor:
         t = x.shape[0]
@@ -103,8 +109,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     def kv_cache_specs(self) -> list[LayerSpec]:
-        cfg = self.cfg
-        return [FullAttentionSpec(cfg.num_kv_heads, cfg.head_dim, cfg.layer_window(i)) for i in range(cfg.num_layers)]
+        return layer_specs(self.cfg)
 
     def process_weights(self) -> None:
         """After loading: every projection hands its float weights to the chosen storage, every

@@ -196,6 +196,10 @@ class DraftStorage(WeightStorage):
 
 
 def build_model_proposer(config: SpeculativeConfig, target: TargetParts) -> ModelDraftProposer:
+    if target.runner.layout.windowed:
+        raise InvalidRequestError(f"speculative_config method {config.method} keeps the draft's KV by the target's "
+                                  "block table, and this model's sliding-window layers drop blocks from theirs: "
+                                  "use method ngram")
     if config.method == "self_early_exit":
         layers = getattr(target.model, "layers", None)
         if type(target.model).__name__ != "LlamaForCausalLM" or layers is None:
