@@ -94,7 +94,7 @@ def main() -> None:
             if hasattr(t, "data_ptr") and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 tensors += t.numel() * t.element_size()
-    kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in llm.engine.runner.kv_caches)
+    kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in llm.engine.runner.kv_pages)
     result["memory"] = {"model_tensors_mb": tensors / 2**20, "kv_cache_mb": kv / 2**20,
                         "rss_growth_mb": rss_mb() - before, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     vocab = model.cfg.vocab_size

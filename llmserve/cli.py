@@ -25,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="what the KV cache stores. auto: the model's dtype (exact); float16 or bfloat16 under "
                         "float32 compute: half the KV memory and decode reads (lossy, as llama.cpp's f16 cache)")
+    p.add_argument("--kv-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="layers of each kind in their own KV groups, so sliding-window layers hold only their "
+                        "window per request; --no-kv-groups keeps every token for every layer")
     p.add_argument("--replicas", type=int, default=1,
                    help="engines on Ray (local, loopback only, unless --ray-address), each with its share of the threads")
     p.add_argument("--router", default="round_robin",
@@ -76,7 +79,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=getattr(args, "model", None) or args.model_flag, dtype=args.dtype, device=args.device,
         quantization=args.quantization, activations=getattr(args, "activations", "float32"),
-        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"), kv_groups=getattr(args, "kv_groups", True),
         replicas=getattr(args, "replicas", 1), router=getattr(args, "router", "round_robin"),
         ray_address=getattr(args, "ray_address", None),
         prefill_replicas=getattr(args, "prefill_replicas", 0), decode_replicas=getattr(args, "decode_replicas", 0),

@@ -27,6 +27,10 @@ class EngineConfig:
     # compute: half the KV memory and the bytes a decode step reads; K/V are rounded when written
     # (lossy, as llama.cpp's default f16 cache), attention itself still computes in float32.
     kv_cache_dtype: str = "auto"
+    # Layers of each kind in their own KV groups: sliding-window layers then hold their window per
+    # request, not the whole context. False keeps every token for every layer (as vLLM's
+    # --disable-hybrid-kv-cache-manager), e.g. to compare.
+    kv_groups: bool = True
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's own context length
     block_size: int = 16

@@ -9,14 +9,14 @@ changed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from llmserve.attention.backend import AttentionBackend, KVCaches, TorchAttention
-from llmserve.attention.metadata import AttentionBatch
+from llmserve.attention.metadata import AttentionBatch, AttentionLayer, StateBatch
 from llmserve.engine.block_pool import Block
 from llmserve.engine.kv_policy import SCORED_POLICIES, attention_scores, keyformer_scores, keyformer_tau
 from llmserve.input_batch import InputBatch
@@ -27,6 +27,19 @@ from llmserve.outputs import PositionLogprobs
 from llmserve.sampling.metadata import SamplingMetadata, TokenHistory
 from llmserve.sampling.sampler import Sampler, SamplerOutput
 from llmserve.sampling.verify import num_accepted, rewind_generator, verify_rows
+
+
+@dataclass
+class ExportedKV:
+    """A request's cache as plain CPU tensors, for another engine's import: per KV group
+    [its layers, 2, num_tokens, kv_heads, head_dim] (zeros where a window group dropped a block),
+    and per state-space layer its conv and SSM state."""
+    num_tokens: int
+    groups: list[torch.Tensor]
+    states: list[torch.Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.groups, *self.states))
 
 
 @dataclass
@@ -77,16 +90,27 @@ def position_logprobs(ids: list[int], vals: list[float], sampled_rank: int, k: i
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, backend_factory: Callable[[KVCaches], AttentionBackend] = TorchAttention,
-                 seed: int | None = None, kernels=None) -> None:
-        """kernels: llmserve's compiled CPU kernels, for the sampler (None: plain torch)."""
+                 seed: int | None = None, kernels=None, kv_groups: bool = True, num_state_slots: int = 0) -> None:
+        """kernels: llmserve's compiled CPU kernels, for the sampler (None: plain torch). kv_groups:
+        layers of each kind in their own KV groups (False: one group keeping every token).
+        num_state_slots: requests whose state-space layers' state fits at once (model.state_specs())."""
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.layout = kv_layout(model.kv_cache_specs())
+        self.layout = kv_layout(model.kv_cache_specs(), by_kind=kv_groups)
+        for module in model.modules():  # each attention layer reads the slots and tables of its group
+            layer = getattr(module, "layer", None)
+            if isinstance(layer, AttentionLayer):
+                module.layer = replace(layer, group=self.layout.group_of_layer[layer.index])
         self.kv_pages = [tuple(torch.zeros((num_blocks * block_size, *spec.slot_shape()), dtype=dtype, device=device)
                                for _ in range(2)) for spec in self.layout.page_specs]
         self.kv_caches = [self.kv_pages[page] for page in self.layout.page_of_layer]  # per layer
         self.backend = backend_factory(self.kv_caches)
+        self.state_specs = model.state_specs() if hasattr(model, "state_specs") else []
+        # Per state-space layer (conv state, SSM state), each [num_state_slots, ...]: one slot a request.
+        self.state_caches = [tuple(torch.zeros((num_state_slots, *shape), dtype=dtype, device=device)
+                                   for shape in spec.shapes()) for spec in self.state_specs]
+        self.backend.state_caches = self.state_caches
         self.batch = InputBatch(block_size, num_groups=self.layout.num_groups)
         self.sampler = Sampler(seed, kernels)  # unseeded requests draw from it: the engine's seed makes them reproducible
         self._staging: dict[str, torch.Tensor] = {}  # pinned host buffers, reused (CUDA only)
@@ -104,6 +128,15 @@ class ModelRunner:
         for k, v in self.kv_pages:
             k.index_fill_(0, slots, 0)
             v.index_fill_(0, slots, 0)
+
+    def wipe_state_slots(self, slots: list[int]) -> None:
+        """Zero the state of freed slots (under wipe_kv_on_free)."""
+        if not slots:
+            return
+        index = torch.tensor(slots, device=self.device)
+        for conv, ssm in self.state_caches:
+            conv.index_fill_(0, index, 0)
+            ssm.index_fill_(0, index, 0)
 
     def move_kv(self, request_id: str, src: np.ndarray, dst: np.ndarray) -> None:
         """Compact a lossy request's cache: copy slots src to dst in every layer (the sources are
@@ -136,25 +169,25 @@ class ModelRunner:
         pos = np.arange(start, end)
         return np.asarray(block_ids, dtype=np.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def export_blocks(self, tables: list[list[int]], num_tokens: int) -> list[torch.Tensor]:
-        """The KV of a request's first num_tokens tokens, held in its per-group block ids, as CPU
-        tensors (for another engine's import_blocks): per group [its layers, 2, num_tokens,
-        kv_heads, head_dim], zeros where a window group dropped a block (id -1)."""
-        out = []
+    def export_kv(self, tables: list[list[int]], state_slot: int | None, num_tokens: int) -> ExportedKV:
+        """The cache of a request's first num_tokens tokens, held in its per-group block ids and
+        its state slot, as CPU tensors (for another engine's import_kv)."""
+        groups = []
         for g, ids in enumerate(tables):
             ids = np.asarray(ids[:-(-num_tokens // self.block_size)], dtype=np.int64)
             slots = torch.from_numpy(self._slots(np.maximum(ids, 0), 0, num_tokens)).to(self.device)
             dropped = torch.from_numpy(np.repeat(ids < 0, self.block_size)[:num_tokens]).to(self.device)
-            pages = [self.kv_pages[p] for p in range(len(self.layout.group_layers[g]))]
-            kv = torch.stack([torch.stack((k[slots], v[slots])) for k, v in pages])
-            out.append(kv.masked_fill_(dropped[None, None, :, None, None], 0).cpu())
-        return out
+            pages = self.kv_pages[:len(self.layout.group_layers[g])]
+            kv = torch.stack([torch.stack((k[slots], v[slots])) for k, v in pages]) if pages else torch.empty(0)
+            groups.append(kv.masked_fill_(dropped[None, None, :, None, None], 0).cpu() if pages else kv)
+        states = [t[state_slot].cpu() for pair in self.state_caches for t in pair] if state_slot is not None else []
+        return ExportedKV(num_tokens, groups, states)
 
-    def import_blocks(self, tables: list[list[int]], kv: list[torch.Tensor]) -> None:
-        """Write an exported request's KV into its per-group block ids (allocated for its
-        kv[0].shape[2] tokens), but for the blocks a window group dropped (id -1)."""
-        num_tokens = kv[0].shape[2]
-        for ids, group_kv in zip(tables, kv):
+    def import_kv(self, tables: list[list[int]], state_slot: int | None, kv: ExportedKV) -> None:
+        """Write an exported request's cache into its per-group block ids (allocated for its
+        kv.num_tokens tokens, but for the blocks a window group dropped: id -1) and its state slot."""
+        num_tokens = kv.num_tokens
+        for ids, group_kv in zip(tables, kv.groups):
             ids = np.asarray(ids[:-(-num_tokens // self.block_size)], dtype=np.int64)
             keep = np.flatnonzero(np.repeat(ids >= 0, self.block_size)[:num_tokens])
             slots = torch.from_numpy(self._slots(np.maximum(ids, 0), 0, num_tokens)[keep]).to(self.device)
@@ -163,6 +196,9 @@ class ModelRunner:
             for (k, v), layer in zip(self.kv_pages, group_kv):
                 k.index_copy_(0, slots, layer[0].index_select(0, index).to(k.dtype))
                 v.index_copy_(0, slots, layer[1].index_select(0, index).to(v.dtype))
+        if state_slot is not None:
+            for cache, state in zip((t for pair in self.state_caches for t in pair), kv.states):
+                cache[state_slot] = state.to(self.device, cache.dtype)
 
     def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
         """A host array on the device: zero-copy on CPU; on CUDA through a reused pinned buffer,
@@ -178,10 +214,12 @@ class ModelRunner:
         return staged.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, tables: list[dict[str, list[Block]]]) -> StepResult:
+    def execute(self, sched: SchedulerOutput, tables: list[dict[str, list[Block]]],
+                state_slots: dict[str, int] | None = None) -> StepResult:
         """One forward over every scheduled token, then logits at the positions that sample (each
         sampling request's last new token) and at prompt positions scored for prompt_logprobs.
-        tables: per KV group, each request's block table (KVCacheManager.tables)."""
+        tables: per KV group, each request's block table (KVCacheManager.tables); state_slots:
+        each request's state slot, for models with state-space layers."""
         # One-token sequences first: backends that treat decodes as a group find them together.
         items = sorted(sched.scheduled, key=lambda s: s.num_new_tokens != 1)
         num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
@@ -210,7 +248,8 @@ class ModelRunner:
             seq_lens=self._to_device("lens", seq_lens.astype(np.int32)),
             block_tables=groups[0][1], block_size=self.block_size,
             num_decodes=num_decodes, query_start_loc_host=qsl, seq_lens_host=seq_lens,
-            scored_rows=scored_rows if len(scored_rows) else None, other_groups=tuple(groups[1:])))
+            scored_rows=scored_rows if len(scored_rows) else None, other_groups=tuple(groups[1:]),
+            state=self._state_batch(items, starts, counts, state_slots)))
         hidden = self.model(self._to_device("ids", ids), self._to_device("pos", positions), self.backend)
         kv_scores = self._kv_scores([items[i] for i in scored_rows.tolist()], seq_lens[scored_rows]) \
             if len(scored_rows) else None
@@ -237,6 +276,13 @@ class ModelRunner:
                                                         req.params.prompt_logprobs)
             offset += n
         return StepResult(sampled, out, prompt_lp, accepted, kv_scores)
+
+    def _state_batch(self, items: list[ScheduledRequest], starts: np.ndarray, counts: np.ndarray,
+                     state_slots: dict[str, int] | None) -> StateBatch | None:
+        if not self.state_specs:
+            return None
+        slots = np.fromiter((state_slots[s.request.request_id] for s in items), dtype=np.int64, count=len(items))
+        return StateBatch.build(slots, starts, counts, self.state_specs[0].conv_len + 1, self.device)
 
     def _kv_scores(self, items: list[ScheduledRequest], lengths: np.ndarray) -> dict[str, np.ndarray]:
         """Each scored request's per-token score of this step (engine/kv_policy.py), from the

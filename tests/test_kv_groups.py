@@ -187,7 +187,7 @@ def test_a_window_model_request_moved_mid_generation_continues_exactly(gemma, wi
         src.step()
     state = pickle.loads(pickle.dumps(src.export_request("r", with_kv=with_kv)))
     if with_kv:  # the blocks the window groups dropped travel as zeros
-        kv = state["kv"][0]
+        kv = state["kv"][0].groups
         assert len(kv) == len(src.kv.windows)
         assert all(bool((g[:, :, :WINDOW] == 0).all()) for g, w in zip(kv, src.kv.windows) if w is not None)
     assert_idle(src)
@@ -212,6 +212,21 @@ def test_kv_sized_by_groups_holds_longer_contexts(gemma):
     out = llm.generate([prompt], greedy(30), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 30
     assert_idle(llm.engine)
+
+
+def test_without_kv_groups_every_layer_keeps_every_token_with_the_same_outputs(gemma):
+    folder, hf = gemma
+    prompt = random_prompts(1, [40], seed=13)[0]
+    engine = make_llm(folder, block_size=BLOCK, kv_groups=False).engine
+    assert engine.kv.windows == (None,) and len(engine.runner.kv_pages) == 6
+    engine.add_request("r", prompt, greedy(30))
+    out = None
+    while engine.has_unfinished_requests():
+        out = engine.step() or out
+        if engine.scheduler.running:
+            assert held_tokens(engine, "r") == [engine.scheduler.running[0].num_computed_tokens]
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, prompt, 30)[0]
+    assert_idle(engine)
 
 
 def test_draft_models_refuse_window_layers(gemma):

@@ -15,7 +15,41 @@ class AttentionLayer:
     scale: float
     sliding_window: int | None = None  # attend to at most this many most recent positions
     soft_cap: float | None = None  # logits soft-capping: cap * tanh(score / cap)
-    group: int = 0  # the KV group whose slots and block tables the layer uses (model/specs.py)
+    group: int = 0  # the KV group whose slots and block tables the layer uses (set by the runner's KVLayout)
+
+
+@dataclass
+class StateBatch:
+    """What state-space layers need of a step (model/mamba2.py): each sequence's state slot, and
+    whether the slot holds the state after its computed tokens (False: it starts from zeros).
+    The conv reads each token's window from an extended buffer where every sequence's last
+    kernel - 1 inputs (from its slot) come before its new tokens: rows of both, and the rows of
+    each sequence's new last inputs (in slot order), precomputed once for all layers."""
+    slots: torch.Tensor  # [B] int64
+    has_state: torch.Tensor  # [B] float32, 1.0 or 0.0
+    slots_host: np.ndarray
+    has_state_host: np.ndarray
+    ext_len: int
+    token_rows: torch.Tensor  # [T] int64
+    prefix_rows: torch.Tensor  # [B * (kernel - 1)] int64
+    end_rows: torch.Tensor  # [B * (kernel - 1)] int64
+
+    @classmethod
+    def build(cls, slots: np.ndarray, starts: np.ndarray, counts: np.ndarray, kernel: int,
+              device: torch.device) -> "StateBatch":
+        pad, n = kernel - 1, len(counts)
+        seq_ends = np.cumsum(counts)
+        token_rows = np.arange(int(seq_ends[-1]) if n else 0) + np.repeat(np.arange(1, n + 1) * pad, counts)
+        ext_starts = seq_ends - counts + np.arange(n) * pad  # each sequence's first prefix row
+        prefix_rows = (ext_starts[:, None] + np.arange(pad)).reshape(-1)
+        end_rows = ((ext_starts + pad + counts)[:, None] - pad + np.arange(pad)).reshape(-1)
+        has = starts > 0
+
+        def tensor(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+        return cls(tensor(slots), tensor(has.astype(np.float32), torch.float32), slots, has,
+                   int(seq_ends[-1] if n else 0) + n * pad, tensor(token_rows), tensor(prefix_rows), tensor(end_rows))
 
 
 @dataclass
@@ -38,6 +72,7 @@ class AttentionBatch:
     # The KV groups after the first (model/specs.py), each its (slot_mapping, block_tables) as the
     # fields above are group 0's: a group's blocks are its own, so are its slots and tables.
     other_groups: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    state: StateBatch | None = None  # for state-space layers, where the model has them
 
     def group(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot_mapping, block_tables) of KV group index."""

@@ -71,6 +71,6 @@ def _transfer_s_per_token(llm) -> float:
     bs = runner.block_size
     blocks = list(range(min(64, runner.kv_caches[0][0].shape[0] // bs)))
     start = time.perf_counter()
-    kv = runner.export_blocks([blocks], len(blocks) * bs)
-    runner.import_blocks([blocks], kv)
+    kv = runner.export_kv([blocks], None, len(blocks) * bs)
+    runner.import_kv([blocks], None, kv)
     return (time.perf_counter() - start) / (len(blocks) * bs)

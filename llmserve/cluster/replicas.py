@@ -83,7 +83,7 @@ class EngineReplica:
         """The request with its KV, taken out of this engine; and the KV's size in bytes (called
         with num_returns=2, so the state can go to another replica without passing through here)."""
         state = self.engine.export_request(request_id, with_kv=True)
-        return state, sum(t.numel() * t.element_size() for kv in state["kv"] if kv is not None for t in kv)
+        return state, sum(kv.nbytes() for kv in state["kv"] if kv is not None)
 
     def import_request(self, state: dict) -> None:
         self.engine.import_request(state)

@@ -52,7 +52,9 @@ class LLMEngine:
         self.tokenizer, self.model_config, self.runner = p.tokenizer, p.arch, p.runner
         self.max_model_len, self.eos_token_ids, self.model_name = p.max_model_len, p.eos_token_ids, p.model_name
         self.kv = KVCacheManager(p.num_blocks, config.block_size, config.enable_prefix_caching, config.wipe_kv_on_free,
-                                 private=config.private, windows=self.runner.layout.windows)
+                                 private=config.private,
+                                 windows=self.runner.layout.windows if self.runner.layout.page_specs else (),
+                                 num_state_slots=p.num_state_slots)
         budget = config.max_num_batched_tokens or default_token_budget(p.device)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, budget, config.scheduling_policy)
         self.groups: dict[str, RequestGroup] = {}
@@ -126,6 +128,8 @@ class LLMEngine:
         cfg = self.model_config
         if cfg.sliding_window is not None and SLIDING in cfg.layer_types:
             raise InvalidRequestError(f"kv_policy {policy} is not supported for models with sliding-window layers")
+        if cfg.mamba is not None:
+            raise InvalidRequestError(f"kv_policy {policy} is not supported for models with state-space layers")
         return KVPolicyState(policy, budget, seed=params.seed)
 
     def _register(self, group: RequestGroup) -> None:
@@ -176,6 +180,7 @@ class LLMEngine:
         """Zero freed blocks (under wipe_kv_on_free) in the target's KV and in a draft model's own."""
         block_ids = self.kv.take_blocks_to_wipe()
         self.runner.wipe_blocks(block_ids)
+        self.runner.wipe_state_slots(self.kv.take_state_slots_to_wipe())
         if self.proposer is not None and block_ids:
             self.proposer.wipe_blocks(block_ids)
 
@@ -196,8 +201,9 @@ class LLMEngine:
                  "seqs": [req.to_state() for req in group.seqs], "kv": []}
         for req in group.seqs:
             running = req.status is RequestStatus.RUNNING and req.num_computed_tokens > 0
-            state["kv"].append(self.runner.export_blocks(self.kv.group_block_ids(req.request_id), req.num_kv_tokens)
-                               if with_kv and running else None)
+            rid = req.request_id
+            state["kv"].append(self.runner.export_kv(self.kv.group_block_ids(rid), self.kv.state_slots.get(rid),
+                                                     req.num_kv_tokens) if with_kv and running else None)
         self._remove(request_id, RequestStatus.FINISHED_ABORTED)
         self._wipe()
         return state
@@ -223,9 +229,10 @@ class LLMEngine:
                     req.kv = KVPolicyState(policy.policy, policy.budget, seed=policy.seed)
                 if kv is not None:
                     # Allocated as computed (a window group takes only the blocks it still reads).
-                    req.num_computed_tokens = kv[0].shape[2]
+                    req.num_computed_tokens = kv.num_tokens
                     if self.kv.allocate(req, 0):
-                        self.runner.import_blocks(self.kv.group_block_ids(req.request_id), kv)
+                        rid = req.request_id
+                        self.runner.import_kv(self.kv.group_block_ids(rid), self.kv.state_slots.get(rid), kv)
                         req.num_computed_tokens, req.kv = computed, policy
                         self.kv.commit(req, computed)
                     else:
@@ -254,7 +261,7 @@ class LLMEngine:
             return outputs
         start = time.perf_counter()
         try:
-            result = self.runner.execute(sched, self.kv.tables)
+            result = self.runner.execute(sched, self.kv.tables, self.kv.state_slots)
         except Exception as e:  # noqa: BLE001 - a device or kernel error fails this step's requests only
             return outputs + self._fail_step(sched, e)
         self.last_step_error = None

@@ -43,10 +43,18 @@ class CachedPrefix:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, wipe_on_free: bool,
-                 private: bool = False, windows: tuple[int | None, ...] = (None,)) -> None:
-        """windows: per KV group, its sliding window, or None for full attention (KVLayout.windows)."""
+                 private: bool = False, windows: tuple[int | None, ...] = (None,), num_state_slots: int = 0) -> None:
+        """windows: per KV group, its sliding window, or None for full attention (KVLayout.windows).
+        num_state_slots: with state-space layers, the state group's slots (one per running
+        request, the same size however long it is); their state cannot be rebuilt from blocks,
+        so such a model has no prefix hits."""
         self.block_size = block_size
         self.windows = windows
+        self.num_state_slots = num_state_slots
+        self.state_slots: dict[str, int] = {}  # request id -> its slot
+        self._free_slots = list(range(num_state_slots - 1, -1, -1))
+        self._slots_to_wipe: list[int] = []
+        enable_caching = enable_caching and not num_state_slots
         # Private mode: a request without a cache_salt gets a random one of its own (no one shares
         # its blocks, not even while it runs), and its blocks are wiped when freed; a request with
         # its client's own secret salt keeps its published prefix for that client, wiped when evicted.
@@ -56,7 +64,8 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.wipe_on_free = wipe_on_free
         self.tables: list[dict[str, list[Block]]] = [{} for _ in windows]  # per group
-        self.block_tables = self.tables[0]  # group 0's (full attention where the model has it)
+        # Group 0's (full attention where the model has it); a model without attention has no groups.
+        self.block_tables = self.tables[0] if self.tables else {}
         # Per window group, request id -> how many leading entries of its table are NULL_BLOCK.
         self._dropped: list[dict[str, int]] = [{} for _ in windows]
         self._hashes: dict[str, list[bytes]] = {}  # hashes of a request's full blocks, in order
@@ -85,7 +94,11 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.pool.num_free / self.pool.num_blocks
+        """The fuller of the block pool and the state slots."""
+        blocks = 1.0 - self.pool.num_free / self.pool.num_blocks
+        if not self.num_state_slots:
+            return blocks
+        return max(blocks, len(self.state_slots) / self.num_state_slots)
 
     def block_ids(self, request_id: str) -> list[int]:
         """Group 0's block ids of the request."""
@@ -218,6 +231,10 @@ class KVCacheManager:
             idle_hits += sum(1 for b in prefix if b is not NULL_BLOCK and b.ref_count == 0)  # off the free list
         if needed + idle_hits > self.pool.num_free:
             return False
+        if self.num_state_slots and rid not in self.state_slots:
+            if not self._free_slots:
+                return False
+            self.state_slots[rid] = self._free_slots.pop()
         if hit:  # every group's hits off the free list before any block is taken, or one could be taken
             for blocks in cached_prefix.blocks:
                 for block in blocks:
@@ -342,6 +359,11 @@ class KVCacheManager:
                 if block is not NULL_BLOCK:
                     self.pool.free(block, wipe=self.wipe_on_free, keep_cached=keep)
             dropped.pop(req.request_id, None)
+        slot = self.state_slots.pop(req.request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+            if self.wipe_on_free:
+                self._slots_to_wipe.append(slot)
         self._ephemeral_salts.pop(req.request_id, None)
         self._hashes.pop(req.request_id, None)
         self._committed.pop(req.request_id, None)
@@ -351,3 +373,7 @@ class KVCacheManager:
 
     def take_blocks_to_wipe(self) -> list[int]:
         return self.pool.take_blocks_to_wipe()
+
+    def take_state_slots_to_wipe(self) -> list[int]:
+        slots, self._slots_to_wipe = self._slots_to_wipe, []
+        return slots

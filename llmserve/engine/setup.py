@@ -44,6 +44,7 @@ class EngineParts:
     model_folder: Path
     thread_governor: ThreadGovernor | None = None
     proposer: object = None  # spec.proposer.Proposer when speculative decoding is on
+    num_state_slots: int = 0  # requests whose state-space layers' state fits at once
 
 
 # A replica on a host where the model is already loaded gets it from there (cluster/shared_weights.py:
@@ -80,17 +81,35 @@ def _model_len(config: EngineConfig, arch: ArchConfig) -> int:
     return limit
 
 
+def _kv_budget(config: EngineConfig, device: torch.device) -> int:
+    """Bytes for the KV cache and the state slots."""
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_KV_FRACTION)
+    return DEFAULT_CPU_KV_BYTES
+
+
+def _num_state_slots(config: EngineConfig, per_slot: int, has_attention: bool, device: torch.device) -> int:
+    """One slot per running request, up to max_num_seqs, from the budget (half of it when
+    attention layers need blocks too)."""
+    if not per_slot:
+        return 0
+    budget = _kv_budget(config, device) // (2 if has_attention else 1)
+    slots = min(config.max_num_seqs, budget // per_slot)
+    if slots < 1:
+        raise InvalidRequestError(f"the KV cache budget of {budget} bytes holds no request's state of {per_slot} bytes")
+    return slots
+
+
 def _num_blocks(config: EngineConfig, layout: KVLayout, per_block: int, max_model_len: int,
-                device: torch.device) -> int:
+                device: torch.device, state_bytes: int = 0) -> int:
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    if config.kv_cache_memory is not None:
-        budget = config.kv_cache_memory
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * CUDA_KV_FRACTION)
-    else:
-        budget = DEFAULT_CPU_KV_BYTES
+    if not per_block:  # no attention layers: no blocks (the pool keeps one, never taken)
+        return 1
+    budget = _kv_budget(config, device) - state_bytes
     blocks = budget // per_block
     if config.kv_cache_memory is None:  # no more than every sequence at full length could use
         per_request = layout.blocks_per_request(max_model_len, config.block_size, _token_budget(config, device))
@@ -146,11 +165,16 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     else:
         logger.info("activations: float32")
     kv_dtype = _kv_cache_dtype(config.kv_cache_dtype, dtype)
-    layout = kv_layout(model.kv_cache_specs())
+    layout = kv_layout(model.kv_cache_specs(), by_kind=config.kv_groups)
     per_block = layout.bytes_per_block(config.block_size, kv_dtype)
-    num_blocks = _num_blocks(config, layout, per_block, max_model_len, device)
+    state_specs = model.state_specs() if hasattr(model, "state_specs") else []
+    per_slot = sum(spec.bytes_per_slot(kv_dtype) for spec in state_specs)
+    num_slots = _num_state_slots(config, per_slot, per_block > 0, device)
+    if state_specs:
+        _check_state_model(config)
+    num_blocks = _num_blocks(config, layout, per_block, max_model_len, device, num_slots * per_slot)
     budget = _token_budget(config, device)
-    longest = layout.max_tokens(num_blocks, config.block_size, budget)
+    longest = layout.max_tokens(num_blocks, config.block_size, budget) if per_block else None
     if longest == 0:
         raise InvalidRequestError(
             f"a KV cache of {num_blocks} blocks holds no request: the window layers need "
@@ -161,10 +185,13 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         max_model_len = longest
     backend = partial(CpuPagedAttention, kernels) if kernels is not None else TorchAttention
     runner = ModelRunner(model, num_blocks, config.block_size, kv_dtype, device, backend, seed=config.seed,
-                         kernels=kernels)
+                         kernels=kernels, kv_groups=config.kv_groups, num_state_slots=num_slots)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB), dtype %s, device %s",
                 num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 2**20,
                 str(kv_dtype).removeprefix("torch."), device)
+    if num_slots:
+        logger.info("state: %d slots of %.2f MiB (%d state-space layers; a request holds one however long)",
+                    num_slots, per_slot / 2**20, len(state_specs))
     if layout.num_groups > 1 or layout.windowed:
         logger.info("KV groups: %s", ", ".join(
             f"{len(layers)} layers {'full' if w is None else f'window {w}'}"
@@ -180,7 +207,15 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         logger.info("speculative decoding: %s, up to %d draft tokens", config.speculative_config.method,
                     config.speculative_config.num_speculative_tokens)
     return EngineParts(tokenizer, arch, runner, max_model_len, num_blocks,
-                       eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor, proposer)
+                       eos_token_ids(folder, tokenizer, arch.eos_token_ids), device, name, folder, governor, proposer,
+                       num_slots)
+
+
+def _check_state_model(config: EngineConfig) -> None:
+    """What state-space layers cannot do (yet): roll their state back over rejected drafts."""
+    if config.speculative_config is not None:
+        raise InvalidRequestError("speculative decoding needs the state of rejected drafts rolled back, which this "
+                                  "model's state-space layers cannot do")
 
 
 def _kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:

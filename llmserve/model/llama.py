@@ -12,24 +12,23 @@ from torch import nn
 from llmserve.attention.backend import AttentionBackend
 from llmserve.attention.metadata import AttentionLayer
 from llmserve.model.arch_config import ArchConfig
-from llmserve.model.layers import RMSNorm, rotary_tables
+from llmserve.model.layers import RMSNorm, apply_rotary, rotary_tables
 from llmserve.model.gguf_quant import BLOCK_FORMATS, BlockEmbedding, GgufLinear
 from llmserve.model.linear import Projection, WeightStorage
 from llmserve.model.ops import TorchOps
 from llmserve.model.rope import rope_cos_sin
-from llmserve.model.specs import FullAttentionSpec, LayerSpec, kv_layout
-
-
-def layer_specs(cfg: ArchConfig) -> list[LayerSpec]:
-    """What each layer keeps per token in the KV cache."""
-    return [FullAttentionSpec(cfg.num_kv_heads, cfg.head_dim, cfg.layer_window(i)) for i in range(cfg.num_layers)]
+from llmserve.model.specs import FullAttentionSpec, LayerSpec
 
 
 class Attention(nn.Module):
     """norm: the RMSNorm kind of the per-head q/k norms, where the config has them (Qwen3, Gemma 3)."""
 
-    def __init__(self, cfg: ArchConfig, index: int, storage: WeightStorage, norm: type[RMSNorm] = RMSNorm) -> None:
+    def __init__(self, cfg: ArchConfig, index: int, storage: WeightStorage, norm: type[RMSNorm] = RMSNorm,
+                 cache_index: int | None = None) -> None:
+        """cache_index: which KV cache is this layer's, where it differs from the layer index
+        (a hybrid's attention layers count among themselves)."""
         super().__init__()
+        self.rotary_dim = cfg.rotary_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -39,8 +38,8 @@ class Attention(nn.Module):
             self.q_norm = norm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = norm(self.head_dim, cfg.rms_norm_eps)
         scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
-        self.layer = AttentionLayer(index, scale, cfg.layer_window(index), cfg.attn_logit_softcapping,
-                                    group=kv_layout(layer_specs(cfg)).group_of_layer[index])
+        self.layer = AttentionLayer(index if cache_index is None else cache_index, scale, cfg.layer_window(index),
+                                    cfg.attn_logit_softcapping)
 
     def forward(self, x, cos, sin, backend: AttentionBackend, ops: TorchOps) -> torch.Tensor:
         t = x.shape[0]
@@ -49,7 +48,10 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             qkv[:, :h] = self.q_norm(qkv[:, :h])
             qkv[:, h:h + kvh] = self.k_norm(qkv[:, h:h + kvh])
-        ops.rotary_(qkv, cos, sin, h + kvh)
+        if self.rotary_dim == self.head_dim:
+            ops.rotary_(qkv, cos, sin, h + kvh)
+        else:  # partial rotary (Bamba): the first rotary_dim dims of each head turn, the rest pass
+            qkv[:, :h + kvh, :self.rotary_dim] = apply_rotary(qkv[:, :h + kvh, :self.rotary_dim], cos, sin)
         o = backend.forward(self.layer, qkv[:, :h], qkv[:, h:h + kvh], qkv[:, h + kvh:])
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -109,7 +111,8 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     def kv_cache_specs(self) -> list[LayerSpec]:
-        return layer_specs(self.cfg)
+        cfg = self.cfg
+        return [FullAttentionSpec(cfg.num_kv_heads, cfg.head_dim, cfg.layer_window(i)) for i in range(cfg.num_layers)]
 
     def process_weights(self) -> None:
         """After loading: every projection hands its float weights to the chosen storage, every
@@ -138,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
     def init_rope(self) -> None:
         """(Re)build the rotary tables on the model's device; the loader calls it after placing weights."""
         cfg = self.cfg
-        cos, sin = rope_cos_sin(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, self.max_model_len,
+        cos, sin = rope_cos_sin(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, self.max_model_len,
                                 cfg.max_position_embeddings)
         device = self.norm.weight.device  # the embedding may have no float table
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)

@@ -27,15 +27,20 @@ _FUSED = {
     "self_attn.v_proj": ("self_attn.qkv_proj", 2),
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "feed_forward.gate_proj": ("feed_forward.gate_up_proj", 0),  # (Bamba's name for the MLP)
+    "feed_forward.up_proj": ("feed_forward.gate_up_proj", 1),
 }
 
 
 def _target(name: str) -> tuple[str, int | None] | None:
     """Map an HF tensor name to (our parameter name, fused shard) or None to skip it."""
-    if name.startswith("model."):
-        name = name[len("model."):]
+    for prefix in ("model.", "backbone."):  # (Mamba-2 checkpoints name their trunk "backbone")
+        if name.startswith(prefix):
+            name = name[len(prefix):]
     if "rotary_emb" in name:
         return None
+    if name == "final_layernorm.weight":  # (Bamba's name for the final norm)
+        name = "norm.weight"
     for hf, (ours, shard) in _FUSED.items():
         if f".{hf}." in f".{name}":
             return name.replace(hf, ours), shard

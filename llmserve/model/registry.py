@@ -14,6 +14,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("llmserve.model.llama", "LlamaForCausalLM"),
     "Gemma3ForCausalLM": ("llmserve.model.gemma3", "Gemma3ForCausalLM"),
+    "Mamba2ForCausalLM": ("llmserve.model.mamba2", "Mamba2ForCausalLM"),
+    "BambaForCausalLM": ("llmserve.model.bamba", "BambaForCausalLM"),
 }
 
 

@@ -36,6 +36,25 @@ LayerSpec = FullAttentionSpec
 
 
 @dataclass(frozen=True)
+class MambaStateSpec:
+    """A state-space layer's per-request state: the conv's last inputs and the SSM state, the
+    same size whatever the request's length (one slot per running request)."""
+    conv_dim: int
+    conv_len: int  # the conv kernel less one: the inputs it still needs
+    num_heads: int
+    head_dim: int
+    state_size: int
+
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(conv state, SSM state) of one slot."""
+        return (self.conv_len, self.conv_dim), (self.num_heads, self.head_dim, self.state_size)
+
+    def bytes_per_slot(self, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return size * (self.conv_len * self.conv_dim + self.num_heads * self.head_dim * self.state_size)
+
+
+@dataclass(frozen=True)
 class KVLayout:
     """Layers grouped by kind over shared page tensors."""
     windows: tuple[int | None, ...]  # per group: its sliding window, None for full attention
@@ -74,9 +93,12 @@ class KVLayout:
         return lo
 
 
-def kv_layout(specs: list[LayerSpec]) -> KVLayout:
-    """One group per kind when all layers are of one kind; otherwise each kind's layers are cut
-    into groups of the smallest kind's count, so every group fits the same page tensors."""
+def kv_layout(specs: list[LayerSpec], by_kind: bool = True) -> KVLayout:
+    """One group when all layers are of one kind; otherwise each kind's layers are cut into groups
+    of the smallest kind's count, so every group fits the same page tensors. by_kind=False: one
+    group that keeps every token for every layer (attention still applies the windows)."""
+    if not by_kind:
+        specs = [FullAttentionSpec(*spec.slot_shape()) for spec in specs]
     kinds: dict[int | None, list[int]] = {}
     for i in sorted(range(len(specs)), key=lambda i: _kind_order(specs[i].sliding_window)):
         kinds.setdefault(specs[i].sliding_window, []).append(i)

@@ -95,6 +95,9 @@ HARMLESS: frozenset[str] = frozenset({
     # A KV policy drops a request's own tokens' K/V, kept per request and shared with no one.
     "kv_policy", "kv_budget",
     "kv_offload_bytes",  # the tier's size; whether there is one, and how it is kept, is gated above
+    # KV groups lay the cache out by layer kind; a block a window group gives back follows the
+    # wipe and prefix rules of every freed block (gated above).
+    "kv_groups",
     "tpot_slo", "upscale_delay_s", "downscale_delay_s",  # the autoscaler's targets and delays (gated above)
 })
 
