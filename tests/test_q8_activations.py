@@ -156,7 +156,7 @@ def test_q8_is_close_to_float_activations(kernels, fmt):
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(96, 576, generator=g)
     blocks = blocks_of(weight, fmt)
-    for rows in (1, 4) if fmt == "q5_0" else (1, 64):
+    for rows in (1, 64):
         x = torch.randn(rows, 576, generator=g)
         exact = GgufLinear(blocks, fmt, 576, None, kernels)
         q8 = GgufLinear(blocks, fmt, 576, None, kernels, activations="q8")
@@ -165,15 +165,17 @@ def test_q8_is_close_to_float_activations(kernels, fmt):
         assert 0 < rel < 0.02
 
 
-def test_q5_0_prefill_rows_stay_exact(kernels):
-    """Q5_0 has no q8 tiles: more than 4 rows (a prefill) take the exact float kernels."""
+def test_q5_0_prefill_rows_take_8_bit_activations_too(kernels):
+    """Q5_0's prefill rows (more than 4) go through the q8 tiles, as its decode rows stream."""
     g = torch.Generator().manual_seed(6)
     blocks = blocks_of(torch.randn(40, 160, generator=g), "q5_0")
     exact = GgufLinear(blocks, "q5_0", 160, None, kernels)
     q8 = GgufLinear(blocks, "q5_0", 160, None, kernels, activations="q8")
     x = torch.randn(9, 160, generator=g)
-    assert torch.equal(q8(x), exact(x))
-    assert not torch.equal(q8(x[:3]), exact(x[:3]))
+    y = q8(x)
+    assert not torch.equal(y, exact(x))
+    torch.testing.assert_close(y, kernels.gguf_linear_q8(x, blocks, 2, torch.empty(0), -1))
+    assert (y - exact(x)).norm() / exact(x).norm() < 0.02
 
 
 def test_gguf_linear_module_uses_q8_kernel(kernels):

@@ -374,15 +374,16 @@ void gemm_stream(Path path, const QuantizedX& qx, const uint8_t* w, const float*
 // ---- tiled: more than 4 rows ----
 //
 // A weight tile of 16 columns, per block b: bytes[b][g][n][4] = weights 4g..4g+3 of column n
-// (Q4_1 as 0..15, Q8_0 as int8), so one 64-byte line of group g is 16 lanes of 4 weights; dw[b][n];
-// aux[b][n]: Q4_1's m as float, Q8_0's 128 * sum(q_w) as int32 (for the unsigned-x form).
+// (Q4_1 as 0..15, Q5_0 as 0..31, Q8_0 as int8), so one 64-byte line of group g is 16 lanes of 4
+// weights; dw[b][n]; aux[b][n]: Q4_1's m (Q5_0's -16 d) as float, Q8_0's 128 * sum(q_w) as int32
+// (for the unsigned-x form).
 // An x panel of R rows, per block: x4[b][g][r] = the 4 quants of row r at weights 4g..4g+3 (plus 128
 // each, for Q8_0 on VNNI), dx[b][r], sx[b][r]; rows past M are zero with zero scales.
 
 struct Tile {
   std::vector<uint8_t> bytes;
   std::vector<float> dw;
-  std::vector<int32_t> aux;  // float bits for Q4_1
+  std::vector<int32_t> aux;  // float bits for Q4_1 and Q5_0
 };
 
 Q8_AVX2 inline void transpose8_epi32(__m256i* r) {
@@ -409,7 +410,7 @@ Q8_AVX2 inline void transpose8_epi32(__m256i* r) {
 // one group each: scalar byte shuffling made the repack cost more than the products below 16 rows.
 template <Format fmt>
 Q8_AVX2 void pack_tile(const uint8_t* w, int64_t n0, int64_t cols, int64_t nb, Tile& t) {
-  constexpr int64_t bytes = fmt == kQ4_1 ? Q4_1_BYTES : Q8_0_BYTES;
+  constexpr int64_t bytes = block_bytes(fmt);
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t half = 0; half < 2; ++half) {
@@ -428,6 +429,10 @@ Q8_AVX2 void pack_tile(const uint8_t* w, int64_t n0, int64_t cols, int64_t nb, T
             const float m = _cvtsh_ss(h);
             std::memcpy(&aux, &m, 4);
             r[j] = q4_1_bytes(blk + 4);
+          } else if constexpr (fmt == kQ5_0) {
+            const float m = -16.f * dw;
+            std::memcpy(&aux, &m, 4);
+            r[j] = _mm256_or_si256(q4_1_bytes(blk + 6), q5_0_high_bytes(blk + 2));
           } else {
             r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
           }
@@ -506,7 +511,7 @@ Q8_VNNI void tile_kernel_vnni(const Tile& t, const int32_t* x4, const float* dx,
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m512i xv = _mm512_set1_epi32(xb[g * R + r]);
-        if constexpr (fmt == kQ4_1) ia[r] = _mm512_dpbusd_epi32(ia[r], wv, xv);
+        if constexpr (fmt != kQ8_0) ia[r] = _mm512_dpbusd_epi32(ia[r], wv, xv);
         else ia[r] = _mm512_dpbusd_epi32(ia[r], xv, wv);  // (x + 128) unsigned times signed weights
       }
     }
@@ -515,7 +520,7 @@ Q8_VNNI void tile_kernel_vnni(const Tile& t, const int32_t* x4, const float* dx,
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[b * R + r]));
-      if constexpr (fmt == kQ4_1) {
+      if constexpr (fmt != kQ8_0) {
         fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), scale, fa[r]);
         fa[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(aux), _mm512_set1_ps(sx[b * R + r]), fa[r]);
       } else {
@@ -531,7 +536,7 @@ Q8_VNNI void tile_kernel_vnni(const Tile& t, const int32_t* x4, const float* dx,
 // two halves' accumulators. A block is summed one row at a time (weights reloaded from L1): summed
 // for all rows at once, GCC reassociated the integer adds into one tree of 48 products and spilled
 // most of them. Q4_1 products are at most 2 * 15 * 127 per 16-bit lane, so a block's 8 groups add
-// up in 16 bits (< 32767) and widen once.
+// up in 16 bits (< 32767) and widen once; Q5_0's (2 * 31 * 127) widen every 4 groups.
 template <Format fmt, int R>
 Q8_AVX2 void tile_kernel_avx2(const Tile& t, int h, const int32_t* x4, const float* dx, const float* sx, int64_t nb,
                               float* out) {
@@ -555,6 +560,16 @@ Q8_AVX2 void tile_kernel_avx2(const Tile& t, int h, const int32_t* x4, const flo
           s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xb[g * R + r])));
         }
         sum = _mm256_madd_epi16(s16, ones);
+      } else if constexpr (fmt == kQ5_0) {
+        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) {
+          const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * 64));
+          const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (g + 4) * 64));
+          lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(w0, _mm256_set1_epi32(xb[g * R + r])));
+          hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(w1, _mm256_set1_epi32(xb[(g + 4) * R + r])));
+        }
+        sum = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
       } else {
         sum = _mm256_setzero_si256();
 #pragma GCC unroll 8
@@ -566,7 +581,7 @@ Q8_AVX2 void tile_kernel_avx2(const Tile& t, int h, const int32_t* x4, const flo
       }
       const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx[b * R + r]));
       fa[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, fa[r]);
-      if constexpr (fmt == kQ4_1) fa[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[b * R + r]), fa[r]);
+      if constexpr (fmt != kQ8_0) fa[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[b * R + r]), fa[r]);
     }
   }
 #pragma GCC unroll 16
@@ -612,9 +627,7 @@ void gemm_q8(Path path, const QuantizedX& qx, const uint8_t* w, const float* bia
              int64_t K) {
 #ifdef Q8_X86
   if (path != kScalar) {
-    if constexpr (fmt == kQ5_0) {  // no tiles for Q5_0 (callers send it decode rows): rows 4 at a time
-      for (int64_t m0 = 0; m0 < M; m0 += STREAM_MAX_ROWS) gemm_stream<fmt>(path, qx, w, bias, y, M, N, K, m0);
-    } else if (M <= STREAM_MAX_ROWS) {
+    if (M <= STREAM_MAX_ROWS) {
       gemm_stream<fmt>(path, qx, w, bias, y, M, N, K);
     } else {
       gemm_tiled<fmt>(path, qx, w, bias, y, M, N, K);

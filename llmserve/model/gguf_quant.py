@@ -14,8 +14,7 @@ format on any model (then it is lossy).
 quantized per block of 32 values to int8 with one scale (Q8_0; with the scaled sum of the quants
 too, Q8_1, for Q4_1's offset) and the block dot products are integer ones (csrc/gguf_q8act.cpp,
 AVX-512 VNNI or AVX2 chosen at run time, a scalar fallback). Faster, and lossy: x is rounded.
-Q5_0 layers (in Q4_K_M files, the ones whose width is no multiple of 256) take it for decode rows;
-their prefill rows stay on the exact float kernels (no q8 tiles for Q5_0 yet).
+Q5_0 layers (in Q4_K_M files, the ones whose width is no multiple of 256) take it too.
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ BLOCK_FORMATS = {**GGUF_FORMATS, "q5_0": gguf.GGMLQuantizationType.Q5_0, "q4_k":
                  "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
 _KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}  # the kernels' fmt argument
 Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0")  # the formats gguf_linear_q8 computes
-Q8_DECODE_ONLY = {"q5_0": 4}  # formats gguf_linear_q8 only streams: more rows than this go the float way
 BLOCK_WEIGHTS = 32
 # gguf_linear_q8's `path` argument: -1 picks the best this CPU has (gguf_q8_paths() lists them).
 Q8_PATHS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -85,7 +83,7 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
 class GgufLinear(nn.Module):
     """y = x W^T + b with W held as GGUF blocks ([N, K / block weights * block bytes] uint8, ggml's
     layout). activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot
-    products; Q4_1 and Q8_0 layers only, the others stay exact)."""
+    products; Q4_1, Q8_0 and Q5_0 layers, the others stay exact)."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
                  activations: str = "float32") -> None:
@@ -117,7 +115,7 @@ class GgufLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.kernels is not None and x2.dtype == torch.float32:
-            if self.activations == "q8" and x2.shape[0] <= Q8_DECODE_ONLY.get(self.fmt, x2.shape[0]):
+            if self.activations == "q8":
                 y = self.kernels.gguf_linear_q8(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias, Q8_AUTO_PATH)
             else:
                 y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
