@@ -74,17 +74,20 @@ def main() -> None:
                     help="q8: 8-bit activations on the GGUF layers (the opt-in fast path)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
                     help="the KV cache's storage dtype (auto: the model's)")
+    ap.add_argument("--model", default=None, help="a model folder or GGUF file (default: the embedded model)")
+    ap.add_argument("--by-format", action="store_true", help="split the projections by their weight format")
     ap.add_argument("--json", default="bench-results/profile_w1.json")
     args = ap.parse_args()
 
-    llm = LLM(activations=args.activations, kv_cache_dtype=args.kv_cache_dtype)  # sets the thread count the engine runs with; the peaks are measured with it
+    llm = LLM(model=args.model, activations=args.activations, kv_cache_dtype=args.kv_cache_dtype)  # sets the thread count the engine runs with; the peaks are measured with it
     peaks = measure_peaks()
     engine, model = llm.engine, llm.engine.runner.model
     timers = Timers()
     for m in model.modules():
         if isinstance(m, Projection):
             out_features = m.impl(torch.zeros(1, _in_features(m))).shape[-1]
-            part = "logits head" if m is model.lm_head else "projections"
+            fmt = getattr(m.impl, "fmt", "float")
+            part = "logits head" if m is model.lm_head else f"projections {fmt}" if args.by_format else "projections"
             timers.wrap(m, "_compute", part, lambda x, k=out_features: 2.0 * x.shape[0] * x.shape[1] * k)
     backend = engine.runner.backend
     timers.wrap(backend, "forward", "attention")
@@ -123,7 +126,8 @@ def main() -> None:
         named = sum(v for k, v in parts.items() if k != "step")
         rows = {k: v for k, v in parts.items() if k != "step"}
         rows["python and small ops"] = step - named
-        gflops = counts[phase]["proj_flops"] / max(parts["projections"] + parts["logits head"], 1e-9) / 1e9
+        linear_s = sum(v for k, v in parts.items() if k.startswith("projections") or k == "logits head")
+        gflops = counts[phase]["proj_flops"] / max(linear_s, 1e-9) / 1e9
         report["phases"][phase] = {"steps": counts[phase]["steps"], "seconds": step, "parts_s": rows,
                                    "linear_gflops": gflops}
         print(f"\n{phase}: {counts[phase]['steps']} steps, {step:.2f} s; projections + head at {gflops:.0f} GFLOP/s "
@@ -136,6 +140,7 @@ def main() -> None:
 
 def _in_features(p: Projection) -> int:
     impl = p.impl
+    impl = impl.parts[0] if hasattr(impl, "parts") else impl  # a fused projection stored as shards
     return impl.in_features if hasattr(impl, "in_features") else impl.weight.shape[1]
 
 

@@ -57,11 +57,12 @@ def test_layer_matches_float_matmul_of_dequantized(kernels, fmt, rows):
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
 
 
-def test_q8_activations_leave_these_formats_exact(kernels):
-    blocks = random_blocks("q4_k", 8, 256, seed=1)
-    layer = GgufLinear(blocks, "q4_k", 256, None, kernels, activations="q8")
+@pytest.mark.parametrize("fmt", ["q5_k", "q6_k"])  # (Q4_K takes them: test_q8_activations.py)
+def test_q8_activations_leave_these_formats_exact(kernels, fmt):
+    blocks = random_blocks(fmt, 8, 256, seed=1)
+    layer = GgufLinear(blocks, fmt, 256, None, kernels, activations="q8")
     x = torch.randn(3, 256)
-    assert torch.equal(layer(x), GgufLinear(blocks, "q4_k", 256, None, kernels)(x))
+    assert torch.equal(layer(x), GgufLinear(blocks, fmt, 256, None, kernels)(x))
 
 
 def test_bad_blocks_are_refused(kernels):

@@ -16,13 +16,21 @@ from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, quantize
 from llmserve.sampling_params import SamplingParams
 from tiny_models import llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts
 
-FORMATS = ["q4_1", "q8_0", "q5_0"]
-FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2}
-BYTES = {"q4_1": 20, "q8_0": 34, "q5_0": 22}
+FORMATS = ["q4_1", "q8_0", "q5_0", "q4_1f"]
+FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3}
+BYTES = {"q4_1": 20, "q8_0": 34, "q5_0": 22, "q4_1f": 24}
 
 
 def blocks_of(weight: torch.Tensor, fmt: str) -> torch.Tensor:
-    """ggml's quantizer (Q5_0 too, which llmserve only reads from files)."""
+    """ggml's quantizer (Q5_0 too, which llmserve only reads from files); Q4_1F (Q4_K's form for
+    the q8 kernels) as Q4_1 blocks with their scales widened to float32."""
+    if fmt == "q4_1f":
+        b = quantize(weight, "q4_1").numpy().reshape(weight.shape[0], -1, 20)
+        out = np.empty(b.shape[:2] + (24,), dtype=np.uint8)
+        out[..., 0:4] = b[..., 0:2].copy().view(np.float16).astype(np.float32).view(np.uint8)
+        out[..., 4:8] = b[..., 2:4].copy().view(np.float16).astype(np.float32).view(np.uint8)
+        out[..., 8:] = b[..., 4:]
+        return torch.from_numpy(out.reshape(weight.shape[0], -1))
     if fmt != "q5_0":
         return quantize(weight, fmt)
     import gguf
@@ -52,6 +60,11 @@ def parse_blocks(blocks: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, 
     if fmt == "q4_1":
         m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
         qs = b[..., 4:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+    elif fmt == "q4_1f":
+        d = b[..., 0:4].copy().view(np.float32)[..., 0].astype(np.float64)
+        m = b[..., 4:8].copy().view(np.float32)[..., 0].astype(np.float64)
+        qs = b[..., 8:]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
     elif fmt == "q5_0":  # w = d * (q - 16): as Q4_1 with q in 0..31 and m = -16 d (what the kernels compute)
         m = -16.0 * d
@@ -150,7 +163,7 @@ def test_paths_listed_and_unavailable_path_refused(kernels):
         kernels.gguf_linear_q8(torch.randn(2, 40), blocks, 1, torch.empty(0), -1)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q5_0"])  # (Q4_K below, as Q4_1F: a layer format of its own)
 def test_q8_is_close_to_float_activations(kernels, fmt):
     """Rounding x to 8 bits per block moves the output by about a percent of its scale."""
     g = torch.Generator().manual_seed(5)
@@ -176,6 +189,25 @@ def test_q5_0_prefill_rows_take_8_bit_activations_too(kernels):
     assert not torch.equal(y, exact(x))
     torch.testing.assert_close(y, kernels.gguf_linear_q8(x, blocks, 2, torch.empty(0), -1))
     assert (y - exact(x)).norm() / exact(x).norm() < 0.02
+
+
+def test_q4_k_runs_as_q4_1f_with_the_same_weights(kernels):
+    """Under q8 a Q4_K layer's sub-blocks become Q4_1F blocks that dequantize bit for bit as ggml
+    dequantizes the Q4_K ones, and the layer computes with Q4_1F's q8 kernel."""
+    from test_gguf_kquant import random_blocks
+
+    from llmserve.model.gguf_quant import dequantize, dequantize_q4_1f, q4_k_as_q4_1f
+
+    blocks = random_blocks("q4_k", 24, 768, seed=7)
+    converted = q4_k_as_q4_1f(blocks)
+    assert converted.shape == (24, 768 // 32 * 24)
+    assert torch.equal(dequantize_q4_1f(converted, 768), dequantize(blocks, "q4_k", 768))
+    layer = GgufLinear(blocks, "q4_k", 768, None, kernels, activations="q8")
+    assert layer.fmt == "q4_1f" and torch.equal(layer.blocks, converted)
+    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(layer(x), kernels.gguf_linear_q8(x, converted, 3, torch.empty(0), -1))
+    exact = GgufLinear(blocks, "q4_k", 768, None, kernels)
+    assert (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
 
 
 def test_gguf_linear_module_uses_q8_kernel(kernels):

@@ -5,6 +5,8 @@
 //   Q4_1 x Q8_1: d_w * d_x * sum(q_w * q_x) + m_w * s_x      (q_w in 0..15)
 //   Q8_0 x Q8_0: d_w * d_x * sum(q_w * q_x)                   (q_w in -128..127)
 //   Q5_0 x Q8_1: d_w * d_x * sum(q_w * q_x) - 16 d_w * s_x    (q_w in 0..31: Q4_1's form, m_w = -16 d_w)
+//   Q4_1F x Q8_1: Q4_1 with float32 d and m: Q4_K's sub-blocks of 32, d * scale and -dmin * min
+//     multiplied out at load (exactly as ggml dequantizes them), so Q4_K runs Q4_1's kernels
 // This is lossy (x is rounded to 8 bits) where gguf_gemm.cpp is exact, and cheaper: 32 products are
 // one or two integer instructions instead of four float FMAs plus the widening of the weights.
 //
@@ -44,16 +46,18 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22;
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22, Q4_1F_BYTES = 24;
 constexpr int64_t STREAM_MAX_ROWS = 4;
 constexpr int64_t TILE_N = 16;                 // columns of a repacked weight tile
 constexpr int64_t TILE_BLOCK_BYTES = QK * TILE_N;  // one block of a tile: 8 groups x 16 columns x 4 bytes
 constexpr int VNNI_ROWS = 8, AVX2_ROWS = 6;    // rows of x per panel (register budget of each ISA)
-enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2 };
+enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_1F = 3 };
 
 constexpr int64_t block_bytes(Format fmt) {
-  return fmt == kQ4_1 ? Q4_1_BYTES : fmt == kQ5_0 ? Q5_0_BYTES : Q8_0_BYTES;
+  return fmt == kQ4_1 ? Q4_1_BYTES : fmt == kQ5_0 ? Q5_0_BYTES : fmt == kQ4_1F ? Q4_1F_BYTES : Q8_0_BYTES;
 }
+// Q4_1's nibbles (0..15): the 16-bit sums of the AVX2 tiles hold a whole block.
+constexpr bool nibbles(Format fmt) { return fmt == kQ4_1 || fmt == kQ4_1F; }
 enum Path : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kVnni = 2 };
 
 inline float half_bits_to_float(const uint8_t* p) {
@@ -190,13 +194,19 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* w, const float* bias, floa
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk = w + (n * nb + b) * bytes;
-        const float dw = half_bits_to_float(blk);
-        float mw = 0.f;
-        if constexpr (fmt == kQ4_1) {
-          mw = half_bits_to_float(blk + 2);
+        float dw = 0.f, mw = 0.f;
+        if constexpr (fmt == kQ4_1F) {
+          std::memcpy(&dw, blk, 4);
+          std::memcpy(&mw, blk + 4, 4);
+        } else {
+          dw = half_bits_to_float(blk);
+        }
+        if constexpr (nibbles(fmt)) {
+          const int64_t at = fmt == kQ4_1 ? 4 : 8;
+          if constexpr (fmt == kQ4_1) mw = half_bits_to_float(blk + 2);
           for (int j = 0; j < 16; ++j) {
-            wq[j] = blk[4 + j] & 0x0F;
-            wq[j + 16] = blk[4 + j] >> 4;
+            wq[j] = blk[at + j] & 0x0F;
+            wq[j + 16] = blk[at + j] >> 4;
           }
         } else if constexpr (fmt == kQ5_0) {
           mw = -16.f * dw;
@@ -276,6 +286,10 @@ Q8_VNNI inline __m256i dot_us_vnni(__m256i u, __m256i s) {
         dw = _mm_cvtss_f32(dmf);                                                                  \
         mw = _mm_cvtss_f32(_mm_movehdup_ps(dmf));                                                 \
         wv = q4_1_bytes(blk + 4);                                                                 \
+      } else if constexpr (fmt == kQ4_1F) {                                                       \
+        std::memcpy(&dw, blk, 4);                                                                 \
+        std::memcpy(&mw, blk + 4, 4);                                                             \
+        wv = q4_1_bytes(blk + 8);                                                                 \
       } else {                                                                                    \
         uint16_t h;                                                                               \
         std::memcpy(&h, blk, 2);                                                                  \
@@ -424,7 +438,11 @@ Q8_AVX2 void pack_tile(const uint8_t* w, int64_t n0, int64_t cols, int64_t nb, T
           uint16_t h;
           std::memcpy(&h, blk, 2);
           dw = _cvtsh_ss(h);
-          if constexpr (fmt == kQ4_1) {
+          if constexpr (fmt == kQ4_1F) {
+            std::memcpy(&dw, blk, 4);
+            std::memcpy(&aux, blk + 4, 4);
+            r[j] = q4_1_bytes(blk + 8);
+          } else if constexpr (fmt == kQ4_1) {
             std::memcpy(&h, blk + 2, 2);
             const float m = _cvtsh_ss(h);
             std::memcpy(&aux, &m, 4);
@@ -552,7 +570,7 @@ Q8_AVX2 void tile_kernel_avx2(const Tile& t, int h, const int32_t* x4, const flo
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       __m256i sum;
-      if constexpr (fmt == kQ4_1) {
+      if constexpr (nibbles(fmt)) {
         __m256i s16 = _mm256_setzero_si256();
 #pragma GCC unroll 8
         for (int g = 0; g < 8; ++g) {
@@ -646,12 +664,13 @@ void check_x(const torch::Tensor& x) {
 
 }  // namespace
 
-// x: [M, K] float32; weight: [N, K / 32 * block bytes] uint8 (fmt 0 = Q4_1, 1 = Q8_0, 2 = Q5_0); bias: [N]
+// x: [M, K] float32; weight: [N, K / 32 * block bytes] uint8 (fmt 0 = Q4_1, 1 = Q8_0, 2 = Q5_0, 3 = Q4_1
+// with float32 d and m, 24 bytes: d, m, the 16 bytes of nibbles); bias: [N]
 // float32 or empty; path: -1 = the best this CPU has, else 0 scalar, 1 AVX2, 2 AVX-512 VNNI.
 // Returns [M, N] float32 computed with x quantized to 8 bits per block of 32.
 torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias, int64_t path) {
   check_x(x);
-  TORCH_CHECK(fmt == kQ4_1 || fmt == kQ8_0 || fmt == kQ5_0, "8-bit activations take Q4_1 (0), Q8_0 (1) or Q5_0 (2) "
+  TORCH_CHECK(fmt >= kQ4_1 && fmt <= kQ4_1F, "8-bit activations take Q4_1 (0), Q8_0 (1), Q5_0 (2) or Q4_1F (3) "
               "weights, not format ", fmt);
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
               "GGUF weights must be a contiguous 2-D uint8 tensor");
@@ -668,6 +687,7 @@ torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor weight, int64_t fmt,
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   if (fmt == kQ4_1) gemm_q8<kQ4_1>(p, qx, wp, b, y.data_ptr<float>(), M, N, K);
   else if (fmt == kQ5_0) gemm_q8<kQ5_0>(p, qx, wp, b, y.data_ptr<float>(), M, N, K);
+  else if (fmt == kQ4_1F) gemm_q8<kQ4_1F>(p, qx, wp, b, y.data_ptr<float>(), M, N, K);
   else gemm_q8<kQ8_0>(p, qx, wp, b, y.data_ptr<float>(), M, N, K);
   return y;
 }

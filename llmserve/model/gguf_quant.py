@@ -14,7 +14,9 @@ format on any model (then it is lossy).
 quantized per block of 32 values to int8 with one scale (Q8_0; with the scaled sum of the quants
 too, Q8_1, for Q4_1's offset) and the block dot products are integer ones (csrc/gguf_q8act.cpp,
 AVX-512 VNNI or AVX2 chosen at run time, a scalar fallback). Faster, and lossy: x is rounded.
-Q5_0 layers (in Q4_K_M files, the ones whose width is no multiple of 256) take it too.
+Q5_0 layers (in Q4_K_M files, the ones whose width is no multiple of 256) take it too, and Q4_K
+layers as "q4_1f": Q4_1 blocks with float32 d and m, each Q4_K sub-block of 32 with its scale and
+min multiplied out at load exactly as ggml dequantizes them (the same weights, in Q4_1's kernels).
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ GGUF_FORMATS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantiz
 BLOCK_FORMATS = {**GGUF_FORMATS, "q5_0": gguf.GGMLQuantizationType.Q5_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
                  "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
 _KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}  # the kernels' fmt argument
-Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0")  # the formats gguf_linear_q8 computes
+Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0", "q4_k")  # the formats 8-bit activations apply to
+_Q8_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3}  # gguf_linear_q8's fmt argument
+Q4_1F_BYTES = 24  # float32 d, float32 m, 16 bytes of nibbles
 BLOCK_WEIGHTS = 32
 # gguf_linear_q8's `path` argument: -1 picks the best this CPU has (gguf_q8_paths() lists them).
 Q8_PATHS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -66,6 +70,33 @@ def dequantize(blocks: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(-1, k)
 
 
+def q4_k_as_q4_1f(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_K super-blocks [N, K / 256 * 144] as Q4_1F blocks [N, K / 32 * 24]: per sub-block of 32,
+    d * scale and -dmin * min in float32 (ggml's get_scale_min_k4 and its dequantization), and the
+    32 nibbles in Q4_1's order (byte j: weight j low, weight j + 16 high)."""
+    n = blocks.shape[0]
+    sb = blocks.numpy().reshape(n, -1, 144)
+    d = sb[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = sb[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc = sb[..., 4:16].astype(np.int32)
+    scale = np.concatenate([sc[..., 0:4] & 63, (sc[..., 8:12] & 0x0F) | ((sc[..., 0:4] >> 6) << 4)], axis=-1)
+    mins = np.concatenate([sc[..., 4:8] & 63, (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = sb[..., 16:].reshape(n, -1, 4, 32)  # 4 chunks of 64 weights: low nibbles first, then high
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1, 8, 32)  # sub-block j = chunk j // 2, nibble j % 2
+    out = np.empty((n, q.shape[1], 8, Q4_1F_BYTES), dtype=np.uint8)
+    out[..., 0:4] = (d[..., None] * scale.astype(np.float32)).astype(np.float32)[..., None].view(np.uint8)
+    out[..., 4:8] = (-(dmin[..., None] * mins.astype(np.float32))).astype(np.float32)[..., None].view(np.uint8)
+    out[..., 8:] = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    return torch.from_numpy(out.reshape(n, -1))
+
+
+def dequantize_q4_1f(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    b = blocks.numpy().reshape(blocks.shape[0], -1, Q4_1F_BYTES)
+    d, m = b[..., 0:4].copy().view(np.float32), b[..., 4:8].copy().view(np.float32)
+    q = np.concatenate([b[..., 8:] & 0x0F, b[..., 8:] >> 4], axis=-1).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(d * q + m, dtype=np.float32)).reshape(-1, k)
+
+
 def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1", "q8_0")) -> tuple[str, torch.Tensor] | None:
     """The first format whose blocks hold `weight` exactly (and those blocks), or None. The first
     row is tried before the whole tensor, so a float model is rejected at almost no cost."""
@@ -83,7 +114,7 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
 class GgufLinear(nn.Module):
     """y = x W^T + b with W held as GGUF blocks ([N, K / block weights * block bytes] uint8, ggml's
     layout). activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot
-    products; Q4_1, Q8_0 and Q5_0 layers, the others stay exact)."""
+    products; Q4_1, Q8_0, Q5_0 and Q4_K layers, the others stay exact)."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
                  activations: str = "float32") -> None:
@@ -96,6 +127,8 @@ class GgufLinear(nn.Module):
             raise InvalidRequestError(f"unknown GGUF block format {fmt!r}; choose from {sorted(BLOCK_FORMATS)}")
         if activations == "q8" and fmt not in Q8_ACTIVATION_FORMATS:
             activations = "float32"
+        if activations == "q8" and fmt == "q4_k":  # Q4_1's kernels over Q4_K's sub-blocks (the same weights)
+            blocks, fmt = q4_k_as_q4_1f(blocks), "q4_1f"
         self.fmt, self.in_features, self.kernels, self.activations = fmt, in_features, kernels, activations
         self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("bias", torch.empty(0) if bias is None else bias.detach().float().contiguous())
@@ -107,6 +140,8 @@ class GgufLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [N, K]."""
+        if self.fmt == "q4_1f":
+            return dequantize_q4_1f(self.blocks, self.in_features)
         if self.kernels is not None:
             return self.kernels.gguf_dequantize(self.blocks, _KERNEL_FORMAT[self.fmt], self.in_features)
         return dequantize(self.blocks, self.fmt, self.in_features)
@@ -116,7 +151,7 @@ class GgufLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.kernels is not None and x2.dtype == torch.float32:
             if self.activations == "q8":
-                y = self.kernels.gguf_linear_q8(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias, Q8_AUTO_PATH)
+                y = self.kernels.gguf_linear_q8(x2, self.blocks, _Q8_KERNEL_FORMAT[self.fmt], self.bias, Q8_AUTO_PATH)
             else:
                 y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
         else:
