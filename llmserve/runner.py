@@ -29,6 +29,9 @@ from llmserve.sampling.sampler import Sampler, SamplerOutput
 from llmserve.sampling.verify import num_accepted, rewind_generator, verify_rows
 
 
+STATE_DTYPE = torch.float32
+
+
 @dataclass
 class ExportedKV:
     """A request's cache as plain CPU tensors, for another engine's import: per KV group
@@ -107,8 +110,9 @@ class ModelRunner:
         self.kv_caches = [self.kv_pages[page] for page in self.layout.page_of_layer]  # per layer
         self.backend = backend_factory(self.kv_caches)
         self.state_specs = model.state_specs() if hasattr(model, "state_specs") else []
-        # Per state-space layer (conv state, SSM state), each [num_state_slots, ...]: one slot a request.
-        self.state_caches = [tuple(torch.zeros((num_state_slots, *shape), dtype=dtype, device=device)
+        # Per state-space layer (conv state, SSM state), each [num_state_slots, ...]: one slot a request,
+        # in float32 whatever the KV dtype (a recurrent state rounded every step drifts).
+        self.state_caches = [tuple(torch.zeros((num_state_slots, *shape), dtype=STATE_DTYPE, device=device)
                                    for shape in spec.shapes()) for spec in self.state_specs]
         self.backend.state_caches = self.state_caches
         self.batch = InputBatch(block_size, num_groups=self.layout.num_groups)

@@ -307,3 +307,43 @@ def test_a_hit_in_a_later_group_is_not_handed_out_to_an_earlier_one():
     assert kv.allocate(b, 4, prefix)  # the full group's 4 new blocks come from the front of the free list
     ids = [blk.block_id for t in kv.tables for blk in t["b"] if blk is not NULL_BLOCK]
     assert len(ids) == len(set(ids)) == 8 + 5
+
+
+class _MemoryTier:
+    """The disk tier's interface over a dict (engine/kv_offload.py keeps files)."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.data
+
+    def store(self, key: bytes, data: bytes) -> None:
+        self.data[key] = data
+
+    def load(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+
+def test_bringing_back_two_full_groups_never_shares_a_block():
+    """Regression: with two full-attention groups and the disk tier, the second group's blocks read
+    back from disk must not take the first group's hits (they are held until the lookup ends)."""
+    kv = KVCacheManager(9, 1, enable_caching=True, wipe_on_free=False, windows=(None, None))
+    kv.attach_tier(_MemoryTier(), read_block=lambda i: bytes([i]), write_block=lambda i, data: None)
+    a = new_request("a", [1, 2, 3], None)
+    assert kv.allocate(a, 3)
+    a.num_computed_tokens = 3
+    kv.commit(a, 3)
+    kv.end_step()
+    kv.free(a)
+    e = new_request("e", [7, 7, 7, 7], None)  # takes 8 of the 9 blocks: a's go to the tier
+    assert kv.allocate(e, 4)
+    kv.free(e)
+    r = new_request("r", [5, 5, 5], None)  # holds 6: 3 left free
+    assert kv.allocate(r, 3)
+    b = new_request("b", [1, 2, 3, 9], None)
+    prefix = kv.find_cached_prefix(b)
+    ids = [blk.block_id for blocks in prefix.blocks for blk in blocks]
+    assert len(ids) == len(set(ids)), "one block in both groups' hits"
+    if prefix.num_blocks:
+        assert kv.allocate(b, 1, prefix)

@@ -68,6 +68,8 @@ def _transfer_s_per_token(llm) -> float:
     """Seconds per token to move a request's KV out of one engine and into another (export, then
     import), measured on 64 blocks of this engine: the in-process part of a prefill -> decode move."""
     runner = llm.engine.runner
+    if not runner.kv_pages:  # no attention layers (Mamba-2): nothing but a state slot moves
+        return 0.0
     bs = runner.block_size
     blocks = list(range(min(64, runner.kv_caches[0][0].shape[0] // bs)))
     start = time.perf_counter()

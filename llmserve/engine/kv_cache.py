@@ -86,7 +86,10 @@ class KVCacheManager:
         self.pool.on_evict = self._offload
 
     def _offload(self, block: Block) -> None:
-        self.tier.store(block.block_hash, self._read_block(block.block_id))
+        key = block.block_hash
+        group = key[-1] if len(key) > 16 else 0  # (_key appends the group to a 16-byte hash)
+        if self.windows[group] is None:  # a window group's blocks are not read back from the tier
+            self.tier.store(key, self._read_block(block.block_id))
 
     @property
     def num_free_blocks(self) -> int:
@@ -142,6 +145,7 @@ class KVCacheManager:
         hashes = self._full_block_hashes(req, max_blocks * self.block_size)
         num = len(hashes)
         found: list[list[Block | None]] = []
+        held: list[Block] = []  # earlier full groups' hits, off the free list while later ones read the tier
         for g, window in enumerate(self.windows):
             if window is None:
                 hits: list[Block] = []
@@ -151,11 +155,17 @@ class KVCacheManager:
                         break
                     hits.append(block)
                 if self.tier is not None and len(hits) < num and self._key(hashes[len(hits)], g) in self.tier:
-                    self._bring_back([self._key(h, g) for h in hashes[len(hits):num]], hits)
+                    self._bring_back([self._key(h, g) for h in hashes[len(hits):num]], hits, count=not held)
                 num = len(hits)
                 found.append(hits)
+                if self.tier is not None:
+                    for block in hits:
+                        self.pool.touch(block)
+                    held.extend(hits)
             else:
                 found.append([self.pool.lookup(self._key(h, g)) for h in hashes[:num]])
+        for block in held:
+            self.pool.free(block, wipe=False)
         shrunk = True
         while shrunk:  # a shorter run needs earlier blocks in the other window groups: until all agree
             shrunk = False
@@ -178,10 +188,10 @@ class KVCacheManager:
             num = missing[-1]
         return num
 
-    def _bring_back(self, hashes: list[bytes], hits: list[Block]) -> None:
+    def _bring_back(self, hashes: list[bytes], hits: list[Block], count: bool = True) -> None:
         """Read the blocks of `hashes` (prefix-index keys) that follow the memory hits back from the
         disk tier, as long as they are there, into blocks that then sit in the prefix cache like
-        any other."""
+        any other. count: add the blocks' tokens to disk_hits (once per position, not per group)."""
         held = list(hits)
         for block in held:  # off the free list while new blocks are taken, so none is evicted
             self.pool.touch(block)
@@ -198,7 +208,8 @@ class KVCacheManager:
                 self.pool.cache(block, h)
                 block.wipe_on_evict = self.wipe_on_free and self.pool.lookup(h) is block
                 hits.append(block)
-                self.disk_hits += self.block_size
+                if count:
+                    self.disk_hits += self.block_size
         finally:
             for block in held:
                 self.pool.free(block, wipe=False)
@@ -211,7 +222,8 @@ class KVCacheManager:
     def allocate(self, req: Request, num_new_tokens: int, cached_prefix: CachedPrefix | None = None) -> bool:
         """Make room for num_new_tokens more tokens of req (after its computed ones, or after
         cached_prefix when it is being admitted), in every group; window groups first give back
-        the blocks their next query no longer reads. False, with no block taken, if blocks run out."""
+        the blocks their next query no longer reads. A request's first allocation also takes its
+        state slot. False, with no block or slot taken, if either runs out."""
         rid = req.request_id
         bs = self.block_size
         hit = cached_prefix is not None and cached_prefix.num_blocks > 0

@@ -21,7 +21,7 @@ from llmserve.model.gguf_quant import GGUF_FORMATS, q8_path_name
 from llmserve.model.linear import WeightStorage, onednn_available
 from llmserve.model.ops import CpuFusedOps, TorchOps
 from llmserve.model.specs import KVLayout, kv_layout
-from llmserve.runner import ModelRunner
+from llmserve.runner import STATE_DTYPE, ModelRunner
 from llmserve.threads import ThreadGovernor
 from llmserve.tokenizer import eos_token_ids, load_tokenizer
 
@@ -168,7 +168,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     layout = kv_layout(model.kv_cache_specs(), by_kind=config.kv_groups)
     per_block = layout.bytes_per_block(config.block_size, kv_dtype)
     state_specs = model.state_specs() if hasattr(model, "state_specs") else []
-    per_slot = sum(spec.bytes_per_slot(kv_dtype) for spec in state_specs)
+    per_slot = sum(spec.bytes_per_slot(STATE_DTYPE) for spec in state_specs)
     num_slots = _num_state_slots(config, per_slot, per_block > 0, device)
     if state_specs:
         _check_state_model(config)

@@ -179,7 +179,9 @@ def _mamba(cfg: dict[str, Any], bamba: bool = False) -> MambaConfig:
         "time_step_limit") if names.get(key, key) in cfg}
     mamba = MambaConfig(
         num_heads=cfg["num_heads"], head_dim=cfg["head_dim"], state_size=cfg["state_size"],
-        n_groups=cfg.get("n_groups", 1), conv_kernel=cfg.get("conv_kernel", 4), chunk_size=cfg.get("chunk_size", 256),
+        # (transformers' defaults where a config leaves a key out: Mamba2Config's n_groups is 8, Bamba's 1)
+        n_groups=cfg.get("n_groups", 1 if bamba else 8), conv_kernel=cfg.get("conv_kernel", 4),
+        chunk_size=cfg.get("chunk_size", 256),
         use_conv_bias=bool(cfg.get("use_conv_bias", True)), use_bias=bool(cfg.get("use_bias", False)),
         time_step_limit=tuple(_json_float(x) for x in cfg.get("time_step_limit", (0.0, float("inf")))))
     if mamba.num_heads % mamba.n_groups:
