@@ -109,11 +109,14 @@ class ApiDocs:
             content[op.ok_media] = {"schema": {"type": "string"}}
         if op.stream is not None:
             name = refs[(op.stream, "serialization")]["$ref"].rsplit("/", 1)[-1]
+            # The schema of each event (its fields, as SSE parsers and OpenAPI 3.2's itemSchema see them).
             content["text/event-stream"] = {
-                "schema": {"type": "string", "description": (
+                "schema": {"type": "object", "required": ["data"], "description": (
                     f"With `stream: true`: server-sent events `data: <{name} as JSON>`, then `data: [DONE]`. "
                     "An error after the stream began comes as one `data: <ErrorBody as JSON>` event before "
-                    "`data: [DONE]`.")},
+                    "`data: [DONE]`."),
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                   "id": {"type": "string"}, "retry": {"type": "integer"}}},
                 "x-event-schema": refs[(op.stream, "serialization")],
             }
         if content:
