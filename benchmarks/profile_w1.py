@@ -1,6 +1,10 @@
 """Where W1's time goes: prefill and decode separately, by part, against the machine's peaks.
 
     .venv/bin/python benchmarks/profile_w1.py [--requests 64 --input-len 256 --output-len 128]
+    .venv/bin/python benchmarks/profile_w1.py --workload chat --requests 60 --input-len 1024 --output-len 256
+
+With `--workload chat` (or code, summarization) the lengths are the workload's log-normal shapes,
+capped at --input-len / --output-len, as `llmserve bench serve --workload chat` draws them.
 
 W1 is 64 requests x 256 random prompt tokens -> exactly 128 output tokens, all submitted at once,
 on the embedded model with the default settings. Every step is timed whole, and inside it the
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from llmserve import LLM, SamplingParams
+from llmserve.bench.workloads import SHAPES, sample_lengths
 from llmserve.model.linear import Projection
 
 
@@ -68,6 +73,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--workload", default="random", choices=["random", *SHAPES],
+                    help="random: every request --input-len -> --output-len; otherwise the workload's shapes, capped there")
     ap.add_argument("--seed", type=int, default=None,
                     help="a per-request seed (each request then draws with its own generator); unset: as W1")
     ap.add_argument("--activations", default="float32", choices=["float32", "q8"],
@@ -96,9 +103,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     llm.generate([[11] * 16], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
-    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=args.seed)
-    for i in range(args.requests):
-        engine.add_request(f"w1-{i}", torch.randint(0, vocab, (args.input_len,), generator=g).tolist(), params)
+    lengths = sample_lengths(args.workload, args.requests, input_len=args.input_len, output_len=args.output_len,
+                             max_input_len=args.input_len, max_output_len=args.output_len)
+    for i, (n_in, n_out) in enumerate(lengths):
+        params = SamplingParams(temperature=1.0, max_tokens=n_out, ignore_eos=True, seed=args.seed)
+        engine.add_request(f"w1-{i}", torch.randint(0, vocab, (n_in,), generator=g).tolist(), params)
     phases = {p: defaultdict(float) for p in ("prefill", "decode")}
     counts = {p: {"steps": 0, "proj_flops": 0.0} for p in phases}
     total_start = time.perf_counter()
@@ -118,9 +127,12 @@ def main() -> None:
         counts[phase]["proj_flops"] += timers.flops
     wall = time.perf_counter() - total_start
 
-    report = {"peaks": peaks, "wall_s": wall, "activations": args.activations, "threads": torch.get_num_threads(), "phases": {}}
+    report = {"peaks": peaks, "wall_s": wall, "workload": args.workload, "lengths": {
+                  "prompt_tokens": sum(a for a, _ in lengths), "output_tokens": sum(b for _, b in lengths)},
+              "preemptions": engine.scheduler.num_preemptions,
+              "activations": args.activations, "threads": torch.get_num_threads(), "phases": {}}
     print(f"peaks: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s (oneDNN 2048^3), read {peaks['read_gbs']:.1f} GB/s; "
-          f"{torch.get_num_threads()} threads; W1 wall {wall:.1f} s")
+          f"{torch.get_num_threads()} threads; wall {wall:.1f} s, {engine.scheduler.num_preemptions} preemptions")
     for phase, parts in phases.items():
         step = parts["step"]
         named = sum(v for k, v in parts.items() if k != "step")

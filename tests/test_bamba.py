@@ -4,15 +4,14 @@ blocks and its mixers' state slot. Chunk budgets 7 and 64, a batch of mixed leng
 under a tiny KV budget and under few state slots, a move between engines; idle frees both."""
 from __future__ import annotations
 
-import pickle
 
 import pytest
 import torch
 
 from llmserve.model.arch_config import FULL, MAMBA, ArchConfig
-from llmserve.sampling_params import SamplingParams
 from test_engine import assert_idle
-from tiny_models import BOS_ID, EOS_ID, VOCAB_SIZE, hf_greedy, make_llm, make_model_folder, random_prompts
+from tiny_models import (BOS_ID, EOS_ID, VOCAB_SIZE, greedy, hf_greedy, make_llm, make_model_folder,
+                         move_mid_generation, random_prompts, run_to_idle)
 
 STEPS = 64
 
@@ -39,10 +38,6 @@ def bamba(tmp_path_factory):
                 layer.mamba.dt_bias.copy_(torch.randn(layer.mamba.dt_bias.shape, generator=g) - 1)
     hf.save_pretrained(folder)
     return folder, hf
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
 def test_config_reads_the_layer_kinds(bamba):
@@ -92,15 +87,7 @@ def test_a_request_moved_mid_generation_continues_exactly(bamba, with_kv):
     dst.add_request("other", random_prompts(1, [9], seed=24)[0], greedy(20))
     dst.step()
     src.add_request("r", prompt, greedy(30))
-    while src.groups["r"].seqs[0].num_output_tokens < 12:
-        src.step()
-    state = pickle.loads(pickle.dumps(src.export_request("r", with_kv=with_kv)))
-    dst.import_request(state)
-    outs = {}
-    while dst.has_unfinished_requests():
-        for o in dst.step():
-            if o.finished:
-                outs[o.request_id] = o.outputs[0].token_ids
-    assert outs["r"] == want
+    move_mid_generation(src, dst, "r", 12, with_kv=with_kv)
+    assert run_to_idle(dst)["r"].outputs[0].token_ids == want
     assert_idle(src)
     assert_idle(dst)

@@ -351,6 +351,12 @@ def test_bench_serve_against_fake_server_sweep(fake_server, tmp_path, capsys):
     body = fake_server.bodies[-1]
     assert body["stream"] and body["ignore_eos"] and body["max_tokens"] == 6 and isinstance(body["prompt"], str)
     assert len(body["prompt"].split()) == 20  # no tokenizer: one word a token
+    # Each rate sends prompts of the same lengths but new words: a prefix cache filled at one rate
+    # answers nothing at the next.
+    sent = [b["prompt"] for b in fake_server.bodies if "prompt" in b]  # the test request, then the two rates
+    first, second = set(sent[1:13]), set(sent[13:])
+    assert len(sent) == 1 + 2 * 12 and len(first) == len(second) == 12 and not first & second
+    assert sorted(len(t.split()) for t in first) == sorted(len(t.split()) for t in second)
     text = capsys.readouterr().out
     assert "Mean TTFT (ms)" in text and "Goodput" in text
 

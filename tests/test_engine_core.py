@@ -13,7 +13,8 @@ from llmserve.engine.scheduler import SampledTokens, SchedulerOutput
 from llmserve.sampling.metadata import SamplingRow
 from llmserve.sampling_params import SamplingParams
 from test_engine import assert_idle, greedy
-from tiny_models import byte_tokenizer, llama_config, make_llm, make_model_folder, random_prompts
+from tiny_models import (byte_tokenizer, llama_config, make_llm, make_model_folder, move_mid_generation,
+                         random_prompts, run_to_idle)
 
 PRIVATE = [211, 173, 199, 137, 241, 158]
 
@@ -23,14 +24,6 @@ def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("core-llama")
     make_model_folder(path, llama_config(), seed=11)
     return path
-
-
-def _run(engine) -> dict[str, object]:
-    last = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            last[out.request_id] = out
-    return last
 
 
 def _admit_and_prefill(engine, rid: str, prompt: list[int], params: SamplingParams) -> None:
@@ -102,7 +95,7 @@ def test_same_prompt_arriving_together_is_computed_once(folder):
     engine = make_llm(folder, block_size=4).engine
     prompt = random_prompts(1, [33], seed=5)[0]
     engine.add_request("g", prompt, SamplingParams(n=3, temperature=0, max_tokens=4, ignore_eos=True))
-    out = _run(engine)["g"]
+    out = run_to_idle(engine)["g"]
     assert len({tuple(c.token_ids) for c in out.outputs}) == 1
     assert engine.kv.prefix_hits == 2 * 32  # the second and third sequence hit all 8 full blocks
     assert_idle(engine)
@@ -121,20 +114,17 @@ def test_request_moved_mid_generation_continues_exactly(folder, params, with_kv)
     others = random_prompts(3, [5, 30, 12], seed=7)
     stay = make_llm(folder).engine
     stay.add_request("r", prompt, params)
-    expected = _run(stay)["r"]
+    expected = run_to_idle(stay)["r"]
 
     src, dst = make_llm(folder).engine, make_llm(folder).engine
     src.add_request("r", prompt, params)
     for i, p in enumerate(others):  # company in the batch on both sides
         src.add_request(f"s{i}", p, greedy(30))
         dst.add_request(f"d{i}", p, greedy(5))
-    while min(r.num_output_tokens for r in src.groups["r"].seqs) < 10:
-        src.step()
-    state = pickle.loads(pickle.dumps(src.export_request("r", with_kv=with_kv)))
+    move_mid_generation(src, dst, "r", 10, with_kv=with_kv)
     assert "r" not in src.groups and "r" not in src.kv.block_tables
-    dst.import_request(state)
-    moved = _run(dst)["r"]
-    _run(src)
+    moved = run_to_idle(dst)["r"]
+    run_to_idle(src)
     for a, b in zip(moved.outputs, expected.outputs):
         assert a.token_ids == b.token_ids
         assert a.text == b.text

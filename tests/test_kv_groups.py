@@ -5,7 +5,6 @@ transformers' through prefix hits, preemption and a move between engines; idle m
 every group."""
 from __future__ import annotations
 
-import pickle
 
 import pytest
 
@@ -13,9 +12,9 @@ from llmserve.engine.block_pool import NULL_BLOCK
 from llmserve.errors import InvalidRequestError
 from llmserve.model.arch_config import FULL, SLIDING
 from llmserve.model.specs import FullAttentionSpec, kv_layout
-from llmserve.sampling_params import SamplingParams
 from test_engine import assert_idle
-from tiny_models import BOS_ID, EOS_ID, VOCAB_SIZE, hf_greedy, make_llm, make_model_folder, random_prompts
+from tiny_models import (BOS_ID, EOS_ID, VOCAB_SIZE, greedy, hf_greedy, make_llm, make_model_folder,
+                         move_mid_generation, random_prompts, run_to_idle)
 
 WINDOW = 16
 BLOCK = 4
@@ -51,10 +50,6 @@ def gemma(tmp_path_factory):
 def mistral(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kv-groups-mistral")
     return folder, make_model_folder(folder, mistral_config(), seed=4)
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
 def held_tokens(engine, rid: str) -> list[int]:
@@ -183,22 +178,16 @@ def test_a_window_model_request_moved_mid_generation_continues_exactly(gemma, wi
     src = make_llm(folder, block_size=BLOCK).engine
     dst = make_llm(folder, block_size=BLOCK).engine
     src.add_request("r", prompt, greedy(40))
-    while src.groups["r"].seqs[0].num_output_tokens < 20:
-        src.step()
-    state = pickle.loads(pickle.dumps(src.export_request("r", with_kv=with_kv)))
+    state = move_mid_generation(src, dst, "r", 20, with_kv=with_kv)
     if with_kv:  # the blocks the window groups dropped travel as zeros
         kv = state["kv"][0].groups
         assert len(kv) == len(src.kv.windows)
         assert all(bool((g[:, :, :WINDOW] == 0).all()) for g, w in zip(kv, src.kv.windows) if w is not None)
     assert_idle(src)
-    dst.import_request(state)
     if with_kv:  # taken back in as computed: the window groups hold only what they read
         held = held_tokens(dst, "r")
         assert all(h <= WINDOW + BLOCK for h, w in zip(held, dst.kv.windows) if w is not None)
-    out = None
-    while dst.has_unfinished_requests():
-        out = dst.step() or out
-    assert out[0].outputs[0].token_ids == want
+    assert run_to_idle(dst)["r"].outputs[0].token_ids == want
     assert_idle(dst)
 
 

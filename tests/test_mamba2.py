@@ -4,7 +4,6 @@ few state slots, a move between engines; the SSD chunked scan against the token-
 recurrence; one state slot per request whatever its length; idle means free."""
 from __future__ import annotations
 
-import pickle
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from llmserve.errors import InvalidRequestError
 from llmserve.model.mamba2 import ssd_scan
 from llmserve.sampling_params import SamplingParams
 from test_engine import assert_idle
-from tiny_models import BOS_ID, EOS_ID, VOCAB_SIZE, hf_greedy, make_llm, make_model_folder, random_prompts
+from tiny_models import (BOS_ID, EOS_ID, VOCAB_SIZE, greedy, hf_greedy, make_llm, make_model_folder,
+                         move_mid_generation, random_prompts, run_to_idle)
 
 STEPS = 64
 
@@ -38,10 +38,6 @@ def mamba(tmp_path_factory):
             layer.mixer.dt_bias.copy_(torch.randn(layer.mixer.dt_bias.shape, generator=g) - 1)
     hf.save_pretrained(folder)
     return folder, hf
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
 def test_ssd_scan_equals_the_recurrence():
@@ -88,12 +84,8 @@ def test_preempted_requests_recompute_their_state(mamba):
     victim = engine.scheduler.running[-1]
     engine.scheduler._preempt(victim)  # as memory pressure would: its slot goes, it recomputes
     assert victim.request_id not in engine.kv.state_slots
-    outs = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                outs[o.request_id] = o.outputs[0].token_ids
-    assert [outs[str(i)] for i in range(4)] == want
+    outs = run_to_idle(engine)
+    assert [outs[str(i)].outputs[0].token_ids for i in range(4)] == want
     assert_idle(engine)
 
 
@@ -127,18 +119,10 @@ def test_a_request_moved_mid_generation_continues_exactly(mamba, with_kv):
     dst.add_request("other", random_prompts(1, [9], seed=15)[0], greedy(30))  # the slot 0 is someone else's
     dst.step()
     src.add_request("r", prompt, greedy(40))
-    while src.groups["r"].seqs[0].num_output_tokens < 20:
-        src.step()
-    state = pickle.loads(pickle.dumps(src.export_request("r", with_kv=with_kv)))
+    state = move_mid_generation(src, dst, "r", 20, with_kv=with_kv)
     if with_kv:
         assert len(state["kv"][0].states) == 2 * 2  # conv and SSM state of both layers
-    dst.import_request(state)
-    outs = {}
-    while dst.has_unfinished_requests():
-        for o in dst.step():
-            if o.finished:
-                outs[o.request_id] = o.outputs[0].token_ids
-    assert outs["r"] == want
+    assert run_to_idle(dst)["r"].outputs[0].token_ids == want
     assert_idle(src)
     assert_idle(dst)
 

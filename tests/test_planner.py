@@ -87,3 +87,35 @@ def test_plan_command_profiles_and_ranks_every_placement(tmp_path):
     assert {r["placement"] for r in plan["ranked"]} == {str(p) for p in candidate_placements(2, budgets=(64,))}
     per_core = [r["per_core"] for r in plan["ranked"]]
     assert per_core == sorted(per_core, reverse=True) and plan["transfer_s_per_token"] > 0
+
+
+class _RecordingModel:
+    """A step-time model that records the step shapes the simulator asks it about (1 s a step)."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def step_s(self, prefill_tokens: int, decode_seqs: int, attended: int) -> float:
+        self.shapes.append((prefill_tokens, decode_seqs, attended))
+        return 1.0
+
+
+def test_the_simulator_builds_the_steps_the_engine_runs(tmp_path):
+    """Requests all there at the start: the simulator's steps (prompt tokens, decodes, positions
+    attended) are the engine's own, step for step, chunks, decodes and budget alike."""
+    from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
+
+    from llmserve.sampling_params import SamplingParams
+
+    make_model_folder(tmp_path / "m", llama_config())
+    engine = make_llm(tmp_path / "m", max_num_batched_tokens=16, max_num_seqs=8).engine
+    lengths = [(10, 3), (20, 2), (5, 4), (33, 5)]
+    for i, ((p, o), prompt) in enumerate(zip(lengths, random_prompts(4, [p for p, _ in lengths], seed=1))):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True))
+    ran = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        ran.append(engine.last_step_shape[:3])
+    recorder = _RecordingModel()
+    simulate(Placement(1, 1, token_budget=16), recorder, [SimRequest(0.0, p, o) for p, o in lengths])
+    assert recorder.shapes == ran

@@ -229,3 +229,31 @@ def make_published_gguf_model(folder: str | Path):
                 p.copy_(dequantize(quantize(p, "q8_0"), "q8_0", p.shape[1]))
     hf.save_pretrained(folder)
     return hf
+
+
+def greedy(max_tokens: int = 16, **kw):
+    """Greedy sampling of exactly max_tokens tokens (EOS ignored)."""
+    from llmserve.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def run_to_idle(engine) -> dict:
+    """Step until no request is left; each request's last output, by request id."""
+    last = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            last[out.request_id] = out
+    return last
+
+
+def move_mid_generation(src, dst, request_id: str, after_tokens: int, *, with_kv: bool) -> dict:
+    """Step `src` until every sequence of the request has `after_tokens` outputs, export it (through
+    pickle, as it crosses processes) and import it into `dst`; returns the exported state."""
+    import pickle
+
+    while min(s.num_output_tokens for s in src.groups[request_id].seqs) < after_tokens:
+        src.step()
+    state = pickle.loads(pickle.dumps(src.export_request(request_id, with_kv=with_kv)))
+    dst.import_request(state)
+    return state

@@ -222,7 +222,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         if not res.success:
             _fail(f"the test request failed: {res.error}")
 
-    result = run_sweep(cfg, reqs, rates, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
+    # Each rate after the first gets fresh prompts of the same lengths: a server with a prefix cache
+    # would otherwise answer the repeated prompts from it and the later rates would measure hits.
+    # A workload file's prompts are what they are (and shared-prefix keeps its sharing within a rate).
+    reqs_per_rate = [reqs if i == 0 or _workload_name(args) == "file" else
+                     _build(args, PromptFactory(tokenizer, seed=[args.workload_seed, i]), as_ids=args.prompt_format == "ids",
+                            max_total_len=args.max_model_len) for i in range(len(rates))]
+    result = run_sweep(cfg, reqs_per_rate, rates, burstiness=args.burstiness, max_concurrency=args.max_concurrency,
                        seed=args.workload_seed, percentiles=percentiles, slos=slos, slo_target=args.slo_attainment,
                        request_timeout_s=args.request_timeout, progress=not args.disable_tqdm)
     if slos:

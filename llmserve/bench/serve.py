@@ -23,7 +23,7 @@ from llmserve.bench.metrics import (
     result_rows,
 )
 from llmserve.bench.spec_counters import scrape, spec_decode_summary
-from llmserve.bench.workloads import BenchRequest
+from llmserve.bench.workloads import BenchRequest, arrival_offsets
 
 
 def parse_rates(text: str | float | Sequence[float]) -> list[float]:
@@ -37,22 +37,6 @@ def parse_rates(text: str | float | Sequence[float]) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise ValueError("request rates must be positive numbers or inf")
     return values
-
-
-def arrival_offsets(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> list[float]:
-    """Send times (s from the start) of n requests: a gamma renewal process of mean rate `rate`.
-
-    Inter-arrival gaps are Gamma(shape=burstiness, scale=1/(rate*burstiness)): exponential (Poisson
-    arrivals) at burstiness 1, burstier below 1, more regular above. The first request goes at 0.
-    """
-    if n <= 0:
-        return []
-    if math.isinf(rate):
-        return [0.0] * n
-    if not burstiness > 0:
-        raise ValueError("burstiness must be positive")
-    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n - 1)
-    return [0.0] + [float(x) for x in np.cumsum(gaps)]
 
 
 @dataclass
@@ -160,13 +144,17 @@ def format_metrics(m: dict, percentiles: Sequence[float], title: str) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(cfg: ClientConfig, reqs: Sequence[BenchRequest], rates: Sequence[float], *, burstiness: float = 1.0,
+def run_sweep(cfg: ClientConfig, reqs_per_rate: Sequence[Sequence[BenchRequest]], rates: Sequence[float], *,
+              burstiness: float = 1.0,
               max_concurrency: int | None = None, seed: int = 0, percentiles: Sequence[float] = (50, 90, 99),
               slos: dict[str, float] | None = None, slo_target: float = 0.9, request_timeout_s: float = 600.0,
               progress: bool = True, echo=print) -> dict:
-    """Run the workload once per rate; returns the JSON-ready result."""
+    """Run the workload once per rate (reqs_per_rate[i] at rates[i]: the same lengths with fresh
+    prompts, so no rate reads the prefix cache an earlier one filled); the JSON-ready result."""
+    if len(reqs_per_rate) != len(rates):
+        raise ValueError("one request list per rate")
     runs = []
-    for rate in rates:
+    for rate, reqs in zip(rates, reqs_per_rate):
         spec = RunSpec(rate, burstiness, max_concurrency, seed, request_timeout_s, progress)
         before = scrape(cfg.base_url, cfg.headers)
         results, duration = asyncio.run(run_load(cfg, reqs, spec))

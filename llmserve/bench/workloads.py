@@ -109,6 +109,22 @@ def sample_lengths(workload: str, n: int, *, seed: int = 0, input_len: int = 256
     return list(zip(ins, outs))
 
 
+def arrival_offsets(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> list[float]:
+    """Send times (s from the start) of n requests: a gamma renewal process of mean rate `rate`.
+
+    Inter-arrival gaps are Gamma(shape=burstiness, scale=1/(rate*burstiness)): exponential (Poisson
+    arrivals) at burstiness 1, burstier below 1, more regular above. The first request goes at 0.
+    """
+    if n <= 0:
+        return []
+    if math.isinf(rate):
+        return [0.0] * n
+    if not burstiness > 0:
+        raise ValueError("burstiness must be positive")
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n - 1)
+    return [0.0] + [float(x) for x in np.cumsum(gaps)]
+
+
 # ---- prompts ---------------------------------------------------------------------------------
 class PromptFactory:
     """Random prompts of a given size in tokens, as token ids or as text.
@@ -117,7 +133,7 @@ class PromptFactory:
     or padded to the exact count. Without one, ids need `vocab_size` and text is one word per token.
     """
 
-    def __init__(self, tokenizer=None, *, vocab_size: int | None = None, seed: int = 0) -> None:
+    def __init__(self, tokenizer=None, *, vocab_size: int | None = None, seed: int | Sequence[int] = 0) -> None:
         self.tokenizer = tokenizer
         self.rng = np.random.default_rng(seed)
         if tokenizer is not None:

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmserve.bench.workloads import arrival_offsets
+
 
 @dataclass(frozen=True)
 class StepTimeModel:
     """Seconds of one engine step: a fixed cost, plus per prompt token computed, per decoding
-    sequence, and per context token those decodes attend to."""
+    sequence, and per context position attended (summed over the step's tokens, prompt chunks' as
+    well as decodes': attention's work, which grows with the context where the rest does not)."""
     fixed_s: float
     per_prefill_token_s: float
     per_decode_seq_s: float
@@ -117,8 +120,11 @@ def _run_replica(arrivals: list[tuple[float, _Seq]], model: StepTimeModel, budge
             n = min(seq.req.prompt - seq.computed, left)
             chunks.append((seq, n))
             left -= n
-        context = sum(s.req.prompt + s.generated for s in decoding)
-        t += model.step_s(sum(n for _, n in chunks), len(decoding), context)
+        # Positions attended, as ScheduledRequest.attended counts them: a decode its context and
+        # itself, a chunk each token's prefix and itself.
+        attended = (sum(s.req.prompt + s.generated for s in decoding)
+                    + sum(n * s.computed + n * (n + 1) // 2 for s, n in chunks))
+        t += model.step_s(sum(n for _, n in chunks), len(decoding), attended)
         for seq in list(decoding):
             seq.generated += 1
             if seq.generated >= seq.req.output:
@@ -167,11 +173,11 @@ def simulate(placement: Placement, model: StepTimeModel, requests: list[SimReque
 
 
 def poisson_requests(lengths: list[tuple[int, int]], rate: float, seed: int = 0) -> list[SimRequest]:
-    """The lengths arriving as a Poisson process of `rate` per second (the same draws scaled, so a
-    higher rate is the same sequence of requests, closer together)."""
-    gaps = np.random.default_rng(seed).exponential(1.0, size=len(lengths))
-    arrivals = np.cumsum(gaps) / rate
-    return [SimRequest(float(a), p, o) for a, (p, o) in zip(arrivals, lengths)]
+    """The lengths arriving as a Poisson process of `rate` per second, drawn exactly as `llmserve
+    bench serve --request-rate rate --seed seed` sends them (the first at 0; a higher rate is the
+    same sequence of requests, closer together), so a plan can be checked against that run."""
+    arrivals = arrival_offsets(len(lengths), rate, 1.0, np.random.default_rng(seed))
+    return [SimRequest(a, p, o) for a, (p, o) in zip(arrivals, lengths)]
 
 
 def goodput(placement: Placement, model: StepTimeModel, lengths: list[tuple[int, int]], ttft_slo: float,
@@ -221,38 +227,21 @@ def profile_steps(llm, threads: int, repeats: int = 3) -> StepTimeModel:
     torch.set_num_threads(threads)
     vocab = engine.model_config.vocab_size
     g = np.random.default_rng(0)
-    schedule = engine.scheduler.schedule
-    last: list = []
-
-    def recording():
-        out = schedule()
-        last.append(out)
-        return out
-
-    engine.scheduler.schedule = recording
     shapes = [(64, 1, 1), (256, 1, 1), (512, 1, 1)] + [(ctx, n, 8) for ctx in (64, 448) for n in (1, 8, 32)]
     by_shape: dict[tuple[int, int, int], list[float]] = {}
-    try:
-        for rep in range(repeats + 1):  # the first round warms up (kernels, allocations) and is dropped
-            for prompt, batch, steps in shapes:
-                params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-                for i in range(batch):
-                    engine.add_request(f"profile-{rep}-{prompt}-{batch}-{i}", g.integers(0, vocab, prompt).tolist(),
-                                       params)
-                while engine.has_unfinished_requests():
-                    last.clear()
-                    start = time.perf_counter()
-                    engine.step()
-                    elapsed = time.perf_counter() - start
-                    if not last or last[0].empty or rep == 0:
-                        continue
-                    sched = last[0]
-                    prefill = sum(s.num_new_tokens for s in sched.scheduled if s.start < s.request.num_prompt_tokens)
-                    decodes = [s for s in sched.scheduled if s.start >= s.request.num_prompt_tokens]
-                    key = (prefill, len(decodes), sum(s.start for s in decodes))
-                    by_shape.setdefault(key, []).append(elapsed)
-    finally:
-        engine.scheduler.schedule = schedule
+    for rep in range(repeats + 1):  # the first round warms up (kernels, allocations) and is dropped
+        for prompt, batch, steps in shapes:
+            params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+            for i in range(batch):
+                engine.add_request(f"profile-{rep}-{prompt}-{batch}-{i}", g.integers(0, vocab, prompt).tolist(),
+                                   params)
+            while engine.has_unfinished_requests():
+                engine.last_step_shape = None
+                start = time.perf_counter()
+                engine.step()
+                elapsed = time.perf_counter() - start  # the whole step: scheduling and update too
+                if engine.last_step_shape is not None and rep > 0:
+                    by_shape.setdefault(engine.last_step_shape[:3], []).append(elapsed)
     return StepTimeModel.fit([(*key, float(np.median(times))) for key, times in by_shape.items()])
 
 

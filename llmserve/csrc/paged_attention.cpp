@@ -64,6 +64,7 @@ struct Task {
 struct Scratch {
   std::vector<float> q, acc, m, l, s, kst, vst, zeros, scores;
   std::vector<const float*> kp, vp;
+  std::vector<int32_t> pos;  // the lanes path's row positions
 #ifdef LLMSERVE_VEC_AVX2
   std::vector<__m256> part;  // the vector decode's partial dot products, 8 a head
   std::vector<float> sums;  // the vector decode's softmax denominators, one a head
@@ -522,6 +523,163 @@ void flash_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_ca
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Multi-query tiles with the query rows across the vector lanes (AVX2). A task's rows (its
+// queries x the KV head's query heads) are the columns of Q^T [D][Mp], of the scores S^T [keys][Mp]
+// and of the output O^T [D][Mp], so both products are register-blocked GEMMs (keys or dims as
+// broadcast scalars, 16 rows as two vectors: 12 accumulators, 8 loads per 12 multiply-adds) and the
+// online softmax runs down the keys, one vector of rows at a time, with no horizontal reduction.
+#ifdef LLMSERVE_VEC_AVX2
+
+constexpr int64_t kLanes = 16;  // rows a micro-kernel covers: two 8-float vectors
+
+// C[i][0..16) (+)= sum_k A(i, k) * B[k][0..16) for i < R; A(i, k) is a scalar read through `at`.
+template <int R, typename At>
+inline void mk16(At at, int64_t K, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  __m256 c0[R], c1[R];
+  for (int i = 0; i < R; ++i) {
+    c0[i] = accumulate ? _mm256_loadu_ps(C + i * ldc) : _mm256_setzero_ps();
+    c1[i] = accumulate ? _mm256_loadu_ps(C + i * ldc + 8) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+    for (int i = 0; i < R; ++i) {
+      const __m256 a = _mm256_broadcast_ss(at(i, k));
+      c0[i] = _mm256_fmadd_ps(a, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(a, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    _mm256_storeu_ps(C + i * ldc, c0[i]);
+    _mm256_storeu_ps(C + i * ldc + 8, c1[i]);
+  }
+}
+
+// The same over n rows of C (n <= 6), picking the unrolled kernel.
+template <typename At>
+inline void mk16_rows(int64_t n, At at, int64_t K, const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+  switch (n) {
+    case 6: return mk16<6>(at, K, B, ldb, C, ldc, acc);
+    case 5: return mk16<5>(at, K, B, ldb, C, ldc, acc);
+    case 4: return mk16<4>(at, K, B, ldb, C, ldc, acc);
+    case 3: return mk16<3>(at, K, B, ldb, C, ldc, acc);
+    case 2: return mk16<2>(at, K, B, ldb, C, ldc, acc);
+    default: return mk16<1>(at, K, B, ldb, C, ldc, acc);
+  }
+}
+
+// Query rows a lanes task takes: about 48 (three vectors of 16), whole queries.
+inline int64_t lanes_query_tile(int64_t G) { return std::max<int64_t>(1, 48 / G); }
+
+// A multi-query task (rows [q0, q1) x the G heads of KV head g), as flash_task computes it.
+template <typename qt, typename ct>
+void lanes_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* table,
+                int64_t row0, int64_t p0, const Shape& sh, Scratch& sc, qt* out) {
+  const int64_t G = sh.G, D = sh.D, g = task.g, nq = task.q1 - task.q0, M = nq * G, Mp = round_up(M, kLanes);
+  const int64_t KT = key_tile_for(D), bs = sh.block_size;
+  const int64_t first = p0 + task.q0, last = p0 + task.q1 - 1;
+  sc.q.resize(D * Mp);  // Q^T, scaled
+  for (int64_t r = 0; r < Mp; ++r) {
+    const int64_t rr = std::min(r, M - 1);  // a padding row repeats the last (its output is dropped)
+    const qt* src = q + (row0 + task.q0 + rr / G) * sh.q_stride + (g * G + rr % G) * D;
+    for (int64_t d = 0; d < D; ++d) sc.q[d * Mp + r] = static_cast<float>(src[d]) * sh.scale;
+  }
+  sc.acc.assign(D * Mp, 0.f);  // O^T
+  sc.m.assign(Mp, kNegInf);
+  sc.l.assign(Mp, 0.f);
+  sc.s.resize(KT * Mp);  // S^T, then P^T in place
+  sc.kp.resize(KT);
+  sc.vp.resize(KT);
+  std::vector<int32_t>& pos = sc.pos;  // each row's position
+  pos.resize(Mp);
+  for (int64_t r = 0; r < Mp; ++r) pos[r] = static_cast<int32_t>(first + std::min(r, M - 1) / G);
+  constexpr bool kConvert = !std::is_same_v<ct, float>;
+  if (kConvert) {
+    sc.kst.resize(KT * D);
+    sc.vst.resize(KT * D);
+  }
+  const float cap = sh.cap;
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
+  const int64_t kstart = sh.window > 0 ? std::max<int64_t>(0, first - sh.window + 1) : 0, kend = last + 1;
+  for (int64_t t0 = kstart; t0 < kend; t0 += KT) {
+    const int64_t n = std::min(KT, kend - t0);
+    for (int64_t j = 0, p = t0; j < n;) {
+      const int64_t off = p % bs, cnt = std::min(bs - off, n - j);
+      const int64_t base = (static_cast<int64_t>(table[p / bs]) * bs + off) * sh.row + g * D;
+      for (int64_t i = 0; i < cnt; ++i, ++j) {
+        const ct* kr = k_cache + base + i * sh.row;
+        const ct* vr = v_cache + base + i * sh.row;
+        if constexpr (kConvert) {
+          widen(kr, sc.kst.data() + j * D, D);
+          widen(vr, sc.vst.data() + j * D, D);
+          sc.kp[j] = sc.kst.data() + j * D;
+          sc.vp[j] = sc.vst.data() + j * D;
+        } else {
+          sc.kp[j] = reinterpret_cast<const float*>(kr);
+          sc.vp[j] = reinterpret_cast<const float*>(vr);
+        }
+      }
+      p += cnt;
+    }
+    const float* const* kp = sc.kp.data();
+    const float* const* vp = sc.vp.data();
+    float* s = sc.s.data();
+    // S^T = K Q^T over the tile's n keys.
+    for (int64_t lb = 0; lb < Mp; lb += kLanes)
+      for (int64_t j0 = 0; j0 < n; j0 += 6)
+        mk16_rows(std::min<int64_t>(6, n - j0), [&](int i, int64_t d) { return kp[j0 + i] + d; }, D,
+                  sc.q.data() + lb, Mp, s + j0 * Mp + lb, Mp, false);
+    // Mask, soft cap and the online softmax, eight rows at a time down the keys.
+    for (int64_t r = 0; r < Mp; r += 8) {
+      const __m256i pr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos.data() + r));
+      const __m256i lowest = sh.window > 0 ? _mm256_sub_epi32(pr, _mm256_set1_epi32(static_cast<int32_t>(sh.window)))
+                                           : _mm256_set1_epi32(-1);
+      __m256 mt = neg_inf;
+      for (int64_t j = 0; j < n; ++j) {
+        __m256 x = _mm256_loadu_ps(s + j * Mp + r);
+        if (cap > 0.f) x = _mm256_mul_ps(_mm256_set1_ps(cap), tanh8(_mm256_mul_ps(x, _mm256_set1_ps(1.f / cap))));
+        const __m256i kpos = _mm256_set1_epi32(static_cast<int32_t>(t0 + j));
+        // visible: lowest < kpos <= pos
+        const __m256i hidden = _mm256_or_si256(_mm256_cmpgt_epi32(kpos, pr), _mm256_cmpgt_epi32(
+            _mm256_add_epi32(lowest, _mm256_set1_epi32(1)), kpos));
+        x = _mm256_blendv_ps(x, neg_inf, _mm256_castsi256_ps(hidden));
+        _mm256_storeu_ps(s + j * Mp + r, x);
+        mt = _mm256_max_ps(mt, x);
+      }
+      const __m256 m_old = _mm256_loadu_ps(sc.m.data() + r), m_new = _mm256_max_ps(m_old, mt);
+      const __m256 old_none = _mm256_cmp_ps(m_old, neg_inf, _CMP_EQ_OQ);
+      const __m256 new_none = _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ);
+      const __m256 alpha = _mm256_blendv_ps(llmserve::exp8(_mm256_sub_ps(m_old, _mm256_blendv_ps(m_new, zero, new_none))),
+                                            zero, old_none);
+      const __m256 m_sub = _mm256_blendv_ps(m_new, zero, new_none);
+      __m256 sum = zero;
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 x = _mm256_loadu_ps(s + j * Mp + r);
+        const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, neg_inf, _CMP_EQ_OQ), llmserve::exp8(_mm256_sub_ps(x, m_sub)));
+        _mm256_storeu_ps(s + j * Mp + r, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      _mm256_storeu_ps(sc.l.data() + r, _mm256_fmadd_ps(_mm256_loadu_ps(sc.l.data() + r), alpha, sum));
+      _mm256_storeu_ps(sc.m.data() + r, m_new);
+      for (int64_t d = 0; d < D; ++d) {
+        float* o = sc.acc.data() + d * Mp + r;
+        _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), alpha));
+      }
+    }
+    // O^T += V^T P^T over the tile's keys.
+    for (int64_t lb = 0; lb < Mp; lb += kLanes)
+      for (int64_t d0 = 0; d0 < D; d0 += 6)
+        mk16_rows(std::min<int64_t>(6, D - d0), [&](int i, int64_t j) { return vp[j] + d0 + i; }, n, s + lb, Mp,
+                  sc.acc.data() + d0 * Mp + lb, Mp, true);
+  }
+  for (int64_t r = 0; r < M; ++r) {
+    const float inv = 1.f / sc.l[r];
+    qt* o = out + ((row0 + task.q0 + r / G) * sh.H + g * G + r % G) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<qt>(sc.acc[d * Mp + r] * inv);
+  }
+}
+#endif  // LLMSERVE_VEC_AVX2
+
 // Number of context positions a query at position p sees.
 inline int64_t visible(int64_t p, int64_t window) { return window > 0 ? std::min(p + 1, window) : p + 1; }
 
@@ -535,6 +693,13 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
   fast_decode = fast && std::is_same_v<qt, float> && vector_readable<ct>() && G <= 8;
 #endif
   const int64_t QT = query_tile_for(G);
+  // Multi-query tasks take the lanes path where it runs (AVX2; any head size, any cache type it reads).
+  bool lanes = false;
+  int64_t lanes_tile = QT;
+#ifdef LLMSERVE_VEC_AVX2
+  lanes = vector_readable<ct>();
+  lanes_tile = lanes_query_tile(G);
+#endif
   // Enough decodes to keep every thread busy: each takes all its KV heads in one task (whole rows).
   int64_t decodes = 0;
   for (int64_t b = 0; b < B; ++b) decodes += qsl[b + 1] - qsl[b] == 1;
@@ -543,7 +708,7 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
   for (int64_t b = 0; b < B; ++b) {
     const int64_t qlen = qsl[b + 1] - qsl[b], len = seq_lens[b], p0 = len - qlen;
     if (qlen == 0) continue;
-    const int64_t tile = qlen == 1 ? 1 : QT;
+    const int64_t tile = qlen == 1 ? 1 : lanes ? lanes_tile : QT;
     for (int64_t q0 = 0; q0 < qlen; q0 += tile) {
       const int64_t q1 = std::min(qlen, q0 + tile);
       int64_t cost = 64;  // a task's fixed overhead, in row x key units
@@ -581,6 +746,14 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
           decode_for<ct>(G)(sc.q.data(), k_cache + task.g * D, v_cache + task.g * D, table, start, len, task.nkv, sh,
                             sc.scores.data(), sc.part.data(), sc.sums.data(), out + (row0 * sh.H + task.g * G) * D,
                             logits_row(sh, b, task.g));
+          continue;
+        }
+      }
+#endif
+#ifdef LLMSERVE_VEC_AVX2
+      if constexpr (vector_readable<ct>()) {
+        if (lanes && !task.one_query) {
+          lanes_task<qt, ct>(task, q, k_cache, v_cache, table, row0, len - qlen, sh, sc, out);
           continue;
         }
       }

@@ -64,7 +64,8 @@ class LLMEngine:
         self.thread_governor = p.thread_governor
         self.last_step_error: str | None = None  # exception type of the last failed step, until one succeeds
         # The last step's shape and time, for a step-time model (the autoscaler's): prompt tokens
-        # computed, decoding sequences, the context tokens those decodes attend to, seconds.
+        # computed, decoding sequences, the context positions the step's attention reads (summed
+        # over its tokens: ScheduledRequest.attended), seconds.
         self.last_step_shape: tuple[int, int, int, float] | None = None
         # Structured outputs: compiled grammars cached by spec; the tokenizer's JSON is read lazily.
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
@@ -267,8 +268,8 @@ class LLMEngine:
         self.last_step_error = None
         seconds = time.perf_counter() - start
         self.scheduler.observe_step(sched.num_tokens, seconds)
-        decodes = [s.start for s in sched.scheduled if s.start >= s.request.num_prompt_tokens]
-        self.last_step_shape = (sched.num_tokens - len(decodes), len(decodes), sum(decodes), seconds)
+        decodes = sum(1 for s in sched.scheduled if s.start >= s.request.num_prompt_tokens)
+        self.last_step_shape = (sched.num_tokens - decodes, decodes, sum(s.attended for s in sched.scheduled), seconds)
         if self.proposer is not None:
             self.proposer.cost.observe_step(sched.num_tokens, seconds)
         changed = {self._group_of[r.request_id].request_id: self._group_of[r.request_id]

@@ -36,6 +36,13 @@ class ScheduledRequest:
         return len(self.draft_token_ids)
 
     @property
+    def attended(self) -> int:
+        """Context positions this chunk's attention reads, summed over its tokens (a decode: its
+        context; a prompt chunk: each token's prefix and itself): the step-time model's attention term."""
+        n = self.num_new_tokens
+        return n * self.start + n * (n + 1) // 2
+
+    @property
     def samples(self) -> bool:
         """True when this chunk reaches the request's last known token, so a new one is sampled
         (with drafts: 1 + k positions are scored and the accepted run comes back)."""
