@@ -42,8 +42,14 @@ def serve_and_sweep(flags: list[str], rates: list[float], shape: list[str], args
     """Serve one placement and sweep it with `llmserve bench serve`; the bench's JSON."""
     port = free_port()
     proc = serve(flags, port, 2, log)
+    url = f"http://127.0.0.1:{port}"
     try:
-        subprocess.run([sys.executable, "-m", "llmserve.cli", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
+        # Warm the server (first-call allocations, the kernels' first shapes) on prompts the sweep never sends.
+        subprocess.run([sys.executable, "-m", "llmserve.cli", "bench", "serve", "--base-url", url, *shape,
+                        "--num-prompts", "4", "--request-rate", "inf", "--workload-seed", "99", "--ignore-eos",
+                        "--disable-tqdm", "--no-plot", "--output-json", str(result.with_suffix(".warmup.json"))],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "llmserve.cli", "bench", "serve", "--base-url", url,
                         *shape, "--num-prompts", str(args.num_prompts), "--request-rate", ",".join(map(str, rates)),
                         "--workload-seed", "0", "--temperature", "0", "--ignore-eos",
                         "--goodput", f"ttft:{args.ttft_slo * 1e3:g}", f"tpot:{args.tpot_slo * 1e3:g}",
@@ -68,6 +74,16 @@ def compare(placement: Placement, model: StepTimeModel, transfer: float, lengths
             "measured_tpot_p50_s": m["median_tpot_ms"] / 1e3}
 
 
+def crossing(points: list[tuple[float, float]], target: float) -> float | None:
+    """The rate at which attainment falls through `target`, interpolated linearly between the last
+    swept rate that meets it and the next (a sweep of a few rates brackets goodput; this reads it)."""
+    points = sorted(points)
+    for (r0, a0), (r1, a1) in zip(points, points[1:]):
+        if a0 >= target > a1:
+            return r0 + (r1 - r0) * (a0 - target) / (a0 - a1)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-prompts", type=int, default=40, help="requests a rate, simulated and sent alike")
@@ -79,16 +95,19 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(ROOT / "bench-results" / "planner_check"))
     ap.add_argument("--reuse-runs", action="store_true",
                     help="compare a new plan against the served runs already in --out-dir (profile again, serve nothing)")
+    ap.add_argument("--reuse-plan", action="store_true", help="take the plan already in --out-dir (profile nothing)")
+    ap.add_argument("--only", default=None, help="serve only the placements whose name contains this")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = ["--workload", "chat", "--max-input-len", str(args.max_input_len), "--max-output-len",
              str(args.max_output_len)]
     plan_json = out / "plan.json"
-    subprocess.run([sys.executable, "-m", "llmserve.cli", "plan", *shape, "--budgets", "512",
-                    "--num-requests", str(args.num_prompts), "--ttft-slo", str(args.ttft_slo),
-                    "--tpot-slo", str(args.tpot_slo), "--cores", "2", "--output-json", str(plan_json)],
-                   check=True, env={**os.environ, "LLMSERVE_NUM_THREADS": "2"})
+    if not args.reuse_plan:
+        subprocess.run([sys.executable, "-m", "llmserve.cli", "plan", *shape, "--budgets", "512",
+                        "--num-requests", str(args.num_prompts), "--ttft-slo", str(args.ttft_slo),
+                        "--tpot-slo", str(args.tpot_slo), "--cores", "2", "--output-json", str(plan_json)],
+                       check=True, env={**os.environ, "LLMSERVE_NUM_THREADS": "2"})
     plan = json.loads(plan_json.read_text())
     predicted = {row["placement"]: row["goodput"] for row in plan["ranked"]}
     models = {int(t): StepTimeModel(**m) for t, m in plan["models"].items()}
@@ -96,6 +115,8 @@ def main() -> None:
                              max_output_len=args.max_output_len)
     rows = {}
     for name, (placement, flags) in PLACEMENTS.items():
+        if args.only and args.only not in name:
+            continue
         want = predicted[name]
         tag = name.split(",")[0].replace(" ", "_").replace("+", "and")
         result = out / f"{tag}.json"
@@ -108,17 +129,24 @@ def main() -> None:
         above = [run["request_rate"] for run in served["runs"] if run["request_rate"] > measured]
         per_rate = [compare(placement, models[placement.threads], plan["transfer_s_per_token"], lengths, run, args)
                     for run in served["runs"]]
-        print(f"{name:46} predicted {want:.3f} req/s, measured {measured:.3f} req/s "
-              f"({measured / want if want else float('nan'):.2f}x; the next rate swept: "
-              f"{min(above) if above else 'none'})", flush=True)
+        measured_x = crossing([(r["rate"], r["measured_attainment"]) for r in per_rate], 0.9)
+        simulated_x = crossing([(r["rate"], r["simulated_attainment"]) for r in per_rate], 0.9)
+        print(f"{name:46} predicted {want:.3f} req/s; measured: the highest swept rate meeting 90% {measured:.3f} "
+              f"(the next swept: {min(above) if above else 'none'}), 90% crossed at {_fmt(measured_x)} "
+              f"(simulated at the same rates: {_fmt(simulated_x)}); measured / predicted "
+              f"{measured_x / want if measured_x and want else float('nan'):.2f}", flush=True)
         for r in per_rate:
             print(f"  rate {r['rate']:.3f}: attainment simulated {r['simulated_attainment']:.2f} measured "
                   f"{r['measured_attainment']:.2f}; TTFT p50 {r['simulated_ttft_p50_s']:.2f} / "
                   f"{r['measured_ttft_p50_s']:.2f} s; TPOT p50 {r['simulated_tpot_p50_s'] * 1e3:.0f} / "
                   f"{r['measured_tpot_p50_s'] * 1e3:.0f} ms", flush=True)
         rows[name] = {"predicted": want, "measured": measured, "next_rate_swept": min(above) if above else None,
-                      "per_rate": per_rate}
+                      "measured_crossing": measured_x, "simulated_crossing": simulated_x, "per_rate": per_rate}
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def test_candidates_for_two_cores():
                    "1 replica x 2 threads, budget 512"}
 
 
-def test_plan_command_profiles_and_ranks_every_placement(tmp_path):
+def test_plan_command_profiles_and_ranks_every_placement(tmp_path, capsys):
     from llmserve.cli import main
     from tiny_models import llama_config, make_model_folder
 
@@ -85,6 +85,8 @@ def test_plan_command_profiles_and_ranks_every_placement(tmp_path):
     assert set(plan["models"]) == {"1", "2"}
     assert all(v >= 0 for m in plan["models"].values() for v in m.values())
     assert {r["placement"] for r in plan["ranked"]} == {str(p) for p in candidate_placements(2, budgets=(64,))}
+    # One thread a replica: two replicas share the two cores, so two engines profile at once.
+    assert "step model at 1 thread (2 at once)" in capsys.readouterr().out
     per_core = [r["per_core"] for r in plan["ranked"]]
     assert per_core == sorted(per_core, reverse=True) and plan["transfer_s_per_token"] > 0
 

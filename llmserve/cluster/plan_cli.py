@@ -31,7 +31,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
     from llmserve.bench.workloads import sample_lengths
     from llmserve.cli import engine_kwargs
-    from llmserve.cluster.planner import candidate_placements, describe, profile_steps, rank
+    from llmserve.cluster.planner import candidate_placements, describe, profile_colocated, profile_steps, rank
     from llmserve.entrypoints.llm import LLM
 
     ttft_slo = args.ttft_slo if args.ttft_slo is not None else 2.0
@@ -44,9 +44,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     models = {}
     for t in threads:
         start = time.perf_counter()
-        models[t] = profile_steps(llm, t)
-        print(f"step model at {t} thread{'s' if t > 1 else ''}: {describe(models[t])} "
-              f"(profiled in {time.perf_counter() - start:.0f} s)")
+        # With fewer threads than cores, cores // t replicas share the host: they profile together.
+        models[t] = profile_steps(llm, t) if t == cores else profile_colocated(kwargs, t, cores // t)
+        print(f"step model at {t} thread{'s' if t > 1 else ''}{'' if t == cores else f' ({cores // t} at once)'}: "
+              f"{describe(models[t])} (profiled in {time.perf_counter() - start:.0f} s)")
     torch.set_num_threads(cores)
     transfer = _transfer_s_per_token(llm)
     lengths = sample_lengths(args.workload, args.num_requests, seed=0, max_input_len=args.max_input_len,

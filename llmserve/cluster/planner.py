@@ -215,10 +215,15 @@ def candidate_placements(cores: int, budgets: tuple[int, ...] = (256, 512)) -> l
 
 
 def profile_steps(llm, threads: int, repeats: int = 3) -> StepTimeModel:
-    """Fit a StepTimeModel to steps of chosen shapes run on `llm`'s engine with `threads` threads:
-    prompt chunks alone, and decodes of several batch sizes at two context lengths. Each shape runs
-    `repeats` times after a warm-up and counts with its median step time, so one slow step (a
-    compile, another process) does not bend the fit."""
+    """A StepTimeModel fitted to profile_samples of `llm`'s engine with `threads` threads."""
+    return StepTimeModel.fit(profile_samples(llm, threads, repeats))
+
+
+def profile_samples(llm, threads: int, repeats: int = 3) -> list[tuple[int, int, int, float]]:
+    """(prompt tokens, decodes, positions attended, seconds) of steps of chosen shapes run on
+    `llm`'s engine with `threads` threads: prompt chunks alone, and decodes of several batch sizes
+    at two context lengths. Each shape runs `repeats` times after a warm-up and counts with its
+    median step time, so one slow step (a compile, another process) does not bend the fit."""
     import torch
 
     from llmserve.sampling_params import SamplingParams
@@ -242,7 +247,26 @@ def profile_steps(llm, threads: int, repeats: int = 3) -> StepTimeModel:
                 elapsed = time.perf_counter() - start  # the whole step: scheduling and update too
                 if engine.last_step_shape is not None and rep > 0:
                     by_shape.setdefault(engine.last_step_shape[:3], []).append(elapsed)
-    return StepTimeModel.fit([(*key, float(np.median(times))) for key, times in by_shape.items()])
+    return [(*key, float(np.median(times))) for key, times in by_shape.items()]
+
+
+def _profile_worker(engine_kwargs: dict, threads: int, repeats: int) -> list[tuple[int, int, int, float]]:
+    """One co-located replica's profile, in its own process (profile_colocated's pool)."""
+    from llmserve.entrypoints.llm import LLM
+
+    return profile_samples(LLM(**engine_kwargs), threads, repeats)
+
+
+def profile_colocated(engine_kwargs: dict, threads: int, replicas: int, repeats: int = 3) -> StepTimeModel:
+    """A StepTimeModel for one of `replicas` engines of `threads` threads sharing this host: that
+    many processes profile at once (each its own engine, as replicas run), so the fit carries what
+    they cost each other (memory bandwidth, caches, the cores' share); fitted to all their steps."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(replicas, mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = list(pool.map(_profile_worker, [engine_kwargs] * replicas, [threads] * replicas, [repeats] * replicas))
+    return StepTimeModel.fit([sample for run in runs for sample in run])
 
 
 def rank(placements: list[Placement], models: dict[int, StepTimeModel], lengths: list[tuple[int, int]],

@@ -2,8 +2,10 @@
 threads, behind the engine's own interface (add_request, abort_request, step,
 has_unfinished_requests), so LLM(..., replicas=N) runs unchanged on top of them.
 
-A step steps every replica with work at once (one remote call each, gathered), so replicas
-compute in parallel; each returns its outputs and its load, which the router reads.
+Each replica with work has one step in flight at a time; a step of the front end returns the
+outputs of whichever replicas finished one and starts their next, so replicas compute in parallel
+and none waits for another's step (a decode replica's tokens do not wait on a long prompt chunk
+elsewhere). Each step returns its outputs and its load, which the router reads.
 """
 from __future__ import annotations
 
@@ -183,6 +185,9 @@ class ReplicatedEngine:
         self.block_size = config.block_size
         self._live: dict[str, _Tracked] = {}
         self._down: dict[int, object] = {}  # replica -> its pending liveness probe while Ray restarts it
+        self._inflight: dict[int, object] = {}  # replica -> its step in flight
+        # Outputs of a replica's step collected out of turn (before a request leaves it), for the next step().
+        self._early: list[RequestOutput] = []
         self.restarts = 0
         ray.get([r.pid.remote() for r in self.replicas])  # every replica's engine is built
         facts = ray.get(self.replicas[0].facts.remote())
@@ -266,37 +271,55 @@ class ReplicatedEngine:
     def step(self) -> list[RequestOutput]:
         import ray
 
-        # Restarted or newly started replicas joined in the last tick (the end of the last step).
+        # Every replica with work and no step in flight starts one (restarted or newly started
+        # replicas joined in the last tick); then whichever finish first are collected.
         active = sorted({t.replica for t in self._live.values()} - set(self._down))
-        refs = {i: self.replicas[i].step.remote() for i in active}
+        for i in active:
+            if i not in self._inflight:
+                self._inflight[i] = self.replicas[i].step.remote()
         outputs: list[RequestOutput] = []
         self.last_step_error = None
-        for i, ref in refs.items():
-            try:
-                outs, load, stats, error, shape = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                self._fail_over(i)
-                continue
-            self.loads[i], self._stats[i] = load, stats
-            if shape is not None:
-                self._steps.append(shape)
-                self._seen += 1
-            self.last_step_error = self.last_step_error or error
-            for out in outs:
-                tracked = self._live.get(out.request_id)
-                if tracked is None:
-                    continue
-                out = self._stitched(tracked, out)
-                tracked.last = out
-                outputs.append(out)
-                if out.finished:
-                    del self._live[out.request_id]
-                elif i in self.prefill and out.outputs[0].token_ids:  # its prompt is done: on to decode
-                    self.migrate(out.request_id, self._least_loaded(self.decode))
+        if self._inflight:
+            refs = list(self._inflight.values())
+            ray.wait(refs, num_returns=1)
+            ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+            for i in [i for i, ref in self._inflight.items() if ref in ready]:
+                if i in self._inflight:  # a migration earlier in this loop may have collected it
+                    self._collect(i, outputs)
         if not self.prefill:
             self._rebalance()
         self.tick()
+        outputs += self._early  # collected before a request moved on: what its new replica sends comes later
+        self._early = []
         return outputs
+
+    def _collect(self, i: int, outputs: list[RequestOutput]) -> None:
+        """Take replica i's finished (or finishing) step: its outputs, load and step shape."""
+        import ray
+
+        ref = self._inflight.pop(i)
+        try:
+            outs, load, stats, error, shape = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            if i not in self._down and i not in self._retired:
+                self._fail_over(i)
+            return
+        self.loads[i], self._stats[i] = load, stats
+        if shape is not None:
+            self._steps.append(shape)
+            self._seen += 1
+        self.last_step_error = self.last_step_error or error
+        for out in outs:
+            tracked = self._live.get(out.request_id)
+            if tracked is None:
+                continue
+            out = self._stitched(tracked, out)
+            tracked.last = out
+            outputs.append(out)
+            if out.finished:
+                del self._live[out.request_id]
+            elif i in self.prefill and out.outputs[0].token_ids:  # its prompt is done: on to decode
+                self.migrate(out.request_id, self._least_loaded(self.decode))
 
     def tick(self) -> None:
         """Between steps, and every idle tick of the loop: replicas that finished starting join, and
@@ -375,6 +398,8 @@ class ReplicatedEngine:
         import ray
 
         self.drain(replica)
+        if replica in self._inflight:  # a step started before its last request left
+            self._collect(replica, self._early)
         try:
             ray.get(self.replicas[replica].shutdown_engine.remote(), timeout=10)
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
@@ -404,6 +429,11 @@ class ReplicatedEngine:
         t = self._live[request_id]
         if to == t.replica:
             return
+        source = t.replica
+        if source in self._inflight:  # its step's outputs go out before anything the new replica sends
+            self._collect(source, self._early)
+            if request_id not in self._live or t.replica != source:
+                return  # finished (or failed over) in that step
         start = time.perf_counter()
         state_ref, bytes_ref = self.replicas[t.replica].export_request.options(num_returns=2).remote(request_id)
         ray.get(self.replicas[to].import_request.remote(state_ref))  # through the object store, not here
@@ -443,6 +473,7 @@ class ReplicatedEngine:
 
     def _fail_over(self, dead: int) -> None:
         """Move every request of a dead replica to live ones, from what was already streamed."""
+        self._inflight.pop(dead, None)
         self._down[dead] = self.replicas[dead].pid.remote()  # answers once Ray has restarted it
         self.restarts += 1
         for rid, t in [(rid, t) for rid, t in self._live.items() if t.replica == dead]:
