@@ -266,7 +266,8 @@ class ReplicatedEngine:
         ray.get(refs)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._live)
+        # _early: outputs a drain or migration collected between steps (a request's last among them).
+        return bool(self._live) or bool(self._early)
 
     def step(self) -> list[RequestOutput]:
         import ray
