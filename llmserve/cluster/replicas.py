@@ -248,7 +248,7 @@ class ReplicatedEngine:
                     deadline: float | None = None, arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
         i = self._place(token_ids, params, cache_salt)
-        self._submit(i, request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time)
+        i = self._submit(i, request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time)
         self._live[request_id] = _Tracked(list(token_ids), params, prompt, priority, cache_salt, i)
         if self.autoscaler is not None:  # pruned by tick, which only the autoscaler needs
             self._arrivals.append((time.monotonic(), len(token_ids)))
@@ -261,9 +261,12 @@ class ReplicatedEngine:
             tracked = self._live.pop(rid, None)
             if tracked is not None:
                 by_replica.setdefault(tracked.replica, []).append(rid)
-        refs = [self.replicas[i].abort_request.remote(r) for i, r in by_replica.items()
-                if i not in self._down and i not in self._retired]
-        ray.get(refs)
+        for i, rids in by_replica.items():
+            if i not in self._down and i not in self._retired:
+                try:
+                    ray.get(self.replicas[i].abort_request.remote(rids))
+                except ray.exceptions.RayActorError:
+                    pass  # died (perhaps mid-step): its aborted requests died with it
 
     def has_unfinished_requests(self) -> bool:
         # _early: outputs a drain or migration collected between steps (a request's last among them).
@@ -290,7 +293,7 @@ class ReplicatedEngine:
         if not self.prefill:
             self._rebalance()
         self.tick()
-        outputs += self._early  # collected before a request moved on: what its new replica sends comes later
+        outputs = self._early + outputs  # collected before a request moved on: older than anything else of it
         self._early = []
         return outputs
 
@@ -312,7 +315,7 @@ class ReplicatedEngine:
         self.last_step_error = self.last_step_error or error
         for out in outs:
             tracked = self._live.get(out.request_id)
-            if tracked is None:
+            if tracked is None or tracked.replica != i:
                 continue
             out = self._stitched(tracked, out)
             tracked.last = out
@@ -427,9 +430,9 @@ class ReplicatedEngine:
         the prefill -> decode hand-off). Its stream goes on from the next step without a gap."""
         import ray
 
-        t = self._live[request_id]
-        if to == t.replica:
-            return
+        t = self._live.get(request_id)
+        if t is None or to == t.replica:
+            return  # gone (finished in a step a migration just before this one collected) or already there
         source = t.replica
         if source in self._inflight:  # its step's outputs go out before anything the new replica sends
             self._collect(source, self._early)
@@ -462,7 +465,8 @@ class ReplicatedEngine:
 
     def _submit(self, i: int, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None,
                 priority: int, cache_salt: str | None, deadline: float | None = None,
-                arrival_time: float | None = None) -> None:
+                arrival_time: float | None = None) -> int:
+        """Hand the request to replica i (another, if i turns out dead); the replica it went to."""
         import ray
 
         try:
@@ -470,7 +474,13 @@ class ReplicatedEngine:
                                                         deadline, arrival_time))
         except ray.exceptions.RayTaskError as e:  # a refusal (validation) comes back as the replica raised it
             raise e.cause from None
+        except ray.exceptions.RayActorError:  # it died (perhaps in the step this call waited behind)
+            if i not in self._down:
+                self._fail_over(i)
+            j = self._place(token_ids, params, cache_salt)
+            return self._submit(j, request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time)
         self.loads[i].waiting += params.n
+        return i
 
     def _fail_over(self, dead: int) -> None:
         """Move every request of a dead replica to live ones, from what was already streamed."""
@@ -490,8 +500,8 @@ class ReplicatedEngine:
                 for token in generated:
                     t.detok.add(token)
             tokens = t.token_ids + generated
-            t.replica = self._place(tokens, params, t.cache_salt)
-            self._submit(t.replica, rid, tokens, params, None, t.priority, t.cache_salt)
+            t.replica = self._submit(self._place(tokens, params, t.cache_salt), rid, tokens, params, None, t.priority,
+                                     t.cache_salt)
 
     def _stitched(self, t: _Tracked, out: RequestOutput) -> RequestOutput:
         if t.before is None:
@@ -517,7 +527,10 @@ class ReplicatedEngine:
         import ray
 
         if replica not in self._down:
-            ray.get(self.replicas[replica].abort_request.remote([request_id]))
+            try:
+                ray.get(self.replicas[replica].abort_request.remote([request_id]))
+            except ray.exceptions.RayActorError:
+                pass  # died: the request is already ended here, its step outputs are dropped
 
     def _check_restarted(self) -> None:
         import ray
