@@ -422,6 +422,37 @@ inline int64_t key_tile_for(int64_t D) {
   return std::max<int64_t>(16, std::min<int64_t>(64, 4096 / D / 8 * 8));
 }
 
+// Points sc.kp / sc.vp at the float K and V rows of KV head g for positions [t0, t0 + n): in the
+// cache itself when it holds float32, else widened into sc.kst / sc.vst.
+template <typename ct>
+inline void gather_tile(const ct* k_cache, const ct* v_cache, const int32_t* table, int64_t t0, int64_t n, int64_t g,
+                        const Shape& sh, Scratch& sc) {
+  const int64_t D = sh.D, bs = sh.block_size;
+  constexpr bool kConvert = !std::is_same_v<ct, float>;
+  if (kConvert && static_cast<int64_t>(sc.kst.size()) < n * D) {
+    sc.kst.resize(n * D);
+    sc.vst.resize(n * D);
+  }
+  for (int64_t j = 0, p = t0; j < n;) {
+    const int64_t off = p % bs, cnt = std::min(bs - off, n - j);
+    const int64_t base = (static_cast<int64_t>(table[p / bs]) * bs + off) * sh.row + g * D;
+    for (int64_t i = 0; i < cnt; ++i, ++j) {
+      const ct* kr = k_cache + base + i * sh.row;
+      const ct* vr = v_cache + base + i * sh.row;
+      if constexpr (kConvert) {
+        widen(kr, sc.kst.data() + j * D, D);
+        widen(vr, sc.vst.data() + j * D, D);
+        sc.kp[j] = sc.kst.data() + j * D;
+        sc.vp[j] = sc.vst.data() + j * D;
+      } else {
+        sc.kp[j] = reinterpret_cast<const float*>(kr);
+        sc.vp[j] = reinterpret_cast<const float*>(vr);
+      }
+    }
+    p += cnt;
+  }
+}
+
 inline int64_t query_tile_for(int64_t G) { return std::max<int64_t>(1, 32 / G); }  // ~32 rows a task
 
 // Rows [q0, q1) x the G heads of KV head g of sequence b, whose first query row is row0 in the
@@ -430,7 +461,7 @@ template <typename qt, typename ct>
 void flash_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* table,
                 int64_t row0, int64_t p0, const Shape& sh, bool fast, Scratch& sc, qt* out) {
   const int64_t G = sh.G, D = sh.D, g = task.g, nq = task.q1 - task.q0, M = nq * G, Mp = round_up(M, 2);
-  const int64_t KT = key_tile_for(D), KTp = round_up(KT, 8), bs = sh.block_size;
+  const int64_t KT = key_tile_for(D), KTp = round_up(KT, 8);
   const int64_t first = p0 + task.q0, last = p0 + task.q1 - 1;  // positions of the tile's queries
   sc.q.resize(Mp * D);
   sc.acc.assign(Mp * D, 0.f);
@@ -447,35 +478,11 @@ void flash_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_ca
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]) * sh.scale;
     }
   if (Mp > M) std::fill(sc.q.begin() + M * D, sc.q.end(), 0.f);  // a padding row; its output is dropped
-  constexpr bool kConvert = !std::is_same_v<ct, float>;
-  if (kConvert) {
-    sc.kst.resize(KT * D);
-    sc.vst.resize(KT * D);
-  }
   // Keys any row of the task may see; a sliding window also cuts the start.
   const int64_t kstart = sh.window > 0 ? std::max<int64_t>(0, first - sh.window + 1) : 0, kend = last + 1;
   for (int64_t t0 = kstart; t0 < kend; t0 += KT) {
     const int64_t n = std::min(KT, kend - t0);
-    for (int64_t j = 0, pos = t0; j < n;) {
-      const int64_t off = pos % bs, cnt = std::min(bs - off, n - j);
-      const int64_t base = (static_cast<int64_t>(table[pos / bs]) * bs + off) * sh.row + g * D;
-      for (int64_t i = 0; i < cnt; ++i, ++j) {
-        const ct* kr = k_cache + base + i * sh.row;
-        const ct* vr = v_cache + base + i * sh.row;
-        if constexpr (kConvert) {
-          float* kd = sc.kst.data() + j * D;
-          float* vd = sc.vst.data() + j * D;
-          widen(kr, kd, D);
-          widen(vr, vd, D);
-          sc.kp[j] = kd;
-          sc.vp[j] = vd;
-        } else {
-          sc.kp[j] = reinterpret_cast<const float*>(kr);
-          sc.vp[j] = reinterpret_cast<const float*>(vr);
-        }
-      }
-      pos += cnt;
-    }
+    gather_tile(k_cache, v_cache, table, t0, n, g, sh, sc);
     for (int64_t j = n; j < KTp; ++j) sc.kp[j] = sc.vp[j] = sc.zeros.data();
     for (int64_t r = 0; r < Mp; r += 2) {
       int64_t lo[2], hi[2];
@@ -576,7 +583,7 @@ template <typename qt, typename ct>
 void lanes_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* table,
                 int64_t row0, int64_t p0, const Shape& sh, Scratch& sc, qt* out) {
   const int64_t G = sh.G, D = sh.D, g = task.g, nq = task.q1 - task.q0, M = nq * G, Mp = round_up(M, kLanes);
-  const int64_t KT = key_tile_for(D), bs = sh.block_size;
+  const int64_t KT = key_tile_for(D);
   const int64_t first = p0 + task.q0, last = p0 + task.q1 - 1;
   sc.q.resize(D * Mp);  // Q^T, scaled
   for (int64_t r = 0; r < Mp; ++r) {
@@ -593,34 +600,12 @@ void lanes_task(const Task& task, const qt* q, const ct* k_cache, const ct* v_ca
   std::vector<int32_t>& pos = sc.pos;  // each row's position
   pos.resize(Mp);
   for (int64_t r = 0; r < Mp; ++r) pos[r] = static_cast<int32_t>(first + std::min(r, M - 1) / G);
-  constexpr bool kConvert = !std::is_same_v<ct, float>;
-  if (kConvert) {
-    sc.kst.resize(KT * D);
-    sc.vst.resize(KT * D);
-  }
   const float cap = sh.cap;
   const __m256 neg_inf = _mm256_set1_ps(kNegInf), zero = _mm256_setzero_ps();
   const int64_t kstart = sh.window > 0 ? std::max<int64_t>(0, first - sh.window + 1) : 0, kend = last + 1;
   for (int64_t t0 = kstart; t0 < kend; t0 += KT) {
     const int64_t n = std::min(KT, kend - t0);
-    for (int64_t j = 0, p = t0; j < n;) {
-      const int64_t off = p % bs, cnt = std::min(bs - off, n - j);
-      const int64_t base = (static_cast<int64_t>(table[p / bs]) * bs + off) * sh.row + g * D;
-      for (int64_t i = 0; i < cnt; ++i, ++j) {
-        const ct* kr = k_cache + base + i * sh.row;
-        const ct* vr = v_cache + base + i * sh.row;
-        if constexpr (kConvert) {
-          widen(kr, sc.kst.data() + j * D, D);
-          widen(vr, sc.vst.data() + j * D, D);
-          sc.kp[j] = sc.kst.data() + j * D;
-          sc.vp[j] = sc.vst.data() + j * D;
-        } else {
-          sc.kp[j] = reinterpret_cast<const float*>(kr);
-          sc.vp[j] = reinterpret_cast<const float*>(vr);
-        }
-      }
-      p += cnt;
-    }
+    gather_tile(k_cache, v_cache, table, t0, n, g, sh, sc);
     const float* const* kp = sc.kp.data();
     const float* const* vp = sc.vp.data();
     float* s = sc.s.data();
