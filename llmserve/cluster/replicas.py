@@ -254,19 +254,13 @@ class ReplicatedEngine:
             self._arrivals.append((time.monotonic(), len(token_ids)))
 
     def abort_request(self, ids: list[str] | str) -> None:
-        import ray
-
         by_replica: dict[int, list[str]] = {}
         for rid in [ids] if isinstance(ids, str) else list(ids):
             tracked = self._live.pop(rid, None)
             if tracked is not None:
                 by_replica.setdefault(tracked.replica, []).append(rid)
         for i, rids in by_replica.items():
-            if i not in self._down and i not in self._retired:
-                try:
-                    ray.get(self.replicas[i].abort_request.remote(rids))
-                except ray.exceptions.RayActorError:
-                    pass  # died (perhaps mid-step): its aborted requests died with it
+            self.abort_request_on_replica(rids, i)
 
     def has_unfinished_requests(self) -> bool:
         # _early: outputs a drain or migration collected between steps (a request's last among them).
@@ -512,7 +506,7 @@ class ReplicatedEngine:
         for k in range(t.fed, len(new)):
             if t.detok.add(new[k]):  # a stop string across the hand-over: the front ends it here
                 new, finished, reason, stop = new[:k + 1], True, "stop", t.detok.stop_string
-                self.abort_request_on_replica(out.request_id, t.replica)
+                self.abort_request_on_replica([out.request_id], t.replica)
                 break
         t.fed = len(new)
         merged = dataclasses.replace(
@@ -523,14 +517,15 @@ class ReplicatedEngine:
         return dataclasses.replace(out, prompt=t.prompt, prompt_token_ids=t.token_ids, outputs=[merged],
                                    finished=finished)
 
-    def abort_request_on_replica(self, request_id: str, replica: int) -> None:
+    def abort_request_on_replica(self, request_ids: list[str], replica: int) -> None:
         import ray
 
-        if replica not in self._down:
-            try:
-                ray.get(self.replicas[replica].abort_request.remote([request_id]))
-            except ray.exceptions.RayActorError:
-                pass  # died: the request is already ended here, its step outputs are dropped
+        if replica in self._down or replica in self._retired:
+            return
+        try:
+            ray.get(self.replicas[replica].abort_request.remote(request_ids))
+        except ray.exceptions.RayActorError:
+            pass  # died (perhaps in the step this call waited behind): the requests ended with it
 
     def _check_restarted(self) -> None:
         import ray
