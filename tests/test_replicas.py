@@ -15,7 +15,7 @@ from llmserve.cluster.router import LeastLoad, PowerOfTwo, PrefixAffinity, Repli
 from llmserve.privacy.routing import RoutingFeatures
 from llmserve.sampling_params import SamplingParams
 from server_fixtures import free_port
-from tiny_models import llama_config, make_llm, make_model_folder, random_prompts
+from tiny_models import llama_config, make_llm, make_model_folder, random_prompts, run_to_idle
 
 
 def feats(*hashes: bytes) -> RoutingFeatures:
@@ -214,6 +214,107 @@ def test_a_killed_replica_loses_no_request(ray_session, folder):
                 killed = True
         assert killed and engine.restarts == 1
         assert [seen[str(i)] for i in range(len(prompts))] == want
+    finally:
+        llm.shutdown()
+
+
+def test_a_refusal_only_the_replica_finds_ends_that_request_alone(ray_session, folder):
+    """The front end hands requests over without waiting; one the replica refuses after all (here:
+    the front end's checks switched off, a prompt over the context) ends with an error output, and
+    the requests beside it finish as one engine finishes them."""
+    from llmserve.engine.admission import Admitted
+
+    prompts = random_prompts(3, [5, 12, 9], seed=7)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(folder, max_model_len=64).generate(prompts, params,
+                                                                                         use_tqdm=False)]
+    llm = make_llm(folder, replicas=2, router="round_robin", max_model_len=64)
+    engine = llm.engine
+    try:
+        engine.admission.check = lambda ids, p: Admitted(list(ids), 1, None, None)
+        engine.add_request("a", prompts[0], params)
+        engine.add_request("too-long", list(range(3, 100)), params)
+        engine.add_request("b", prompts[1], params)
+        engine.add_request("c", prompts[2], params)
+        done = {rid: o for rid, o in run_to_idle(engine).items() if o.finished}
+        assert done["too-long"].outputs[0].finish_reason == "error" and not done["too-long"].outputs[0].token_ids
+        assert [done[r].outputs[0].token_ids for r in "abc"] == want
+        assert engine.kv_all_free()
+    finally:
+        llm.shutdown()
+
+
+def _until_restarted(engine, replica: int, old_pid: int) -> None:
+    import ray
+
+    for _ in range(600):
+        try:
+            if ray.get(engine.replicas[replica].pid.remote(), timeout=1) != old_pid:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the replica was not restarted")
+
+
+def test_a_replica_restarted_between_steps_loses_no_request(ray_session, folder):
+    """Killed while it has no step in flight and restarted by Ray before the next: no call fails, but
+    the new instance holds none of its requests; they continue elsewhere from what was streamed."""
+    import ray
+
+    prompts = random_prompts(4, [5, 21, 9, 14], seed=8)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(folder, replicas=2, router="round_robin")
+    engine = llm.engine
+    try:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        seen: dict[str, list[int]] = {}
+        killed = False
+        for _ in range(500):
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                before = seen.get(out.request_id, [])
+                assert out.outputs[0].token_ids[:len(before)] == before
+                seen[out.request_id] = list(out.outputs[0].token_ids)
+            if not killed and min(len(v) for v in seen.values() or [[]]) >= 4:
+                ray.wait(list(engine._inflight.values()), num_returns=len(engine._inflight))  # steps done
+                pid = engine.replica_pids()[1]
+                os.kill(pid, signal.SIGKILL)
+                _until_restarted(engine, 1, pid)
+                killed = True
+        assert killed and engine.restarts == 1 and not engine.has_unfinished_requests()
+        assert [seen[str(i)] for i in range(len(prompts))] == want
+    finally:
+        llm.shutdown()
+
+
+def test_a_request_migrated_into_a_dying_replica_is_not_lost(ray_session, folder):
+    prompts = random_prompts(3, [20, 9, 30], seed=13)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
+    llm = make_llm(folder, replicas=2, router="round_robin")
+    engine = llm.engine
+    try:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        seen, moved = {}, False
+        for _ in range(500):
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                before = seen.get(out.request_id, [])
+                assert out.outputs[0].token_ids[:len(before)] == before
+                seen[out.request_id] = list(out.outputs[0].token_ids)
+            if not moved and len(seen.get("0", [])) >= 4:
+                assert engine._live["0"].replica == 0
+                os.kill(engine.replica_pids()[1], signal.SIGKILL)
+                engine.migrate("0", 1)
+                moved = True
+        assert moved and engine.restarts >= 1 and not engine.has_unfinished_requests()
+        assert [seen[str(i)] for i in range(3)] == want
     finally:
         llm.shutdown()
 

@@ -6,6 +6,12 @@ Each replica with work has one step in flight at a time; a step of the front end
 outputs of whichever replicas finished one and starts their next, so replicas compute in parallel
 and none waits for another's step (a decode replica's tokens do not wait on a long prompt chunk
 elsewhere). Each step returns its outputs and its load, which the router reads.
+
+Nothing the front end sends a replica (a request, an abort, a migrated request) waits for the
+replica's step in flight: a request is checked here (engine/admission.py, as the engine checks it)
+and handed over, and Ray runs it on the replica before that replica's next step. What the call
+returned is read once the step behind it is collected; a refusal the front end could not foresee
+ends that request with an error, and a replica that died takes its requests to another (failover).
 """
 from __future__ import annotations
 
@@ -13,16 +19,18 @@ import dataclasses
 import logging
 import os
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 
 from llmserve.cluster.autoscaler import AutoscaleConfig, Autoscaler, LoadSample, step_model
 from llmserve.cluster.router import ReplicaLoad, make_router
 from llmserve.config import EngineConfig
+from llmserve.engine.admission import Admission
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.engine import PROMPT_TAIL
 from llmserve.engine.kv_cache import block_hash
-from llmserve.errors import EngineDeadError
+from llmserve.errors import EngineDeadError, InvalidRequestError
 from llmserve.outputs import CompletionOutput, RequestOutput
 from llmserve.privacy.routing import RoutingFeatures
 from llmserve.sampling_params import SamplingParams
@@ -51,6 +59,13 @@ class EngineReplica:
             arrays = joined(ray.get(list(chunks)))
             setup.MODEL_SOURCE = lambda: unpack(skeleton, arrays)
         self.engine = LLMEngine(EngineConfig(**config))
+        # Which instance of the actor this is: Ray restarts a dead replica under the same handle, and a
+        # call sent after the death runs on the new, empty instance.
+        self.incarnation = uuid.uuid4().hex
+
+    def hello(self) -> str:
+        """Answers once the engine is built: this instance's incarnation."""
+        return self.incarnation
 
     def memory(self) -> dict[str, int]:
         """This process's resident memory in kB: all of it, its proportional share of shared pages,
@@ -69,10 +84,11 @@ class EngineReplica:
     def abort_request(self, ids: list[str]) -> None:
         self.engine.abort_request(ids)
 
-    def step(self) -> tuple[list[RequestOutput], ReplicaLoad, dict[str, float], str | None, tuple | None]:
+    def step(self) -> tuple[str, list[RequestOutput], ReplicaLoad, dict[str, float], str | None, tuple | None]:
         self.engine.last_step_shape = None
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        return outputs, self.load(), self.engine.stats(), self.engine.last_step_error, self.engine.last_step_shape
+        return (self.incarnation, outputs, self.load(), self.engine.stats(), self.engine.last_step_error,
+                self.engine.last_step_shape)
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
@@ -186,15 +202,18 @@ class ReplicatedEngine:
         self._live: dict[str, _Tracked] = {}
         self._down: dict[int, object] = {}  # replica -> its pending liveness probe while Ray restarts it
         self._inflight: dict[int, object] = {}  # replica -> its step in flight
+        # replica -> calls sent without waiting: (kind, request id, reference), read after its next step.
+        self._pending: dict[int, list[tuple[str, str, object]]] = {}
         # Outputs of a replica's step collected out of turn (before a request leaves it), for the next step().
         self._early: list[RequestOutput] = []
         self.restarts = 0
-        ray.get([r.pid.remote() for r in self.replicas])  # every replica's engine is built
+        self._incarnations = ray.get([r.hello.remote() for r in self.replicas])  # every replica's engine is built
         facts = ray.get(self.replicas[0].facts.remote())
         self.max_model_len, self.model_config = facts["max_model_len"], facts["model_config"]
         self.model_name, self.eos_token_ids = facts["model_name"], facts["eos_token_ids"]
         # Grammars are compiled here first, so a bad schema is refused before any replica sees it.
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.admission = Admission.of(self.model_config, self.max_model_len, config, self.grammars)
         self.last_step_error: str | None = None
         self._stats: list[dict[str, float]] = ray.get([r.stats.remote() for r in self.replicas])
         self.autoscaler: Autoscaler | None = None
@@ -247,6 +266,9 @@ class ReplicatedEngine:
                     prompt: str | None = None, priority: int = 0, cache_salt: str | None = None,
                     deadline: float | None = None, arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
+        if request_id in self._live:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self.admission.check(token_ids, params)  # a bad request is refused here, before any replica has it
         i = self._place(token_ids, params, cache_salt)
         i = self._submit(i, request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time)
         self._live[request_id] = _Tracked(list(token_ids), params, prompt, priority, cache_salt, i)
@@ -297,11 +319,16 @@ class ReplicatedEngine:
 
         ref = self._inflight.pop(i)
         try:
-            outs, load, stats, error, shape = ray.get(ref)
+            incarnation, outs, load, stats, error, shape = ray.get(ref)
         except ray.exceptions.RayActorError:
             if i not in self._down and i not in self._retired:
                 self._fail_over(i)
             return
+        if incarnation != self._incarnations[i]:  # died and restarted between two steps: it holds none of its requests
+            self._incarnations[i] = incarnation
+            self._replaced(i)
+            return
+        self._settle(i, outputs)  # the calls Ray ran before this step (and any since)
         self.loads[i], self._stats[i] = load, stats
         if shape is not None:
             self._steps.append(shape)
@@ -319,10 +346,43 @@ class ReplicatedEngine:
             elif i in self.prefill and out.outputs[0].token_ids:  # its prompt is done: on to decode
                 self.migrate(out.request_id, self._least_loaded(self.decode))
 
+    def _settle(self, i: int, outputs: list[RequestOutput]) -> None:
+        """Read what replica i's calls sent without waiting returned, those that have run. A request
+        the replica refused after all ends with an error; a migrated one it refused starts over from
+        what was streamed. A replica that died is left to its step's failover."""
+        import ray
+
+        calls = self._pending.pop(i, [])
+        if not calls:
+            return
+        ready = set(ray.wait([ref for _, _, ref in calls], num_returns=len(calls), timeout=0)[0])
+        if len(ready) < len(calls):  # sent while its step ran: read after the next
+            self._pending[i] = [c for c in calls if c[2] not in ready]
+            calls = [c for c in calls if c[2] in ready]
+        for kind, rid, ref in calls:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                t = self._live.get(rid)
+                if kind == "abort" or t is None or t.replica != i:
+                    continue
+                logger.error("replica %d refused a %s request with %s", i, "migrated" if kind == "import" else "new",
+                             type(e.cause).__name__)
+                if kind == "import":
+                    self._resubmit(rid, t)
+                else:
+                    del self._live[rid]
+                    outputs.append(RequestOutput(rid, t.prompt, t.token_ids, [
+                        CompletionOutput(k, "", [], finish_reason="error") for k in range(t.params.n)], True))
+            except ray.exceptions.RayActorError:
+                pass
+
     def tick(self) -> None:
-        """Between steps, and every idle tick of the loop: replicas that finished starting join, and
-        the autoscaler decides (at most once a second)."""
+        """Between steps, and every idle tick of the loop: replicas that finished starting join, what
+        idle replicas answered is read, and the autoscaler decides (at most once a second)."""
         self._check_restarted()
+        for i in [i for i in self._pending if i not in self._inflight]:
+            self._settle(i, self._early)
         now = time.monotonic()
         if self.autoscaler is None or now < self._next_tick:
             return
@@ -385,10 +445,11 @@ class ReplicatedEngine:
         index = len(self.replicas) - 1
         self.loads.append(ReplicaLoad())
         self._stats.append(dict(self._stats[0], num_running=0, num_waiting=0, kv_usage=0.0))
+        self._incarnations.append(None)
         if wait:
-            ray.get(self.replicas[index].pid.remote())
+            self._incarnations[index] = ray.get(self.replicas[index].hello.remote())
         else:
-            self._down[index] = self.replicas[index].pid.remote()
+            self._down[index] = self.replicas[index].hello.remote()
         return index
 
     def remove_replica(self, replica: int) -> None:
@@ -404,6 +465,7 @@ class ReplicatedEngine:
             pass  # gone or stuck: nothing of it is worth waiting for
         ray.kill(self.replicas[replica], no_restart=True)
         self._down.pop(replica, None)
+        self._pending.pop(replica, None)
         self._retired.add(replica)
 
     @property
@@ -433,11 +495,16 @@ class ReplicatedEngine:
             if request_id not in self._live or t.replica != source:
                 return  # finished (or failed over) in that step
         start = time.perf_counter()
-        state_ref, bytes_ref = self.replicas[t.replica].export_request.options(num_returns=2).remote(request_id)
-        ray.get(self.replicas[to].import_request.remote(state_ref))  # through the object store, not here
-        self.transfer_bytes += ray.get(bytes_ref)
+        state_ref, bytes_ref = self.replicas[source].export_request.options(num_returns=2).remote(request_id)
+        try:
+            self.transfer_bytes += ray.get(bytes_ref)  # exported (the source has no step in flight)
+        except ray.exceptions.RayActorError:
+            self._fail_over(source)  # it goes on elsewhere from what was streamed
+            return
         self.transfer_s += time.perf_counter() - start
         self.transfers += 1
+        # Through the object store, not here; run on `to` before its next step, without waiting for its step now.
+        self._send(to, "import", request_id, self.replicas[to].import_request.remote(state_ref))
         t.replica = to
 
     def _least_loaded(self, among: list[int]) -> int:
@@ -460,42 +527,55 @@ class ReplicatedEngine:
     def _submit(self, i: int, request_id: str, token_ids: list[int], params: SamplingParams, prompt: str | None,
                 priority: int, cache_salt: str | None, deadline: float | None = None,
                 arrival_time: float | None = None) -> int:
-        """Hand the request to replica i (another, if i turns out dead); the replica it went to."""
-        import ray
-
-        try:
-            ray.get(self.replicas[i].add_request.remote(request_id, token_ids, params, prompt, priority, cache_salt,
-                                                        deadline, arrival_time))
-        except ray.exceptions.RayTaskError as e:  # a refusal (validation) comes back as the replica raised it
-            raise e.cause from None
-        except ray.exceptions.RayActorError:  # it died (perhaps in the step this call waited behind)
-            if i not in self._down:
-                self._fail_over(i)
-            j = self._place(token_ids, params, cache_salt)
-            return self._submit(j, request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time)
+        """Hand the request to replica i without waiting for it (its answer is read after its next
+        step; if i turns out dead, its failover places the request again); the replica it went to."""
+        self._send(i, "add", request_id, self.replicas[i].add_request.remote(
+            request_id, token_ids, params, prompt, priority, cache_salt, deadline, arrival_time))
         self.loads[i].waiting += params.n
         return i
+
+    def _send(self, i: int, kind: str, request_id: str, ref) -> None:
+        self._pending.setdefault(i, []).append((kind, request_id, ref))
 
     def _fail_over(self, dead: int) -> None:
         """Move every request of a dead replica to live ones, from what was already streamed."""
         self._inflight.pop(dead, None)
-        self._down[dead] = self.replicas[dead].pid.remote()  # answers once Ray has restarted it
+        self._pending.pop(dead, None)  # what it was sent went with it: its requests are placed again below
+        self._down[dead] = self.replicas[dead].hello.remote()  # answers once Ray has restarted it
         self.restarts += 1
         for rid, t in [(rid, t) for rid, t in self._live.items() if t.replica == dead]:
-            done = t.last.outputs[0] if t.last is not None and t.params.n == 1 else None
-            generated = list(done.token_ids) if done is not None else []
-            params = dataclasses.replace(t.params)
-            if generated:  # continue after what the client has: the same prompt, less budget
-                params.max_tokens = max(1, t.params.max_tokens - len(generated)) if t.params.max_tokens else None
-                params.min_tokens = max(0, (t.params.min_tokens or 0) - len(generated))
-                t.before, t.fed = done, 0
-                t.detok = IncrementalDetokenizer(self.tokenizer, t.token_ids[-PROMPT_TAIL:], t.params.stop,
-                                                 t.params.include_stop_str_in_output, t.params.skip_special_tokens)
-                for token in generated:
-                    t.detok.add(token)
-            tokens = t.token_ids + generated
-            t.replica = self._submit(self._place(tokens, params, t.cache_salt), rid, tokens, params, None, t.priority,
-                                     t.cache_salt)
+            self._resubmit(rid, t)
+
+    def _replaced(self, i: int) -> None:
+        """Replica i was restarted without a call failing: whatever reached the new instance is ended
+        there (the aborts run before anything sent next), and its requests go on from what was streamed."""
+        self._pending.pop(i, None)
+        self.restarts += 1
+        moved = [(rid, t) for rid, t in self._live.items() if t.replica == i]
+        logger.warning("replica %d was restarted between steps; %d requests continue from what was streamed",
+                       i, len(moved))
+        if moved:
+            self.abort_request_on_replica([rid for rid, _ in moved], i)
+        for rid, t in moved:
+            self._resubmit(rid, t)
+
+    def _resubmit(self, rid: str, t: _Tracked) -> None:
+        """Start a request again on a serving replica as its prompt plus what was already streamed."""
+        done = t.last.outputs[0] if t.last is not None and t.params.n == 1 else None
+        generated = list(done.token_ids) if done is not None else []
+        params = dataclasses.replace(t.params)
+        if generated:  # continue after what the client has: the same prompt, less budget
+            params.max_tokens = max(1, t.params.max_tokens - len(generated)) if t.params.max_tokens else None
+            params.min_tokens = max(0, (t.params.min_tokens or 0) - len(generated))
+            # Stitched onto everything streamed so far: an earlier hand-over's `before` is part of it.
+            t.before, t.fed = done, 0
+            t.detok = IncrementalDetokenizer(self.tokenizer, t.token_ids[-PROMPT_TAIL:], t.params.stop,
+                                             t.params.include_stop_str_in_output, t.params.skip_special_tokens)
+            for token in generated:
+                t.detok.add(token)
+        tokens = t.token_ids + generated
+        t.replica = self._submit(self._place(tokens, params, t.cache_salt), rid, tokens, params, None, t.priority,
+                                 t.cache_salt)
 
     def _stitched(self, t: _Tracked, out: RequestOutput) -> RequestOutput:
         if t.before is None:
@@ -518,14 +598,10 @@ class ReplicatedEngine:
                                    finished=finished)
 
     def abort_request_on_replica(self, request_ids: list[str], replica: int) -> None:
-        import ray
-
+        """Without waiting for the replica's step in flight (a replica that dies ends them anyway)."""
         if replica in self._down or replica in self._retired:
             return
-        try:
-            ray.get(self.replicas[replica].abort_request.remote(request_ids))
-        except ray.exceptions.RayActorError:
-            pass  # died (perhaps in the step this call waited behind): the requests ended with it
+        self._send(replica, "abort", "", self.replicas[replica].abort_request.remote(request_ids))
 
     def _check_restarted(self) -> None:
         import ray
@@ -534,7 +610,7 @@ class ReplicatedEngine:
             ready, _ = ray.wait([probe], timeout=0)
             if ready:
                 try:
-                    ray.get(ready[0])
+                    self._incarnations[i] = ray.get(ready[0])
                     del self._down[i]
                     self.loads[i] = ReplicaLoad()
                 except ray.exceptions.RayActorError:
@@ -542,7 +618,7 @@ class ReplicatedEngine:
                         # Pinned to a node that is gone, Ray cannot restart it: start it afresh on a live one.
                         ray.kill(self.replicas[i], no_restart=True)
                         self.replicas[i] = self._start_replica(i)
-                    self._down[i] = self.replicas[i].pid.remote()
+                    self._down[i] = self.replicas[i].hello.remote()
 
     @staticmethod
     def _live_nodes() -> list[str]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from llmserve.config import EngineConfig
+from llmserve.engine.admission import Admission
 from llmserve.engine.detokenizer import IncrementalDetokenizer
 from llmserve.engine.kv_cache import KVCacheManager
 from llmserve.engine.kv_offload import tier_for
@@ -15,8 +16,7 @@ from llmserve.engine.kv_policy import KVPolicyState
 from llmserve.engine.request import Request, RequestStatus
 from llmserve.engine.scheduler import Scheduler, SchedulerOutput
 from llmserve.engine.setup import EngineParts, build_engine_parts, default_token_budget
-from llmserve.errors import InvalidRequestError, PromptTooLongError
-from llmserve.model.arch_config import SLIDING
+from llmserve.errors import InvalidRequestError
 from llmserve.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from llmserve.runner import StepResult, position_logprobs
 from llmserve.sampling_params import SamplingParams
@@ -69,6 +69,7 @@ class LLMEngine:
         self.last_step_shape: tuple[int, int, int, float] | None = None
         # Structured outputs: compiled grammars cached by spec; the tokenizer's JSON is read lazily.
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        self.admission = Admission.of(self.model_config, self.max_model_len, config, self.grammars)
         # Speculative decoding: drafts proposed after each update, verified in the next step.
         self.proposer = p.proposer
         if self.proposer is not None:
@@ -84,18 +85,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        ids = self._validate_prompt(prompt_token_ids)
-        room = self.max_model_len - len(ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        if params.min_tokens > room:
-            raise PromptTooLongError(f"min_tokens is {params.min_tokens} but the prompt leaves room for {room} "
-                                     f"tokens in the model's context of {self.max_model_len}")
-        vocab = self.model_config.vocab_size
-        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
-            raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})")
-        kv_state = self._kv_policy_state(params)
-        # Compiled here only when not compiled before (the server compiles off the loop thread first).
-        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        a = self.admission.check(prompt_token_ids, params)
+        ids, max_tokens, kv_state, grammar = a.token_ids, a.max_tokens, a.kv_state, a.grammar
         now = time.monotonic() if arrival_time is None else arrival_time
         group = RequestGroup(request_id, prompt, ids, [], now,
                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
@@ -117,22 +108,6 @@ class LLMEngine:
             group.seqs.append(req)
         self._register(group)
 
-    def _kv_policy_state(self, params: SamplingParams) -> KVPolicyState | None:
-        """The request's KV policy (its own, else the engine's), or None for full: lossy ones need a
-        budget and attend over their kept tokens only, which sliding-window layers cannot."""
-        policy = params.kv_policy or self.config.kv_policy
-        if policy == "full":
-            return None
-        budget = params.kv_budget if params.kv_budget is not None else self.config.kv_budget
-        if budget is None:
-            raise InvalidRequestError(f"kv_policy {policy} needs a kv_budget (a token count, or a fraction in (0, 1])")
-        cfg = self.model_config
-        if cfg.sliding_window is not None and SLIDING in cfg.layer_types:
-            raise InvalidRequestError(f"kv_policy {policy} is not supported for models with sliding-window layers")
-        if cfg.mamba is not None:
-            raise InvalidRequestError(f"kv_policy {policy} is not supported for models with state-space layers")
-        return KVPolicyState(policy, budget, seed=params.seed)
-
     def _register(self, group: RequestGroup) -> None:
         """Hand a fully built group to the scheduler (so a failure while building leaves nothing
         behind); a sequence that already holds computed KV (an imported one) goes straight to running."""
@@ -145,19 +120,6 @@ class LLMEngine:
                 self.scheduler.add_running(req)
             else:
                 self.scheduler.add(req)
-
-    def _validate_prompt(self, prompt_token_ids: list[int]) -> list[int]:
-        ids = list(prompt_token_ids)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens, "
-                "leaving no room to generate")
-        return ids
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests at any point; their blocks are freed (and wiped) at once."""
