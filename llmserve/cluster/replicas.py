@@ -40,6 +40,7 @@ AUTOSCALE_TICK_S = 1.0
 STEP_SAMPLES = 512  # the replicas' latest steps, to which the autoscaler's step-time model is fitted
 REFIT_EVERY = 32  # new steps between fits
 ARRIVAL_WINDOW_S = 30.0  # the prompt-token arrival rate is measured over this long
+POLL_S = 0.005  # the longest a front-end step waits for a replica's step before returning (maybe empty)
 
 
 class EngineReplica:
@@ -228,6 +229,7 @@ class ReplicatedEngine:
         self._next_tick = 0.0
         self._arrivals: deque[tuple[float, int]] = deque()  # (time, prompt tokens) of recent requests
         self.tick_s, self.refit_every = AUTOSCALE_TICK_S, REFIT_EVERY
+        self.poll_s = POLL_S
 
     @staticmethod
     def _share_weights(inner: dict) -> tuple:
@@ -298,14 +300,16 @@ class ReplicatedEngine:
             if i not in self._inflight:
                 self._inflight[i] = self.replicas[i].step.remote()
         outputs: list[RequestOutput] = []
-        self.last_step_error = None
         if self._inflight:
+            # Waits a moment at most: requests arriving meanwhile must reach an idle replica now, not
+            # after another replica's prompt chunk (the caller adds them between steps).
             refs = list(self._inflight.values())
-            ray.wait(refs, num_returns=1)
-            ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-            for i in [i for i, ref in self._inflight.items() if ref in ready]:
-                if i in self._inflight:  # a migration earlier in this loop may have collected it
-                    self._collect(i, outputs)
+            if ray.wait(refs, num_returns=1, timeout=self.poll_s)[0]:
+                self.last_step_error = None  # of the steps collected now (unchanged by a poll that found none)
+                ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+                for i in [i for i, ref in self._inflight.items() if ref in ready]:
+                    if i in self._inflight:  # a migration earlier in this loop may have collected it
+                        self._collect(i, outputs)
         if not self.prefill:
             self._rebalance()
         self.tick()
