@@ -293,18 +293,14 @@ class ReplicatedEngine:
     def step(self) -> list[RequestOutput]:
         import ray
 
-        # Every replica with work and no step in flight starts one (restarted or newly started
-        # replicas joined in the last tick); then whichever finish first are collected.
-        active = sorted({t.replica for t in self._live.values()} - set(self._down))
-        for i in active:
-            if i not in self._inflight:
-                self._inflight[i] = self.replicas[i].step.remote()
+        self._start_steps()  # replicas given work since the last step (or restarted, or newly started)
         outputs: list[RequestOutput] = []
         if self._inflight:
-            # Waits a moment at most: requests arriving meanwhile must reach an idle replica now, not
-            # after another replica's prompt chunk (the caller adds them between steps).
+            # While a replica is idle, waits a moment at most: a request arriving meanwhile must reach
+            # it now, not after another replica's prompt chunk (the caller adds requests between steps).
             refs = list(self._inflight.values())
-            if ray.wait(refs, num_returns=1, timeout=self.poll_s)[0]:
+            idle = any(i not in self._inflight for i in self.serving)
+            if ray.wait(refs, num_returns=1, timeout=self.poll_s if idle else None)[0]:
                 self.last_step_error = None  # of the steps collected now (unchanged by a poll that found none)
                 ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
                 for i in [i for i, ref in self._inflight.items() if ref in ready]:
@@ -313,9 +309,18 @@ class ReplicatedEngine:
         if not self.prefill:
             self._rebalance()
         self.tick()
+        # Before the caller hands these outputs out: a replica computes its next step meanwhile. (Not
+        # before migrations: a request leaving a replica would wait for that replica's new step.)
+        self._start_steps()
         outputs = self._early + outputs  # collected before a request moved on: older than anything else of it
         self._early = []
         return outputs
+
+    def _start_steps(self) -> None:
+        """Every replica with work and no step in flight starts one."""
+        for i in sorted({t.replica for t in self._live.values()} - set(self._down)):
+            if i not in self._inflight:
+                self._inflight[i] = self.replicas[i].step.remote()
 
     def _collect(self, i: int, outputs: list[RequestOutput]) -> None:
         """Take replica i's finished (or finishing) step: its outputs, load and step shape."""
