@@ -61,11 +61,18 @@ def test_two_replicas_give_one_engines_outputs(ray_session, folder, router):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
     llm = make_llm(folder, replicas=2, router=router)
+    llm.engine.step_log = []
     try:
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert got == want
         assert llm.engine.kv_all_free()
         assert not llm.engine.has_unfinished_requests()
+        # Every replica step's shape reached the front end: all prompt tokens computed once (no
+        # shared prefixes here), one decode per later token, each step with its whole time.
+        log = llm.engine.step_log
+        assert sum(p for _, p, *_ in log) == sum(map(len, prompts))
+        assert sum(d for _, _, d, _, _ in log) == len(prompts) * (params.max_tokens - 1)
+        assert {i for i, *_ in log} == {0, 1} and all(s > 0 for *_, s in log)
     finally:
         llm.shutdown()
 

@@ -31,7 +31,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
     from llmserve.bench.workloads import sample_lengths
     from llmserve.cli import engine_kwargs
-    from llmserve.cluster.planner import candidate_placements, describe, profile_colocated, profile_steps, rank
+    from llmserve.cluster.planner import candidate_placements, describe, profile_replicated, profile_steps, rank
     from llmserve.entrypoints.llm import LLM
 
     ttft_slo = args.ttft_slo if args.ttft_slo is not None else 2.0
@@ -44,8 +44,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     models = {}
     for t in threads:
         start = time.perf_counter()
-        # With fewer threads than cores, cores // t replicas share the host: they profile together.
-        models[t] = profile_steps(llm, t) if t == cores else profile_colocated(kwargs, t, cores // t)
+        # With fewer threads than cores, cores // t replicas share the host: they profile together,
+        # as Ray replicas behind this process (a single replica is served in-process).
+        models[t] = profile_steps(llm, t) if t == cores else profile_replicated(kwargs, cores // t, cores)
         print(f"step model at {t} thread{'s' if t > 1 else ''}{'' if t == cores else f' ({cores // t} at once)'}: "
               f"{describe(models[t])} (profiled in {time.perf_counter() - start:.0f} s)")
     torch.set_num_threads(cores)

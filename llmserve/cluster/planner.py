@@ -219,54 +219,89 @@ def profile_steps(llm, threads: int, repeats: int = 3) -> StepTimeModel:
     return StepTimeModel.fit(profile_samples(llm, threads, repeats))
 
 
-def profile_samples(llm, threads: int, repeats: int = 3) -> list[tuple[int, int, int, float]]:
-    """(prompt tokens, decodes, positions attended, seconds) of steps of chosen shapes run on
-    `llm`'s engine with `threads` threads: prompt chunks alone, and decodes of several batch sizes
-    at two context lengths. Each shape runs `repeats` times after a warm-up and counts with its
-    median step time, so one slow step (a compile, another process) does not bend the fit."""
-    import torch
+PROFILE_SHAPES = [(64, 1, 1), (256, 1, 1), (512, 1, 1)] + [(ctx, n, 8) for ctx in (64, 448) for n in (1, 8, 32)]
+"""(prompt tokens, requests at once, tokens each generates): prompt chunks alone, and decodes of
+several batch sizes at two context lengths."""
 
+
+def _profile_rounds(engine, repeats: int, copies: int = 1):
+    """Add each profile shape's requests to `engine` (`copies` times over: one batch a replica) and
+    yield after each shape, for the caller to step it to the end; round 0 warms up (kernels,
+    allocations). Yields the round's number."""
     from llmserve.sampling_params import SamplingParams
 
-    engine = llm.engine
-    torch.set_num_threads(threads)
     vocab = engine.model_config.vocab_size
     g = np.random.default_rng(0)
-    shapes = [(64, 1, 1), (256, 1, 1), (512, 1, 1)] + [(ctx, n, 8) for ctx in (64, 448) for n in (1, 8, 32)]
-    by_shape: dict[tuple[int, int, int], list[float]] = {}
-    for rep in range(repeats + 1):  # the first round warms up (kernels, allocations) and is dropped
-        for prompt, batch, steps in shapes:
+    for rep in range(repeats + 1):
+        for prompt, batch, steps in PROFILE_SHAPES:
             params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-            for i in range(batch):
+            for i in range(batch * copies):
                 engine.add_request(f"profile-{rep}-{prompt}-{batch}-{i}", g.integers(0, vocab, prompt).tolist(),
                                    params)
-            while engine.has_unfinished_requests():
-                engine.last_step_shape = None
-                start = time.perf_counter()
-                engine.step()
-                elapsed = time.perf_counter() - start  # the whole step: scheduling and update too
-                if engine.last_step_shape is not None and rep > 0:
-                    by_shape.setdefault(engine.last_step_shape[:3], []).append(elapsed)
+            yield rep
+
+
+def _medians(by_shape: dict[tuple[int, int, int], list[float]]) -> list[tuple[int, int, int, float]]:
+    """Each shape counts once, with its median step time, so one slow step (a compile, another
+    process) does not bend the fit."""
     return [(*key, float(np.median(times))) for key, times in by_shape.items()]
 
 
-def _profile_worker(engine_kwargs: dict, threads: int, repeats: int) -> list[tuple[int, int, int, float]]:
-    """One co-located replica's profile, in its own process (profile_colocated's pool)."""
+def profile_samples(llm, threads: int, repeats: int = 3) -> list[tuple[int, int, int, float]]:
+    """(prompt tokens, decodes, positions attended, seconds) of the profile shapes' steps run on
+    `llm`'s engine with `threads` threads, each the whole step (scheduling and update too)."""
+    import torch
+
+    engine = llm.engine
+    torch.set_num_threads(threads)
+    by_shape: dict[tuple[int, int, int], list[float]] = {}
+    for rep in _profile_rounds(engine, repeats):
+        while engine.has_unfinished_requests():
+            engine.last_step_shape = None
+            start = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - start
+            if engine.last_step_shape is not None and rep > 0:
+                by_shape.setdefault(engine.last_step_shape[:3], []).append(elapsed)
+    return _medians(by_shape)
+
+
+def profile_replicated(engine_kwargs: dict, replicas: int, cores: int, repeats: int = 3) -> StepTimeModel:
+    """A StepTimeModel for one of `replicas` replicas sharing `cores` (cores // replicas threads
+    each), profiled as they serve: Ray actors driven by this process's front end, every replica
+    given each shape at once, so the fit carries what they cost each other (memory bandwidth,
+    caches, the front end's share of the cores). The time a replica sits with work waiting on the
+    front end between steps (the Ray round trip) is added to the fixed cost of a step."""
+    import dataclasses
+    import os
+
     from llmserve.entrypoints.llm import LLM
 
-    return profile_samples(LLM(**engine_kwargs), threads, repeats)
-
-
-def profile_colocated(engine_kwargs: dict, threads: int, replicas: int, repeats: int = 3) -> StepTimeModel:
-    """A StepTimeModel for one of `replicas` engines of `threads` threads sharing this host: that
-    many processes profile at once (each its own engine, as replicas run), so the fit carries what
-    they cost each other (memory bandwidth, caches, the cores' share); fitted to all their steps."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(replicas, mp_context=multiprocessing.get_context("spawn")) as pool:
-        runs = list(pool.map(_profile_worker, [engine_kwargs] * replicas, [threads] * replicas, [repeats] * replicas))
-    return StepTimeModel.fit([sample for run in runs for sample in run])
+    before = os.environ.get("LLMSERVE_NUM_THREADS")
+    os.environ["LLMSERVE_NUM_THREADS"] = str(cores)  # ReplicatedEngine gives each replica its share of these
+    try:
+        llm = LLM(**{**engine_kwargs, "replicas": replicas, "router": "round_robin"})
+    finally:
+        if before is None:
+            os.environ.pop("LLMSERVE_NUM_THREADS")
+        else:
+            os.environ["LLMSERVE_NUM_THREADS"] = before
+    engine = llm.engine
+    try:
+        by_shape: dict[tuple[int, int, int], list[float]] = {}
+        waited = steps = 0.0
+        for rep in _profile_rounds(engine, repeats, copies=replicas):
+            engine.step_log, engine.waited_s, engine.steps_waited = [], 0.0, 0
+            while engine.has_unfinished_requests():
+                engine.step()
+            if rep > 0:
+                for _, *shape, seconds in engine.step_log:
+                    by_shape.setdefault(tuple(shape), []).append(seconds)
+                waited, steps = waited + engine.waited_s, steps + engine.steps_waited
+    finally:
+        llm.shutdown()
+    model = StepTimeModel.fit(_medians(by_shape))
+    return dataclasses.replace(model, fixed_s=model.fixed_s + (waited / steps if steps else 0.0))
 
 
 def rank(placements: list[Placement], models: dict[int, StepTimeModel], lengths: list[tuple[int, int]],

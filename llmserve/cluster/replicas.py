@@ -63,6 +63,7 @@ class EngineReplica:
         # Which instance of the actor this is: Ray restarts a dead replica under the same handle, and a
         # call sent after the death runs on the new, empty instance.
         self.incarnation = uuid.uuid4().hex
+        self._work_left_at: float | None = None  # when the last step ended with work left (None: idle)
 
     def hello(self) -> str:
         """Answers once the engine is built: this instance's incarnation."""
@@ -85,11 +86,21 @@ class EngineReplica:
     def abort_request(self, ids: list[str]) -> None:
         self.engine.abort_request(ids)
 
-    def step(self) -> tuple[str, list[RequestOutput], ReplicaLoad, dict[str, float], str | None, tuple | None]:
+    def step(self) -> tuple[str, list[RequestOutput], ReplicaLoad, dict[str, float], str | None, tuple | None,
+                            float | None]:
+        """One engine step: its outputs, the load and stats after it, its error, its shape with the
+        whole step's seconds (scheduling and update too, as the planner profiles steps), and how
+        long this replica sat with work waiting for this call (None if it had none)."""
+        start = time.monotonic()
+        waited = start - self._work_left_at if self._work_left_at is not None else None
         self.engine.last_step_shape = None
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        return (self.incarnation, outputs, self.load(), self.engine.stats(), self.engine.last_step_error,
-                self.engine.last_step_shape)
+        end = time.monotonic()
+        shape = self.engine.last_step_shape
+        if shape is not None:
+            shape = (*shape[:3], end - start)
+        self._work_left_at = end if self.engine.has_unfinished_requests() else None
+        return self.incarnation, outputs, self.load(), self.engine.stats(), self.engine.last_step_error, shape, waited
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
@@ -208,6 +219,8 @@ class ReplicatedEngine:
         # Outputs of a replica's step collected out of turn (before a request leaves it), for the next step().
         self._early: list[RequestOutput] = []
         self.restarts = 0
+        self.steps_waited, self.waited_s = 0, 0.0  # replicas' steps that waited on the front end, and how long
+        self.step_log: list[tuple] | None = None  # set to a list to keep every step's (replica, *shape)
         self._incarnations = ray.get([r.hello.remote() for r in self.replicas])  # every replica's engine is built
         facts = ray.get(self.replicas[0].facts.remote())
         self.max_model_len, self.model_config = facts["max_model_len"], facts["model_config"]
@@ -328,7 +341,7 @@ class ReplicatedEngine:
 
         ref = self._inflight.pop(i)
         try:
-            incarnation, outs, load, stats, error, shape = ray.get(ref)
+            incarnation, outs, load, stats, error, shape, waited = ray.get(ref)
         except ray.exceptions.RayActorError:
             if i not in self._down and i not in self._retired:
                 self._fail_over(i)
@@ -339,8 +352,13 @@ class ReplicatedEngine:
             return
         self._settle(i, outputs)  # the calls Ray ran before this step (and any since)
         self.loads[i], self._stats[i] = load, stats
+        if waited is not None:  # the replica had work and waited for this call: the front end's share of a step
+            self.steps_waited += 1
+            self.waited_s += waited
         if shape is not None:
             self._steps.append(shape)
+            if self.step_log is not None:
+                self.step_log.append((i, *shape))
             self._seen += 1
         self.last_step_error = self.last_step_error or error
         for out in outs:
