@@ -266,16 +266,18 @@ def _until_restarted(engine, replica: int, old_pid: int) -> None:
 
 def test_a_replica_restarted_between_steps_loses_no_request(ray_session, folder):
     """Killed while it has no step in flight and restarted by Ray before the next: no call fails, but
-    the new instance holds none of its requests; they continue elsewhere from what was streamed."""
+    the new instance holds none of its requests; they continue from what was streamed. Requests
+    added after the restart reached the new instance: they are aborted there and start again, and
+    that abort does not end the copy that starts again."""
     import ray
 
-    prompts = random_prompts(4, [5, 21, 9, 14], seed=8)
+    prompts = random_prompts(7, [5, 21, 9, 14, 11, 7, 6], seed=8)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in make_llm(folder).generate(prompts, params, use_tqdm=False)]
     llm = make_llm(folder, replicas=2, router="round_robin")
     engine = llm.engine
     try:
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(prompts[:4]):
             engine.add_request(str(i), p, params)
         seen: dict[str, list[int]] = {}
         killed = False
@@ -291,6 +293,8 @@ def test_a_replica_restarted_between_steps_loses_no_request(ray_session, folder)
                 pid = engine.replica_pids()[1]
                 os.kill(pid, signal.SIGKILL)
                 _until_restarted(engine, 1, pid)
+                for i in (4, 5, 6):  # "5" to the restarted replica, and (in turn) back to it after
+                    engine.add_request(str(i), prompts[i], params)
                 killed = True
         assert killed and engine.restarts == 1 and not engine.has_unfinished_requests()
         assert [seen[str(i)] for i in range(len(prompts))] == want

@@ -365,6 +365,10 @@ class ReplicatedEngine:
             tracked = self._live.get(out.request_id)
             if tracked is None or tracked.replica != i:
                 continue
+            if out.finished and all(c.finish_reason == "abort" for c in out.outputs):
+                # Replicas end requests as "abort" only when the front end asks, and it asks for a
+                # request it still tracks only in _replaced, which starts that request again (maybe here).
+                continue
             out = self._stitched(tracked, out)
             tracked.last = out
             outputs.append(out)
