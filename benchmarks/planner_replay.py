@@ -56,7 +56,7 @@ def replay(llm, requests, seed: int = 1) -> tuple[dict[int, float], dict[int, fl
             i, t, n = int(out.request_id), time.monotonic() - start, len(out.outputs[0].token_ids)
             if i not in first and n:
                 first[i], ttft[i] = t, t - requests[i].arrival
-            if out.finished:
+            if out.finished and i in first:
                 tpot[i] = (t - first[i]) / max(1, n - 1)
     return ttft, tpot
 
@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan", required=True, help="a plan.json written by planner_check.py / llmserve plan")
     ap.add_argument("--rate", type=float, required=True)
-    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--replicas", type=int, default=2, help="at least 2 (one replica is served in-process)")
     ap.add_argument("--prefill-replicas", type=int, default=0)
     ap.add_argument("--decode-replicas", type=int, default=0)
     ap.add_argument("--num-prompts", type=int, default=40)
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--tpot-slo", type=float, default=0.2)
     ap.add_argument("--per-request", action="store_true")
     args = ap.parse_args()
+    if args.prefill_replicas == 0 and args.replicas < 2:
+        ap.error("--replicas must be at least 2 (one replica is served in-process, without replicas' step log)")
     os.environ.setdefault("LLMSERVE_NUM_THREADS", "2")
     from llmserve import LLM
 
@@ -110,14 +112,16 @@ def main() -> None:
     print(f"{len(log)} replica steps: measured {measured.sum():.1f} s, the step-time model {predicted.sum():.1f} s")
     for name, sel in (("decode only", ~chunk), ("with a prompt chunk", chunk)):
         if sel.any():
-            print(f"  {name}: {sel.sum()} steps, measured {measured[sel].sum():.1f} s, model {predicted[sel].sum():.1f} s, "
+            print(f"  {name}: {sel.sum()} steps, measured {measured[sel].sum():.1f} s, "
+                  f"model {predicted[sel].sum():.1f} s, "
                   f"median measured / model {np.median(measured[sel] / predicted[sel]):.2f}")
     if steps_waited:
         print(f"replicas waited on the front end before {steps_waited} steps: {waited:.1f} s in all, "
               f"{waited / steps_waited * 1e3:.1f} ms a step")
     if args.per_request:
         for i, r in enumerate(requests):
-            print(f"request {i:3d} at {r.arrival:7.2f} s, {r.prompt:4d} -> {r.output:4d} tokens: TTFT {ttft[i]:5.2f} / "
+            got = ttft.get(i, float("nan"))  # nan: ended without a token
+            print(f"request {i:3d} at {r.arrival:7.2f} s, {r.prompt:4d} -> {r.output:4d} tokens: TTFT {got:5.2f} / "
                   f"{sim.ttft[i]:5.2f} s, TPOT {tpot.get(i, 0) * 1e3:4.0f} / {sim.tpot[i] * 1e3:4.0f} ms")
 
 

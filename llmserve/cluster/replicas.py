@@ -308,6 +308,8 @@ class ReplicatedEngine:
 
         self._start_steps()  # replicas given work since the last step (or restarted, or newly started)
         outputs: list[RequestOutput] = []
+        if not self._inflight and self._live:
+            time.sleep(self.poll_s)  # every replica holding requests is restarting: do not spin
         if self._inflight:
             # While a replica is idle, waits a moment at most: a request arriving meanwhile must reach
             # it now, not after another replica's prompt chunk (the caller adds requests between steps).
@@ -403,8 +405,9 @@ class ReplicatedEngine:
                     self._resubmit(rid, t)
                 else:
                     del self._live[rid]
-                    outputs.append(RequestOutput(rid, t.prompt, t.token_ids, [
-                        CompletionOutput(k, "", [], finish_reason="error") for k in range(t.params.n)], True))
+                    ended = [dataclasses.replace(c, finish_reason="error") for c in t.last.outputs] if t.last else [
+                        CompletionOutput(k, "", [], finish_reason="error") for k in range(t.params.n)]
+                    outputs.append(RequestOutput(rid, t.prompt, t.token_ids, ended, True))
             except ray.exceptions.RayActorError:
                 pass
 
@@ -518,8 +521,9 @@ class ReplicatedEngine:
         import ray
 
         t = self._live.get(request_id)
-        if t is None or to == t.replica:
-            return  # gone (finished in a step a migration just before this one collected) or already there
+        if t is None or to == t.replica or to not in self.serving:
+            return  # gone (finished in a step a migration just before this one collected), already there, or no
+            # serving replica to go to (it stays where it is)
         source = t.replica
         if source in self._inflight:  # its step's outputs go out before anything the new replica sends
             self._collect(source, self._early)
@@ -532,6 +536,8 @@ class ReplicatedEngine:
         except ray.exceptions.RayActorError:
             self._fail_over(source)  # it goes on elsewhere from what was streamed
             return
+        except ray.exceptions.RayTaskError:
+            return  # not there (its add was refused late: _settle ends it); nothing moved
         self.transfer_s += time.perf_counter() - start
         self.transfers += 1
         # Through the object store, not here; run on `to` before its next step, without waiting for its step now.
@@ -574,7 +580,12 @@ class ReplicatedEngine:
         self._pending.pop(dead, None)  # what it was sent went with it: its requests are placed again below
         self._down[dead] = self.replicas[dead].hello.remote()  # answers once Ray has restarted it
         self.restarts += 1
-        for rid, t in [(rid, t) for rid, t in self._live.items() if t.replica == dead]:
+        moved = [(rid, t) for rid, t in self._live.items() if t.replica == dead]
+        if moved:
+            # A call sent after the death (an add) may have reached the restarted instance: ended there
+            # before it takes anything else (its abort output is dropped in _collect).
+            self._send(dead, "abort", "", self.replicas[dead].abort_request.remote([rid for rid, _ in moved]))
+        for rid, t in moved:
             self._resubmit(rid, t)
 
     def _replaced(self, i: int) -> None:
