@@ -39,6 +39,15 @@ def test_routers():
     assert aff.choose(feats(b"a", b"b"), [ReplicaLoad(0, 0), ReplicaLoad(0, 9)]) == 0  # imbalance wins
 
 
+def step_growing_streams(engine, seen: dict[str, list[int]]) -> None:
+    """One step; each request's tokens so far go into `seen`, which they must extend: a stream only
+    grows, no token repeated or changed (across failovers and migrations too)."""
+    for out in engine.step():
+        before = seen.get(out.request_id, [])
+        assert out.outputs[0].token_ids[:len(before)] == before
+        seen[out.request_id] = list(out.outputs[0].token_ids)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     from llmserve.cluster.local_ray import start_ray
@@ -211,11 +220,7 @@ def test_a_killed_replica_loses_no_request(ray_session, folder):
         seen: dict[str, list[int]] = {}
         killed = False
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                tokens = out.outputs[0].token_ids
-                before = seen.get(out.request_id, [])
-                assert tokens[:len(before)] == before  # a stream only grows: no token repeated or changed
-                seen[out.request_id] = list(tokens)
+            step_growing_streams(engine, seen)
             if not killed and min(len(v) for v in seen.values() or [[]]) >= 5:
                 os.kill(engine.replica_pids()[0], signal.SIGKILL)
                 killed = True
@@ -284,10 +289,7 @@ def test_a_replica_restarted_between_steps_loses_no_request(ray_session, folder)
         for _ in range(500):
             if not engine.has_unfinished_requests():
                 break
-            for out in engine.step():
-                before = seen.get(out.request_id, [])
-                assert out.outputs[0].token_ids[:len(before)] == before
-                seen[out.request_id] = list(out.outputs[0].token_ids)
+            step_growing_streams(engine, seen)
             if not killed and min(len(v) for v in seen.values() or [[]]) >= 4:
                 ray.wait(list(engine._inflight.values()), num_returns=len(engine._inflight))  # steps done
                 pid = engine.replica_pids()[1]
@@ -315,10 +317,7 @@ def test_a_request_migrated_into_a_dying_replica_is_not_lost(ray_session, folder
         for _ in range(500):
             if not engine.has_unfinished_requests():
                 break
-            for out in engine.step():
-                before = seen.get(out.request_id, [])
-                assert out.outputs[0].token_ids[:len(before)] == before
-                seen[out.request_id] = list(out.outputs[0].token_ids)
+            step_growing_streams(engine, seen)
             if not moved and len(seen.get("0", [])) >= 4:
                 assert engine._live["0"].replica == 0
                 os.kill(engine.replica_pids()[1], signal.SIGKILL)
@@ -359,10 +358,7 @@ def test_live_migration_mid_decode_keeps_the_completion(ray_session, folder):
             engine.add_request(str(i), p, params)
         seen, moved = {}, False
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                before = seen.get(out.request_id, [])
-                assert out.outputs[0].token_ids[:len(before)] == before
-                seen[out.request_id] = list(out.outputs[0].token_ids)
+            step_growing_streams(engine, seen)
             if not moved and len(seen.get("0", [])) >= 4:
                 engine.migrate("0", 1 - engine._live["0"].replica)
                 moved = True
