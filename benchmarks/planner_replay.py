@@ -99,6 +99,7 @@ def main() -> None:
         ttft, tpot = replay(llm, requests)
     finally:
         waited, steps_waited, log = engine.waited_s, engine.steps_waited, list(engine.step_log)
+        cpu = engine.step_cpu_s
         llm.shutdown()
     ok = sum(1 for i in ttft if ttft[i] <= args.ttft_slo and tpot.get(i, 0.0) <= args.tpot_slo) / len(requests)
     sim_tpot = [t for t in sim.tpot if t > 0]
@@ -109,7 +110,8 @@ def main() -> None:
     measured = np.array([s for *_, s in log])
     predicted = np.array([model.step_s(p, d, c) for _, p, d, c, _ in log])
     chunk = np.array([p > 0 for _, p, *_ in log])
-    print(f"{len(log)} replica steps: measured {measured.sum():.1f} s, the step-time model {predicted.sum():.1f} s")
+    print(f"{len(log)} replica steps: measured {measured.sum():.1f} s ({cpu:.1f} CPU-s in the replicas), "
+          f"the step-time model {predicted.sum():.1f} s")
     for name, sel in (("decode only", ~chunk), ("with a prompt chunk", chunk)):
         if sel.any():
             print(f"  {name}: {sel.sum()} steps, measured {measured[sel].sum():.1f} s, "

@@ -33,7 +33,7 @@ def first_token_on(engine, replica: int, prompt: list[int]) -> None:
     ray.get(actor.add_request.remote("probe", prompt, SamplingParams(temperature=0, max_tokens=1), None, 0, None,
                                      None, None))
     while True:
-        _, outputs, *_ = ray.get(actor.step.remote())
+        outputs = ray.get(actor.step.remote()).outputs
         if any(o.request_id == "probe" and o.outputs[0].token_ids for o in outputs):
             return
 

@@ -460,7 +460,22 @@ def test_bench_serve_against_llmserve_server(tiny_folder, tmp_path):
             m = json.loads(out.read_text())["runs"][0]["metrics"]
             assert m["completed"] == 4 and m["failed"] == 0
             assert m["total_output_tokens"] == 16  # ignore_eos honoured, usage reported
-            if fmt == "ids":
-                assert m["total_input_tokens"] == 4 * 16
+            assert m["total_input_tokens"] == 4 * 16  # text sized with the tokenizer is exact too
     finally:
         srv.stop()
+
+
+def test_text_prompts_are_sized_with_the_default_models_tokenizer_when_it_is_served():
+    """Against a server of llmserve's default model, text prompts are sized with its tokenizer
+    (exact counts); against an unknown model without --tokenizer, a word a token."""
+    from types import SimpleNamespace
+
+    from llmserve.bench.cli import _load_tokenizer
+    from llmserve.model.default_model import DEFAULT_MODEL_NAME
+
+    args = SimpleNamespace(tokenizer=None, prompt_format="text")
+    tok = _load_tokenizer(args, DEFAULT_MODEL_NAME)
+    assert tok is not None
+    text, n = PromptFactory(tok, seed=3).text(300)
+    assert n == 300 and len(tok.encode(text, add_special_tokens=False)) == 300
+    assert _load_tokenizer(args, "some-other-model") is None

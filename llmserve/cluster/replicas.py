@@ -43,6 +43,21 @@ ARRIVAL_WINDOW_S = 30.0  # the prompt-token arrival rate is measured over this l
 POLL_S = 0.005  # the longest a front-end step waits for a replica's step before returning (maybe empty)
 
 
+@dataclass
+class ReplicaStep:
+    """What a replica's step returns to the front end."""
+    incarnation: str  # which instance of the actor ran it (a restarted one holds none of its requests)
+    outputs: list[RequestOutput]
+    load: ReplicaLoad  # after the step, for the router
+    stats: dict[str, float]
+    error: str | None  # the type of the step's failure, if its forward failed
+    # (prompt tokens, decodes, context tokens, whole-step seconds: scheduling and update too, as the
+    # planner profiles steps); None if the step ran no request.
+    shape: tuple[int, int, int, float] | None
+    cpu_s: float  # CPU seconds of the replica's process in the step: below threads x seconds if it was starved
+    waited: float | None  # how long the replica sat with work waiting for this call (None: it had none)
+
+
 class EngineReplica:
     """One engine (the Ray actor's body)."""
 
@@ -86,12 +101,9 @@ class EngineReplica:
     def abort_request(self, ids: list[str]) -> None:
         self.engine.abort_request(ids)
 
-    def step(self) -> tuple[str, list[RequestOutput], ReplicaLoad, dict[str, float], str | None, tuple | None,
-                            float | None]:
-        """One engine step: its outputs, the load and stats after it, its error, its shape with the
-        whole step's seconds (scheduling and update too, as the planner profiles steps), and how
-        long this replica sat with work waiting for this call (None if it had none)."""
-        start = time.monotonic()
+    def step(self) -> ReplicaStep:
+        """One engine step (none if the engine holds no request) and what the front end reads with it."""
+        start, cpu_start = time.monotonic(), time.process_time()
         waited = start - self._work_left_at if self._work_left_at is not None else None
         self.engine.last_step_shape = None
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
@@ -100,7 +112,8 @@ class EngineReplica:
         if shape is not None:
             shape = (*shape[:3], end - start)
         self._work_left_at = end if self.engine.has_unfinished_requests() else None
-        return self.incarnation, outputs, self.load(), self.engine.stats(), self.engine.last_step_error, shape, waited
+        return ReplicaStep(self.incarnation, outputs, self.load(), self.engine.stats(), self.engine.last_step_error,
+                           shape, time.process_time() - cpu_start, waited)
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
@@ -220,6 +233,9 @@ class ReplicatedEngine:
         self._early: list[RequestOutput] = []
         self.restarts = 0
         self.steps_waited, self.waited_s = 0, 0.0  # replicas' steps that waited on the front end, and how long
+        # The whole-step seconds of every replica step that ran requests (steps_run of them), and the CPU
+        # seconds the replicas had in them (below threads x step_s when other processes take their cores).
+        self.step_s, self.step_cpu_s = 0.0, 0.0
         self.step_log: list[tuple] | None = None  # set to a list to keep every step's (replica, *shape)
         self._incarnations = ray.get([r.hello.remote() for r in self.replicas])  # every replica's engine is built
         facts = ray.get(self.replicas[0].facts.remote())
@@ -238,7 +254,7 @@ class ReplicatedEngine:
         self.scale_outs = self.scale_ins = 0
         self._steps: deque[tuple[int, int, int, float]] = deque(maxlen=STEP_SAMPLES)
         self._fitted_at = 0  # samples seen when the step-time model was last fitted
-        self._seen = 0
+        self.steps_run = 0
         self._next_tick = 0.0
         self._arrivals: deque[tuple[float, int]] = deque()  # (time, prompt tokens) of recent requests
         self.tick_s, self.refit_every = AUTOSCALE_TICK_S, REFIT_EVERY
@@ -343,27 +359,29 @@ class ReplicatedEngine:
 
         ref = self._inflight.pop(i)
         try:
-            incarnation, outs, load, stats, error, shape, waited = ray.get(ref)
+            step: ReplicaStep = ray.get(ref)
         except ray.exceptions.RayActorError:
             if i not in self._down and i not in self._retired:
                 self._fail_over(i)
             return
-        if incarnation != self._incarnations[i]:  # died and restarted between two steps: it holds none of its requests
-            self._incarnations[i] = incarnation
+        if step.incarnation != self._incarnations[i]:  # died and restarted between two steps: it holds none of its requests
+            self._incarnations[i] = step.incarnation
             self._replaced(i)
             return
         self._settle(i, outputs)  # the calls Ray ran before this step (and any since)
-        self.loads[i], self._stats[i] = load, stats
-        if waited is not None:  # the replica had work and waited for this call: the front end's share of a step
+        self.loads[i], self._stats[i] = step.load, step.stats
+        if step.waited is not None:  # the replica had work and waited for this call: the front end's share of a step
             self.steps_waited += 1
-            self.waited_s += waited
-        if shape is not None:
-            self._steps.append(shape)
+            self.waited_s += step.waited
+        if step.shape is not None:
+            self._steps.append(step.shape)
+            self.step_s += step.shape[-1]
+            self.step_cpu_s += step.cpu_s
             if self.step_log is not None:
-                self.step_log.append((i, *shape))
-            self._seen += 1
-        self.last_step_error = self.last_step_error or error
-        for out in outs:
+                self.step_log.append((i, *step.shape))
+            self.steps_run += 1
+        self.last_step_error = self.last_step_error or step.error
+        for out in step.outputs:
             tracked = self._live.get(out.request_id)
             if tracked is None or tracked.replica != i:
                 continue
@@ -422,13 +440,13 @@ class ReplicatedEngine:
             return
         self._next_tick = now + self.tick_s
         running = [t for t in self._live.values() if t.last is not None]
-        if self._seen - self._fitted_at >= self.refit_every and len(self._steps) >= self.refit_every:
+        if self.steps_run - self._fitted_at >= self.refit_every and len(self._steps) >= self.refit_every:
             from llmserve.cluster.planner import StepTimeModel
 
             mean_context = (sum(len(t.token_ids) + len(t.last.outputs[0].token_ids) for t in running) / len(running)
                             if running else 0.0)
             self.autoscaler.model = step_model(StepTimeModel.fit(list(self._steps)), mean_context)
-            self._fitted_at = self._seen
+            self._fitted_at = self.steps_run
         if any(i not in self._retired for i in self._down):
             return  # a replica is starting (or restarting): decide again once it serves
         while self._arrivals and self._arrivals[0][0] < now - ARRIVAL_WINDOW_S:

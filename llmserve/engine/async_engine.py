@@ -66,6 +66,12 @@ class EngineStats:
     replica_restarts: int = 0
     autoscale_outs: int = 0  # the autoscaler's decisions (cluster/autoscaler.py)
     autoscale_ins: int = 0
+    # Replica steps that ran requests, their seconds, and how long replicas sat with work waiting for
+    # the front end's next call: the share of the replicas' time the front end costs.
+    replica_steps: int = 0
+    replica_step_seconds: float = 0.0
+    replica_step_cpu_seconds: float = 0.0
+    replica_front_wait_seconds: float = 0.0
     # The KV disk tier: prompt tokens read back from it; bytes written, read and held.
     prefix_cache_disk_hits: int = 0
     kv_offload_bytes_written: int = 0
@@ -445,7 +451,7 @@ class AsyncLLMEngine:
         if not hasattr(e, "replica_stats"):
             return ()
         return (tuple(e.replica_stats()), e.transfers, e.transfer_s, e.transfer_bytes, e.restarts, e.scale_outs,
-                e.scale_ins)
+                e.scale_ins, e.steps_run, e.step_s, e.step_cpu_s, e.waited_s)
 
     def _die(self, e: BaseException) -> None:
         # Stack frames but not the exception's message, which could quote request content.

@@ -90,7 +90,14 @@ class _EngineCollector(Collector):
                     ("llmserve:kv_transfer_bytes", "KV bytes those moves carried.", s.kv_transfer_bytes),
                     ("llmserve:replica_restarts", "Replicas that died and were restarted.", s.replica_restarts),
                     ("llmserve:autoscale_scale_outs", "Replicas the autoscaler added.", s.autoscale_outs),
-                    ("llmserve:autoscale_scale_ins", "Replicas the autoscaler drained and stopped.", s.autoscale_ins)):
+                    ("llmserve:autoscale_scale_ins", "Replicas the autoscaler drained and stopped.", s.autoscale_ins),
+                    ("llmserve:replica_steps", "Replica steps that ran requests.", s.replica_steps),
+                    ("llmserve:replica_step_seconds", "Seconds those steps took, scheduling included.",
+                     s.replica_step_seconds),
+                    ("llmserve:replica_step_cpu_seconds", "CPU seconds the replicas had in those steps (below "
+                     "threads x step seconds when other work takes their cores).", s.replica_step_cpu_seconds),
+                    ("llmserve:replica_front_wait_seconds", "Seconds replicas with work waited for the front end's "
+                     "next call (its share of their time).", s.replica_front_wait_seconds)):
                 counter = CounterMetricFamily(name, doc, labels=["model_name"])
                 counter.add_metric([self.model_name], value)
                 yield counter
