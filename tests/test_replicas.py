@@ -2,6 +2,7 @@
 free, prefix affinity keeps prefixes where they were cached, and every socket is on loopback."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -62,6 +63,30 @@ def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("replica-llama")
     make_model_folder(path, llama_config())
     return path
+
+
+def test_a_replica_emptied_between_steps_reports_no_wait_on_the_front_end(folder):
+    """The actor's body, in-process: once its last request leaves between steps (handed off as a
+    prefill replica's are, or aborted), its next step counts no wait on the front end; while a
+    request stays, it does."""
+    from llmserve.cluster.replicas import EngineReplica
+    from llmserve.config import EngineConfig
+
+    config = EngineConfig(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=64, block_size=16)
+    replica = EngineReplica({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = random_prompts(1, [20], seed=2)[0]
+    for take_out in ("export", "abort"):
+        replica.add_request("a", prompt, params, None, 0, None, None, None)
+        first = replica.step()
+        assert first.waited is None and first.shape is not None and first.cpu_s > 0
+        assert replica.step().waited is not None  # it had work left after the first step
+        # As the front end does: no step of this replica until it is given a request again.
+        replica.export_request("a") if take_out == "export" else replica.abort_request(["a"])
+        replica.add_request("b", prompt, params, None, 0, None, None, None)
+        assert replica.step().waited is None, take_out
+        replica.abort_request(["b"])
+        replica.step()
 
 
 @pytest.mark.parametrize("router", ["round_robin", "least_load", "power_of_two", "prefix_affinity"])

@@ -100,6 +100,13 @@ class EngineReplica:
 
     def abort_request(self, ids: list[str]) -> None:
         self.engine.abort_request(ids)
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        """A request taken out between steps may leave the engine without work: the time until its
+        next step is then no wait on the front end (a prefill replica after its last hand-off)."""
+        if not self.engine.has_unfinished_requests():
+            self._work_left_at = None
 
     def step(self) -> ReplicaStep:
         """One engine step (none if the engine holds no request) and what the front end reads with it."""
@@ -126,6 +133,7 @@ class EngineReplica:
         """The request with its KV, taken out of this engine; and the KV's size in bytes (called
         with num_returns=2, so the state can go to another replica without passing through here)."""
         state = self.engine.export_request(request_id, with_kv=True)
+        self._maybe_idle()
         return state, sum(kv.nbytes() for kv in state["kv"] if kv is not None)
 
     def import_request(self, state: dict) -> None:
