@@ -188,6 +188,39 @@ def test_steps_failing_again_and_again_end_the_loop(caplog):
         eng.shutdown()
 
 
+def test_requests_refused_one_by_one_do_not_count_as_failed_steps():
+    """An output ended in error while no step failed (a replica refusing a request the front end's
+    checks let through) fails that request only: more of them than the failed-step limit leave the
+    loop alive and serving."""
+    eng = make_engine()
+    inner = eng.engine
+    real_step = inner.step
+
+    def step():
+        outputs = real_step()
+        refused = [rid for rid in list(inner.groups) if rid.startswith("refused")]
+        inner.abort_request(refused)
+        ended = [RequestOutput(rid, None, [1, 2, 3], [CompletionOutput(0, "", [], "error")], True) for rid in refused]
+        assert inner.last_step_error is None
+        return outputs + ended
+
+    inner.step = step
+    try:
+        async def main():
+            for i in range(MAX_CONSECUTIVE_STEP_FAILURES + 1):
+                with pytest.raises(EngineStepError, match="refused"):
+                    await run(eng, [1, 2, 3], greedy(5), f"refused{i}")
+            return await run(eng, [4, 5], greedy(3), "served")
+
+        after = asyncio.run(asyncio.wait_for(main(), timeout=30))
+        assert after[-1].finished and len(after[-1].outputs[0].token_ids) == 3
+        health = eng.health()
+        assert health.alive and health.accepting and health.consecutive_step_failures == 0
+        assert wait_until(lambda: all_free(eng))
+    finally:
+        eng.shutdown()
+
+
 def test_a_forward_failure_the_engine_catches_reaches_the_client_as_an_error():
     eng = make_engine()
     runner = eng.engine.runner

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from llmserve.cluster.router import LeastLoad, PowerOfTwo, PrefixAffinity, ReplicaLoad, RoundRobin
+from llmserve.errors import InvalidRequestError
 from llmserve.privacy.routing import RoutingFeatures
 from llmserve.sampling_params import SamplingParams
 from server_fixtures import free_port
@@ -410,6 +411,9 @@ def test_migration_evens_out_a_skewed_load_and_drains(ray_session, folder):
         assert engine.transfers > 0 and abs(counts[0] - counts[1]) <= engine.imbalance + 1
         engine.drain(1)
         assert all(t.replica == 0 for t in engine._live.values())
+        with pytest.raises(InvalidRequestError, match="last one serving"):
+            engine.drain(0)  # its requests would have nowhere to go: refused, and it keeps serving
+        assert engine.serving == [0]
         while engine.has_unfinished_requests():
             engine.step()
         assert engine.kv_all_free()

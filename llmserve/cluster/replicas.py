@@ -535,9 +535,13 @@ class ReplicatedEngine:
 
     def drain(self, replica: int) -> None:
         """Stop placing requests on `replica` and move its running ones to the others (a replica
-        that is being stopped, or scaled in)."""
+        that is being stopped, or scaled in). The last serving replica (of its role) is not drained:
+        its requests would have nowhere to go."""
+        others = [i for i in self.serving if i != replica and (i in self.prefill) == (replica in self.prefill)]
+        if replica in self.serving and not others:
+            raise InvalidRequestError(f"replica {replica} is the last one serving its requests; add one before "
+                                      "draining it")
         self._draining.add(replica)
-        others = [i for i in self.serving if i != replica]
         for rid in [rid for rid, t in self._live.items() if t.replica == replica]:
             self.migrate(rid, self._least_loaded(others))
 

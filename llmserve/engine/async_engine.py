@@ -358,8 +358,13 @@ class AsyncLLMEngine:
                 raise  # not one bad batch: the engine is broken, and _die says so
             self._fail_in_flight(e)
             return
+        if self.engine.last_step_error is None and any(_ended_in_error(out) for out in outputs):
+            # Ended in error by no failed step: requests refused one by one (a replica's late refusal
+            # of what the front end's checks let through). Their clients get an error; the engine works.
+            self._dispatch(outputs, EngineStepError("a replica refused the request"))
+            return
         if any(_ended_in_error(out) for out in outputs):
-            if self._count_failure(self.engine.last_step_error or EngineStepError.__name__):
+            if self._count_failure(self.engine.last_step_error):
                 self._dispatch(outputs)
                 raise EngineStepError(f"{MAX_CONSECUTIVE_STEP_FAILURES} engine steps in a row failed")
         elif had_work and self.engine.last_step_error is None:
@@ -425,14 +430,14 @@ class AsyncLLMEngine:
         self.engine.abort_request(request_id)
         return True
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], error: EngineStepError | None = None) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted by its consumer, who no longer listens
             # The engine ends the requests of a step whose forward failed with finish reason
             # "error": their client gets the same error as when the step itself raises.
-            stream.push(EngineStepError("an engine step failed") if _ended_in_error(out) else out)
+            stream.push((error or EngineStepError("an engine step failed")) if _ended_in_error(out) else out)
             if out.finished:
                 del self._streams[out.request_id]
 
