@@ -215,6 +215,10 @@ def test_server_with_two_replicas_streams(ray_session):
         assert 'llmserve:replicas_serving{model_name="tiny"} 2.0' in metrics
         assert 'llmserve:replica_num_requests_running{model_name="tiny",replica="1"}' in metrics
         assert 'llmserve:kv_transfers_total{model_name="tiny"} 0.0' in metrics
+        counters = {name: float(v) for name, v in re.findall(r'^llmserve:(replica_\w+)_total\{[^}]*\} (\S+)', metrics, re.M)}
+        assert counters["replica_steps"] >= 5  # 4 requests of 5 tokens: at least a step a token
+        assert counters["replica_step_seconds"] > 0 and counters["replica_step_cpu_seconds"] > 0
+        assert "replica_front_wait_seconds" in counters
     finally:
         server.stop()
 
