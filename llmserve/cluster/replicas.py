@@ -112,7 +112,7 @@ class EngineReplica:
         """One engine step (none if the engine holds no request) and what the front end reads with it."""
         start, cpu_start = time.monotonic(), time.process_time()
         waited = start - self._work_left_at if self._work_left_at is not None else None
-        self.engine.last_step_shape = None
+        self.engine.last_step_shape = self.engine.last_step_error = None  # this step's, not an earlier one's
         outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
         end = time.monotonic()
         shape = self.engine.last_step_shape
@@ -538,7 +538,7 @@ class ReplicatedEngine:
         that is being stopped, or scaled in). The last serving replica (of its role) is not drained:
         its requests would have nowhere to go."""
         others = [i for i in self.serving if i != replica and (i in self.prefill) == (replica in self.prefill)]
-        if replica in self.serving and not others:
+        if not others and (replica in self.serving or any(t.replica == replica for t in self._live.values())):
             raise InvalidRequestError(f"replica {replica} is the last one serving its requests; add one before "
                                       "draining it")
         self._draining.add(replica)

@@ -362,6 +362,8 @@ class AsyncLLMEngine:
             # Ended in error by no failed step: requests refused one by one (a replica's late refusal
             # of what the front end's checks let through). Their clients get an error; the engine works.
             self._dispatch(outputs, EngineStepError("a replica refused the request"))
+            if had_work:  # and its steps ran without failing
+                self._step_failures, self._step_error = 0, None
             return
         if any(_ended_in_error(out) for out in outputs):
             if self._count_failure(self.engine.last_step_error):
