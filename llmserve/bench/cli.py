@@ -137,25 +137,24 @@ def _load_tokenizer(args, model: str):
     one, else llmserve's default model if that is what is served (by its name) or the prompts are
     token ids (which only llmserve takes). Text sized a word a token runs a few tokens long, and a
     prompt one token over the server's chunk budget costs a whole extra step before its first token."""
+    from llmserve.errors import ModelLoadError
     from llmserve.model.default_model import DEFAULT_MODEL_NAME
+    from llmserve.model.resolve import resolve_model_folder
     from llmserve.tokenizer import load_tokenizer
 
     source = args.tokenizer
     if source is None and model and Path(model).expanduser().is_dir():
         source = model
-    from llmserve.errors import ModelLoadError
-    from llmserve.model.resolve import resolve_model_folder
-
-    if source is None and args.prompt_format == "text" and model == DEFAULT_MODEL_NAME:
+    if source is not None:
+        return load_tokenizer(resolve_model_folder(None if source == "default" else source))
+    if args.prompt_format == "ids":
+        return load_tokenizer(resolve_model_folder(None))
+    if model == DEFAULT_MODEL_NAME:
         try:
             return load_tokenizer(resolve_model_folder(None))
         except ModelLoadError:  # benchmarking a server elsewhere, without the default model here
             return None
-    if source is None and args.prompt_format == "ids":
-        source = "default"
-    if source is None:
-        return None
-    return load_tokenizer(resolve_model_folder(None if source == "default" else source))
+    return None
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

@@ -538,11 +538,12 @@ class ReplicatedEngine:
         that is being stopped, or scaled in). The last serving replica (of its role) is not drained:
         its requests would have nowhere to go."""
         others = [i for i in self.serving if i != replica and (i in self.prefill) == (replica in self.prefill)]
-        if not others and (replica in self.serving or any(t.replica == replica for t in self._live.values())):
+        moving = [rid for rid, t in self._live.items() if t.replica == replica]
+        if not others and (replica in self.serving or moving):
             raise InvalidRequestError(f"replica {replica} is the last one serving its requests; add one before "
                                       "draining it")
         self._draining.add(replica)
-        for rid in [rid for rid, t in self._live.items() if t.replica == replica]:
+        for rid in moving:
             self.migrate(rid, self._least_loaded(others))
 
     def migrate(self, request_id: str, to: int) -> None:

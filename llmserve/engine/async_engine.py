@@ -358,22 +358,18 @@ class AsyncLLMEngine:
                 raise  # not one bad batch: the engine is broken, and _die says so
             self._fail_in_flight(e)
             return
-        if self.engine.last_step_error is None and any(_ended_in_error(out) for out in outputs):
-            # Ended in error by no failed step: requests refused one by one (a replica's late refusal
-            # of what the front end's checks let through). Their clients get an error; the engine works.
-            self._dispatch(outputs, EngineStepError("a replica refused the request"))
-            if had_work:  # and its steps ran without failing
-                self._step_failures, self._step_error = 0, None
-            return
-        if any(_ended_in_error(out) for out in outputs):
+        failed = self.engine.last_step_error is not None
+        if failed and any(_ended_in_error(out) for out in outputs):
             if self._count_failure(self.engine.last_step_error):
                 self._dispatch(outputs)
                 raise EngineStepError(f"{MAX_CONSECUTIVE_STEP_FAILURES} engine steps in a row failed")
-        elif had_work and self.engine.last_step_error is None:
+        elif had_work and not failed:
             # Only a step that ran requests proves the engine works again; one that merely handed
             # back aborted outputs proves nothing.
             self._step_failures, self._step_error = 0, None
-        self._dispatch(outputs)
+        # Ended in error while no step failed: requests refused one by one (a replica's late refusal
+        # of what the front end's checks let through). Their clients get an error; the engine works.
+        self._dispatch(outputs, refused=not failed)
 
     def _count_failure(self, error_type: str) -> bool:
         """Record a failed step; True once the loop should give up."""
@@ -432,14 +428,17 @@ class AsyncLLMEngine:
         self.engine.abort_request(request_id)
         return True
 
-    def _dispatch(self, outputs: list[RequestOutput], error: EngineStepError | None = None) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], refused: bool = False) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted by its consumer, who no longer listens
             # The engine ends the requests of a step whose forward failed with finish reason
             # "error": their client gets the same error as when the step itself raises.
-            stream.push((error or EngineStepError("an engine step failed")) if _ended_in_error(out) else out)
+            if _ended_in_error(out):
+                stream.push(EngineStepError("a replica refused the request" if refused else "an engine step failed"))
+            else:
+                stream.push(out)
             if out.finished:
                 del self._streams[out.request_id]
 
