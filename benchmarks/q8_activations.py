@@ -2,8 +2,8 @@
 (csrc/gguf_gemm.cpp) on the same GGUF weights, side by side in one run:
 
   (a) one linear layer, Q4_1 weights as SmolLM2 publishes them: 576 -> 1536 and 1536 -> 576, at
-      1, 4, 64 and 512 rows of x; gguf_linear vs gguf_linear_q8 on the best path this CPU has
-      (and on each other path it can run, for reference);
+      1, 4, 64 and 512 rows of x; gguf_linear on the blocks vs gguf_linear_q8 on the tiles a q8
+      layer packs them into, on the best path this CPU has (and on each other path it can run);
   (b) W2-like single-stream decode on the embedded model: `LLM()` and `LLM(activations="q8")`,
       one request at a time, 128 random prompt tokens -> 128 output tokens, TPOT and TTFT.
 
@@ -44,12 +44,13 @@ def layers(kernels, iters: int) -> None:
           f"(best: {Q8_PATHS[paths[-1]]}); median ms (fastest), float/q8 ratio of medians")
     for k, n in ((576, 1536), (1536, 576)):
         blocks = quantize(torch.randn(n, k, generator=g) * 0.05, "q4_1")
+        tiles = kernels.gguf_q8_pack(blocks, Q4_1)  # as a q8 layer holds its weights
         bias = torch.empty(0)
         for rows in (1, 4, 64, 512):
             x = torch.randn(rows, k, generator=g)
             fns = {"float32": lambda: kernels.gguf_linear(x, blocks, Q4_1, bias)}
             for p in reversed(paths[1:] if len(paths) > 1 else paths):
-                fns[f"q8 {Q8_PATHS[p]}"] = lambda p=p: kernels.gguf_linear_q8(x, blocks, Q4_1, bias, p)
+                fns[f"q8 {Q8_PATHS[p]}"] = lambda p=p: kernels.gguf_linear_q8(x, tiles, Q4_1, n, bias, p)
             res = timed(fns, iters if rows < 512 else max(5, iters // 5))
             base = res["float32"][0]
             cells = [f"float32 {base * 1e3:7.3f} ({res['float32'][1] * 1e3:.3f})"]

@@ -93,6 +93,12 @@ def reference(x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torch.Tenso
     return y, mag
 
 
+def q8_linear(kernels, x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: torch.Tensor | None, path: int):
+    """gguf_linear_q8 on the blocks packed into tiles, as a q8 layer holds them."""
+    tiles = kernels.gguf_q8_pack(blocks, FMT_ARG[fmt])
+    return kernels.gguf_linear_q8(x, tiles, FMT_ARG[fmt], blocks.shape[0], torch.empty(0) if bias is None else bias, path)
+
+
 def _path_or_skip(kernels, path: int) -> int:
     if path not in kernels.gguf_q8_paths():
         pytest.skip(f"this CPU cannot run the {Q8_PATHS[path]} path")
@@ -133,11 +139,30 @@ def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
     bias = torch.randn(n, generator=g) if rows % 2 else None
     blocks = blocks_of(weight, fmt)
     x = torch.randn(rows, k, generator=g) * torch.rand(rows, 1, generator=g) * 3
-    y = kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0) if bias is None else bias, path)
+    y = q8_linear(kernels, x, blocks, fmt, bias, path)
     ref, mag = reference(x, blocks, fmt, bias)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     err = np.abs(y.double().numpy() - ref)
     assert (err <= 1e-5 * mag + 1e-7).all(), f"max error {err.max():.3g}, relative {(err / mag).max():.3g}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiles_hold_the_weights_bit_for_bit(kernels, fmt):
+    """Packed into tiles (37 outputs: the last tile has 5 columns), every row reads back as the
+    GGUF dequantizer computes it from the blocks."""
+    from llmserve.model.gguf_quant import dequantize_q4_1f
+
+    g = torch.Generator().manual_seed(12)
+    blocks = blocks_of(torch.randn(37, 96, generator=g), fmt)
+    tiles = kernels.gguf_q8_pack(blocks, FMT_ARG[fmt])
+    assert tiles.shape[0] == 3 and tiles.dtype == torch.uint8
+    if fmt == "q4_1f":
+        want = dequantize_q4_1f(blocks, 96)
+    else:
+        want = kernels.gguf_dequantize(blocks, {"q4_1": 0, "q8_0": 1, "q5_0": 2}[fmt], 96)
+    rows = torch.tensor([36, 0, 17, 17, 5])
+    assert torch.equal(kernels.gguf_q8_weight_rows(tiles, FMT_ARG[fmt], 37, 96, rows), want[rows])
+    assert torch.equal(kernels.gguf_q8_weight_rows(tiles, FMT_ARG[fmt], 37, 96, torch.arange(37)), want)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -146,9 +171,9 @@ def test_paths_agree_and_auto_is_the_best(kernels, fmt):
     blocks = blocks_of(torch.randn(50, 576, generator=g), fmt)
     for rows in (1, 4, 33):
         x = torch.randn(rows, 576, generator=g)
-        ys = {p: kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0), p) for p in kernels.gguf_q8_paths()}
+        ys = {p: q8_linear(kernels, x, blocks, fmt, None, p) for p in kernels.gguf_q8_paths()}
         best = ys[kernels.gguf_q8_paths()[-1]]
-        assert torch.equal(kernels.gguf_linear_q8(x, blocks, FMT_ARG[fmt], torch.empty(0), -1), best)
+        assert torch.equal(q8_linear(kernels, x, blocks, fmt, None, -1), best)
         for y in ys.values():
             torch.testing.assert_close(y, best, atol=1e-4, rtol=1e-5)
 
@@ -156,11 +181,19 @@ def test_paths_agree_and_auto_is_the_best(kernels, fmt):
 def test_paths_listed_and_unavailable_path_refused(kernels):
     paths = kernels.gguf_q8_paths()
     assert paths[0] == 0 and paths == sorted(paths) and set(paths) <= set(Q8_PATHS)
-    blocks = quantize(torch.randn(4, 64), "q8_0")
+    tiles = kernels.gguf_q8_pack(quantize(torch.randn(4, 64), "q8_0"), 1)
     with pytest.raises(RuntimeError, match="not available"):
-        kernels.gguf_linear_q8(torch.randn(2, 64), blocks, 1, torch.empty(0), 9)
+        kernels.gguf_linear_q8(torch.randn(2, 64), tiles, 1, 4, torch.empty(0), 9)
     with pytest.raises(RuntimeError, match="blocks of 32"):
-        kernels.gguf_linear_q8(torch.randn(2, 40), blocks, 1, torch.empty(0), -1)
+        kernels.gguf_linear_q8(torch.randn(2, 40), tiles, 1, 4, torch.empty(0), -1)
+    with pytest.raises(RuntimeError, match="do not match"):  # tiles of 4 outputs of 64 inputs
+        kernels.gguf_linear_q8(torch.randn(2, 96), tiles, 1, 4, torch.empty(0), -1)
+    with pytest.raises(RuntimeError, match="do not match"):
+        kernels.gguf_linear_q8(torch.randn(2, 64), tiles, 1, 17, torch.empty(0), -1)
+    with pytest.raises(RuntimeError, match="not format"):
+        kernels.gguf_q8_pack(quantize(torch.randn(4, 64), "q8_0"), 4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.gguf_q8_weight_rows(tiles, 1, 4, 64, torch.tensor([4]))
 
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q5_0"])  # (Q4_K below, as Q4_1F: a layer format of its own)
@@ -173,7 +206,7 @@ def test_q8_is_close_to_float_activations(kernels, fmt):
         x = torch.randn(rows, 576, generator=g)
         exact = GgufLinear(blocks, fmt, 576, None, kernels)
         q8 = GgufLinear(blocks, fmt, 576, None, kernels, activations="q8")
-        assert torch.equal(exact.blocks, q8.blocks)
+        assert torch.equal(exact.dequantized(), q8.dequantized())  # the tiles hold the same weights
         rel = (q8(x) - exact(x)).norm() / exact(x).norm()
         assert 0 < rel < 0.02
 
@@ -187,7 +220,7 @@ def test_q5_0_prefill_rows_take_8_bit_activations_too(kernels):
     x = torch.randn(9, 160, generator=g)
     y = q8(x)
     assert not torch.equal(y, exact(x))
-    torch.testing.assert_close(y, kernels.gguf_linear_q8(x, blocks, 2, torch.empty(0), -1))
+    torch.testing.assert_close(y, q8_linear(kernels, x, blocks, "q5_0", None, -1))
     assert (y - exact(x)).norm() / exact(x).norm() < 0.02
 
 
@@ -203,9 +236,9 @@ def test_q4_k_runs_as_q4_1f_with_the_same_weights(kernels):
     assert converted.shape == (24, 768 // 32 * 24)
     assert torch.equal(dequantize_q4_1f(converted, 768), dequantize(blocks, "q4_k", 768))
     layer = GgufLinear(blocks, "q4_k", 768, None, kernels, activations="q8")
-    assert layer.fmt == "q4_1f" and torch.equal(layer.blocks, converted)
+    assert layer.fmt == "q4_1f" and torch.equal(layer.dequantized(), dequantize_q4_1f(converted, 768))
     x = torch.randn(7, 768, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(layer(x), kernels.gguf_linear_q8(x, converted, 3, torch.empty(0), -1))
+    assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q4_1f", None, -1))
     exact = GgufLinear(blocks, "q4_k", 768, None, kernels)
     assert (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
 
@@ -216,7 +249,8 @@ def test_gguf_linear_module_uses_q8_kernel(kernels):
     x = torch.randn(2, 3, 128)
     y = layer(x)
     assert y.shape == (2, 3, 40)
-    assert torch.equal(y.reshape(6, 40), kernels.gguf_linear_q8(x.reshape(6, 128), layer.blocks, 0, layer.bias, -1))
+    assert layer.blocks is None and layer.tiles is not None  # the tiles replace the blocks
+    assert torch.equal(y.reshape(6, 40), q8_linear(kernels, x.reshape(6, 128), quantize(weight, "q4_1"), "q4_1", bias, -1))
     with pytest.raises(InvalidRequestError):
         GgufLinear.from_float(weight, bias, "q4_1", None, activations="q8")  # no kernels: no silent no-op
     with pytest.raises(InvalidRequestError):
@@ -265,6 +299,26 @@ def test_engine_q8_greedy_mostly_matches_float_activations(kernels, published_mo
              for x, y in zip(sa, sb) for u, v in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:])]
     assert len(diffs) == sum(len(s) - 1 for s in seqs)
     assert 0 < float(np.mean(diffs)) < 0.1 and max(diffs) < 0.5, (float(np.mean(diffs)), max(diffs))
+
+
+def test_tied_embedding_reads_the_q8_heads_tiles(kernels, tmp_path, monkeypatch):
+    """A GGUF file's tied Q8_0 embedding: under q8 the head keeps only its tiles, and the embedding
+    looks tokens up in them, bit for bit the rows of the file's blocks."""
+    from test_gguf import build_llama_gguf
+
+    monkeypatch.setenv("LLMSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    build_llama_gguf(tmp_path / "tied.gguf", tied=True)
+    exact = make_llm(tmp_path / "tied.gguf").engine.runner.model
+    q8_llm = make_llm(tmp_path / "tied.gguf", activations="q8")
+    q8 = q8_llm.engine.runner.model
+    head = q8.lm_head.impl
+    assert head.fmt == "q8_0" and head.blocks is None and q8.embed_tokens.table is head
+    assert exact.embed_tokens.table is exact.lm_head.impl and exact.lm_head.impl.tiles is None
+    ids = torch.arange(exact.cfg.vocab_size).flip(0).reshape(-1, 2)
+    assert torch.equal(q8.embed_tokens(ids), exact.embed_tokens(ids))
+    out = q8_llm.generate(random_prompts(2, [5, 40], seed=2), SamplingParams(temperature=0, max_tokens=4),
+                          use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in out)
 
 
 def test_engine_forced_format_with_q8(kernels, published_model):

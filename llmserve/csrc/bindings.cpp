@@ -9,7 +9,10 @@ torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::T
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
 torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
 torch::Tensor gguf_dequantize_portable(torch::Tensor weight, int64_t fmt, int64_t K);
-torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias, int64_t path);
+torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt);
+torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, int64_t N, torch::Tensor bias,
+                             int64_t path);
+torch::Tensor gguf_q8_weight_rows(torch::Tensor tiles, int64_t fmt, int64_t N, int64_t K, torch::Tensor rows);
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> gguf_quantize_activations(torch::Tensor x, int64_t path);
 std::vector<int64_t> gguf_q8_paths();
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
@@ -37,9 +40,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_dequantize", &gguf_dequantize, "float32 weights of GGUF blocks (fmt as gguf_linear)", nogil);
   m.def("gguf_dequantize_portable", &gguf_dequantize_portable,
         "gguf_dequantize of Q5_0/Q4_K/Q5_K/Q6_K through the portable code (for tests)", nogil);
+  m.def("gguf_q8_pack", &gguf_q8_pack,
+        "GGUF Q4_1 (0), Q8_0 (1), Q5_0 (2) or Q4_1F (3) blocks [N, K / 32 * bytes] repacked into the tiles "
+        "gguf_linear_q8 reads", nogil);
   m.def("gguf_linear_q8", &gguf_linear_q8,
-        "x @ W^T with W in GGUF Q4_1 (0) or Q8_0 (1) blocks and x quantized to 8 bits per block of 32; "
-        "path -1 = best for this CPU, 0 scalar, 1 AVX2, 2 AVX-512 VNNI (CPU)", nogil);
+        "x @ W^T with W as gguf_q8_pack tiles of N outputs (fmt as gguf_q8_pack) and x quantized to 8 bits per "
+        "block of 32; path -1 = best for this CPU, 0 scalar, 1 AVX2, 2 AVX-512 VNNI (CPU)", nogil);
+  m.def("gguf_q8_weight_rows", &gguf_q8_weight_rows,
+        "float32 weights of the given output rows [R] int64 of gguf_q8_pack tiles (N outputs, K inputs)", nogil);
   m.def("gguf_quantize_activations", &gguf_quantize_activations,
         "x quantized per block of 32 as gguf_linear_q8 does: (int8 q, scale d, d * sum(q))", nogil);
   m.def("gguf_q8_paths", &gguf_q8_paths, "the gguf_linear_q8 paths this CPU can run (0 scalar, 1 AVX2, 2 VNNI)");

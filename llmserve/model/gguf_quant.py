@@ -130,7 +130,15 @@ class GgufLinear(nn.Module):
         if activations == "q8" and fmt == "q4_k":  # Q4_1's kernels over Q4_K's sub-blocks (the same weights)
             blocks, fmt = q4_k_as_q4_1f(blocks), "q4_1f"
         self.fmt, self.in_features, self.kernels, self.activations = fmt, in_features, kernels, activations
-        self.register_buffer("blocks", blocks.contiguous())
+        self.out_features = blocks.shape[0]
+        # Under q8 the blocks are repacked once into the tiles the q8 kernels read (about the same
+        # bytes), and only the tiles are kept.
+        if activations == "q8":
+            self.blocks = None
+            self.register_buffer("tiles", kernels.gguf_q8_pack(blocks.contiguous(), _Q8_KERNEL_FORMAT[fmt]))
+        else:
+            self.tiles = None
+            self.register_buffer("blocks", blocks.contiguous())
         self.register_buffer("bias", torch.empty(0) if bias is None else bias.detach().float().contiguous())
 
     @classmethod
@@ -140,18 +148,28 @@ class GgufLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight [N, K]."""
+        return self.weight_rows(torch.arange(self.out_features))
+
+    def weight_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The float32 weights [len(rows), K] of output rows `rows` (int64), bit for bit as the GGUF
+        dequantizers compute them: what a tied embedding looks tokens up in."""
+        if self.tiles is not None:
+            return self.kernels.gguf_q8_weight_rows(self.tiles, _Q8_KERNEL_FORMAT[self.fmt], self.out_features,
+                                                    self.in_features, rows)
+        blocks = self.blocks.index_select(0, rows)
         if self.fmt == "q4_1f":
-            return dequantize_q4_1f(self.blocks, self.in_features)
+            return dequantize_q4_1f(blocks, self.in_features)
         if self.kernels is not None:
-            return self.kernels.gguf_dequantize(self.blocks, _KERNEL_FORMAT[self.fmt], self.in_features)
-        return dequantize(self.blocks, self.fmt, self.in_features)
+            return self.kernels.gguf_dequantize(blocks, _KERNEL_FORMAT[self.fmt], self.in_features)
+        return dequantize(blocks, self.fmt, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.kernels is not None and x2.dtype == torch.float32:
-            if self.activations == "q8":
-                y = self.kernels.gguf_linear_q8(x2, self.blocks, _Q8_KERNEL_FORMAT[self.fmt], self.bias, Q8_AUTO_PATH)
+            if self.tiles is not None:
+                y = self.kernels.gguf_linear_q8(x2, self.tiles, _Q8_KERNEL_FORMAT[self.fmt], self.out_features,
+                                                self.bias, Q8_AUTO_PATH)
             else:
                 y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
         else:
@@ -162,14 +180,13 @@ class GgufLinear(nn.Module):
 class BlockEmbedding(nn.Module):
     """Token embeddings looked up from GGUF blocks: a step's rows are dequantized as they are read,
     bit for bit the float table's rows, without holding the float table (Gemma 3's 262k x 640
-    would be 671 MB in float32, 178 MB as its Q8_0 blocks). A tied logits head shares the blocks."""
+    would be 671 MB in float32, 178 MB as its Q8_0 blocks). `table` holds the weights: a tied
+    logits head itself (its blocks, or its q8 tiles), or a layer over the embedding's own blocks."""
 
-    def __init__(self, blocks: torch.Tensor, fmt: str, dim: int, kernels) -> None:
+    def __init__(self, table: GgufLinear, dim: int) -> None:
         super().__init__()
-        self.fmt, self.dim, self.kernels = fmt, dim, kernels
-        self.blocks = blocks  # not a buffer: it may be the logits head's own tensor
+        self.dim = dim
+        object.__setattr__(self, "table", table)  # not a submodule: it may be the logits head
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.blocks.index_select(0, ids.reshape(-1))
-        out = self.kernels.gguf_dequantize(rows, _KERNEL_FORMAT[self.fmt], self.dim)
-        return out.reshape(*ids.shape, self.dim)
+        return self.table.weight_rows(ids.reshape(-1)).reshape(*ids.shape, self.dim)

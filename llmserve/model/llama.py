@@ -133,10 +133,12 @@ class LlamaForCausalLM(nn.Module):
         storage = self.lm_head.storage
         if fmt is None or storage.fmt != "auto" or storage.kernels is None or fmt not in BLOCK_FORMATS:
             return
-        head = self.lm_head.impl
+        head, dim = self.lm_head.impl, self.cfg.hidden_size
         if self.cfg.tie_word_embeddings and isinstance(head, GgufLinear) and head.fmt == fmt:
-            blocks = head.blocks
-        self.embed_tokens = BlockEmbedding(blocks, fmt, self.cfg.hidden_size, storage.kernels)
+            table = head
+        else:
+            table = GgufLinear(blocks, fmt, dim, None, storage.kernels)
+        self.embed_tokens = BlockEmbedding(table, dim)
 
     def init_rope(self) -> None:
         """(Re)build the rotary tables on the model's device; the loader calls it after placing weights."""
