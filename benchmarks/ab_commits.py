@@ -1,6 +1,7 @@
 """A/B of two commits of llmserve in the same run: W1 offline throughput and W2 single-stream TPOT.
 
     .venv/bin/python benchmarks/ab_commits.py BASE_REF [--head-ref HEAD] [--repeats 2]
+    .venv/bin/python benchmarks/ab_commits.py BASE_REF --llm-kwargs '{"activations": "q8", "kv_cache_dtype": "float16"}'
 
 Each ref is checked out into bench-results/ab-<ref> (a git worktree) and imported from there by
 a fresh process (PYTHONPATH first), so both run the same venv, model and machine; runs alternate
@@ -28,7 +29,7 @@ import json, sys, time
 import torch
 from llmserve import LLM, SamplingParams
 which = sys.argv[1]
-llm = LLM()
+llm = LLM(**json.loads(sys.argv[2]))
 engine = llm.engine
 vocab = engine.model_config.vocab_size
 g = torch.Generator().manual_seed(0)
@@ -62,9 +63,10 @@ def worktree(ref: str) -> Path:
     return path
 
 
-def run(checkout: Path, workload: str) -> dict:
+def run(checkout: Path, workload: str, llm_kwargs: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    out = subprocess.check_output([sys.executable, "-c", PROBE, workload], cwd=checkout, env=env, text=True)
+    out = subprocess.check_output([sys.executable, "-c", PROBE, workload, llm_kwargs], cwd=checkout, env=env,
+                                  text=True)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -74,8 +76,10 @@ def main() -> None:
     ap.add_argument("--head-ref", default=None, help="unset: the working tree itself")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workloads", default="w1,w2", help="which of w1, w2 to run")
+    ap.add_argument("--llm-kwargs", default="{}", help="JSON of LLM() arguments both sides run with")
     ap.add_argument("--json", default=str(RESULTS / "ab_commits.json"))
     args = ap.parse_args()
+    json.loads(args.llm_kwargs)  # fail here, not in every child
     RESULTS.mkdir(exist_ok=True)
     sides = {"base": worktree(args.base_ref), "head": worktree(args.head_ref) if args.head_ref else ROOT}
     workloads = args.workloads.split(",")
@@ -83,7 +87,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for workload in workloads:
             for side, path in sides.items():
-                r = run(path, workload)
+                r = run(path, workload, args.llm_kwargs)
                 results[side][workload].append(r)
                 print(side, workload, r, flush=True)
     best: dict[str, dict[str, float]] = {s: {} for s in sides}
@@ -99,7 +103,8 @@ def main() -> None:
     if "w2" in workloads:
         ratios["w2_tpot_base_over_head"] = best["base"]["w2_tpot_ms"] / best["head"]["w2_tpot_ms"]
         ratios["w2_ttft_base_over_head"] = best["base"]["w2_ttft_ms"] / best["head"]["w2_ttft_ms"]
-    report = {"base_ref": args.base_ref, "head_ref": args.head_ref or "working tree", "runs": results,
+    report = {"base_ref": args.base_ref, "head_ref": args.head_ref or "working tree",
+              "llm_kwargs": json.loads(args.llm_kwargs), "runs": results,
               "best": best, "ratios": ratios}
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(json.dumps({"best": best, "ratios": ratios}, indent=2))

@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -318,47 +319,65 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* tiles, const float* bias, 
 struct Panels {
   int rows = 0;
   int64_t count = 0;
-  std::vector<int32_t> x4;  // [panel][b][8][rows]
-  std::vector<float> dx, sx;  // [panel][b][rows]
+  std::unique_ptr<int32_t[]> x4;  // [panel][b][8][rows]
+  std::unique_ptr<float[]> dx, sx;  // [panel][b][rows]
 };
 
-Panels pack_panels(const QuantizedX& qx, int64_t M, int64_t K, int rows, bool plus128) {
+#ifdef Q8_X86
+// x quantized straight into panels (one pass over x, no [M, K] int8 copy in between), each block as
+// quantize_x quantizes it.
+Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus128) {
   const int64_t nb = K / QK;
   Panels p;
   p.rows = rows;
   p.count = (M + rows - 1) / rows;
-  p.x4.assign(p.count * nb * 8 * rows, plus128 ? static_cast<int32_t>(0x80808080u) : 0);
-  p.dx.assign(p.count * nb * rows, 0.f);
-  p.sx.assign(p.count * nb * rows, 0.f);
+  const int64_t n = p.count * nb * rows;
+  p.x4.reset(new int32_t[n * 8]);
+  p.dx.reset(new float[n]);
+  p.sx.reset(new float[n]);
   at::parallel_for(0, p.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> q(K);
+    std::vector<float> d(nb), s(nb);
     for (int64_t i = begin; i < end; ++i) {
-      for (int r = 0; r < rows && i * rows + r < M; ++r) {
+      for (int r = 0; r < rows; ++r) {
         const int64_t m = i * rows + r;
+        if (m < M) quantize_blocks_avx2(x + m * K, q.data(), d.data(), s.data(), 0, nb);
         for (int64_t b = 0; b < nb; ++b) {
+          const int64_t at = (i * nb + b) * rows + r;
+          p.dx[at] = m < M ? d[b] : 0.f;  // padding rows: products of zero scales
+          p.sx[at] = m < M ? s[b] : 0.f;
           for (int g = 0; g < 8; ++g) {
-            uint32_t v;
-            std::memcpy(&v, qx.q.data() + m * K + b * QK + g * 4, 4);
+            uint32_t v = 0;
+            if (m < M) std::memcpy(&v, q.data() + b * QK + g * 4, 4);
             // int8 + 128 as uint8 is the byte with its top bit flipped.
             if (plus128) v ^= 0x80808080u;
             p.x4[((i * nb + b) * 8 + g) * rows + r] = static_cast<int32_t>(v);
           }
-          p.dx[(i * nb + b) * rows + r] = qx.d[m * nb + b];
-          p.sx[(i * nb + b) * rows + r] = qx.s[m * nb + b];
         }
       }
     }
   });
   return p;
 }
+#endif
 
 #ifdef Q8_X86
 // ---- the register-tiled kernels ----
+
+// Where a kernel call's results go: rows x cols of y (leading dimension ldy) at the tile's first
+// column, plus the bias of those columns (or none).
+struct Out {
+  float* y;
+  int64_t ldy;
+  int rows, cols;
+  const float* bias;
+};
 
 // out[r * 16 + j] = panel row r . tile column j. Per block, int32 sums per (row, column), then
 // scaled by d_w (a vector of 16 columns) times d_x (a broadcast).
 template <Format fmt, int R>
 Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const float* dx, const float* sx, int64_t nb,
-                              float* out) {
+                              const Out& out) {
   constexpr int64_t TB = tile_block_bytes(fmt), WB = tile_weight_bytes(fmt);
   __m512 fa[R];
 #pragma GCC unroll 16
@@ -405,8 +424,11 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
       }
     }
   }
+  const __mmask16 cols = static_cast<__mmask16>((1u << out.cols) - 1);
+  const __m512 bias = out.bias ? _mm512_maskz_loadu_ps(cols, out.bias) : _mm512_setzero_ps();
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * TILE_N, fa[r]);
+  for (int r = 0; r < R; ++r)
+    if (r < out.rows) _mm512_mask_storeu_ps(out.y + r * out.ldy, cols, _mm512_add_ps(fa[r], bias));
 }
 
 // The AVX2 kernel covers 8 of the tile's 16 columns (half h) per call: 16 ymm registers do not hold
@@ -417,7 +439,7 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
 // (< 32767) and widen once; Q5_0's (2 * 31 * 127) widen every 4 groups.
 template <Format fmt, int R>
 Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, const float* dx, const float* sx,
-                              int64_t nb, float* out) {
+                              int64_t nb, const Out& out) {
   constexpr int64_t TB = tile_block_bytes(fmt), WB = tile_weight_bytes(fmt);
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) uint8_t widened[8 * 32];
@@ -477,8 +499,12 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
       if constexpr (fmt != kQ8_0) fa[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[b * R + r]), fa[r]);
     }
   }
+  const int cols = std::min(8, out.cols - h * 8);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 bias = out.bias ? _mm256_maskload_ps(out.bias + h * 8, mask) : _mm256_setzero_ps();
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + r * TILE_N + h * 8, fa[r]);
+  for (int r = 0; r < R; ++r)
+    if (r < out.rows) _mm256_maskstore_ps(out.y + r * out.ldy + h * 8, mask, _mm256_add_ps(fa[r], bias));
 }
 
 // Every tile against every panel of R rows; threads split the tiles, so each tile's weights are
@@ -488,24 +514,21 @@ void run_tiles(const uint8_t* tiles, const Panels& panels, const float* bias, fl
                int64_t nb) {
   constexpr int64_t TB = tile_block_bytes(fmt);
   at::parallel_for(0, (N + TILE_N - 1) / TILE_N, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float out[VNNI_ROWS * TILE_N];
     for (int64_t ti = begin; ti < end; ++ti) {
       const uint8_t* tile = tiles + ti * nb * TB;
-      const int64_t n0 = ti * TILE_N, cols = std::min(TILE_N, N - n0);
+      const int64_t n0 = ti * TILE_N;
+      const int cols = static_cast<int>(std::min(TILE_N, N - n0));
       for (int64_t p = 0; p < panels.count; ++p) {
-        const int32_t* x4 = panels.x4.data() + p * nb * 8 * R;
-        const float* dx = panels.dx.data() + p * nb * R;
-        const float* sx = panels.sx.data() + p * nb * R;
+        const int32_t* x4 = panels.x4.get() + p * nb * 8 * R;
+        const float* dx = panels.dx.get() + p * nb * R;
+        const float* sx = panels.sx.get() + p * nb * R;
+        const Out out{y + p * R * N + n0, N, static_cast<int>(std::min<int64_t>(R, M - p * R)), cols,
+                      bias ? bias + n0 : nullptr};
         if constexpr (P == kVnni) {
           tile_kernel_vnni<fmt, R>(tile, x4, dx, sx, nb, out);
         } else {
           tile_kernel_avx2<fmt, R>(tile, 0, x4, dx, sx, nb, out);
           if (cols > 8) tile_kernel_avx2<fmt, R>(tile, 1, x4, dx, sx, nb, out);
-        }
-        const int64_t rows = std::min<int64_t>(R, M - p * R);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* yr = y + (p * R + r) * N + n0;
-          for (int64_t j = 0; j < cols; ++j) yr[j] = out[r * TILE_N + j] + (bias ? bias[n0 + j] : 0.f);
         }
       }
     }
@@ -513,11 +536,10 @@ void run_tiles(const uint8_t* tiles, const Panels& panels, const float* bias, fl
 }
 
 template <Format fmt, Path P>
-void gemm_isa(const QuantizedX& qx, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N,
-              int64_t K) {
+void gemm_isa(const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   constexpr int full = P == kVnni ? VNNI_ROWS : AVX2_ROWS;
   const int R = M <= SMALL_ROWS ? static_cast<int>(M) : full;
-  const Panels panels = pack_panels(qx, M, K, R, P == kVnni && fmt == kQ8_0);
+  const Panels panels = quantize_panels(x, M, K, R, P == kVnni && fmt == kQ8_0);
   const int64_t nb = K / QK;
   switch (R) {
     case 1: run_tiles<fmt, P, 1>(tiles, panels, bias, y, M, N, nb); break;
@@ -530,13 +552,13 @@ void gemm_isa(const QuantizedX& qx, const uint8_t* tiles, const float* bias, flo
 #endif  // Q8_X86
 
 template <Format fmt>
-void gemm_q8(Path path, const QuantizedX& qx, const uint8_t* tiles, const float* bias, float* y, int64_t M,
-             int64_t N, int64_t K) {
+void gemm_q8(Path path, const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N,
+             int64_t K) {
 #ifdef Q8_X86
-  if (path == kVnni) return gemm_isa<fmt, kVnni>(qx, tiles, bias, y, M, N, K);
-  if (path == kAvx2) return gemm_isa<fmt, kAvx2>(qx, tiles, bias, y, M, N, K);
+  if (path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
+  if (path == kAvx2) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
 #endif
-  gemm_scalar<fmt>(qx, tiles, bias, y, M, N, K);
+  gemm_scalar<fmt>(quantize_x(x, M, K, path), tiles, bias, y, M, N, K);
 }
 
 void check_x(const torch::Tensor& x) {
@@ -594,10 +616,9 @@ torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, 
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const QuantizedX qx = quantize_x(x.data_ptr<float>(), M, K, p);
   const float* b = bias.numel() ? bias.data_ptr<float>() : nullptr;
   with_format(fmt, [&](auto f) {
-    gemm_q8<decltype(f)::value>(p, qx, tiles.data_ptr<uint8_t>(), b, y.data_ptr<float>(), M, N, K);
+    gemm_q8<decltype(f)::value>(p, x.data_ptr<float>(), tiles.data_ptr<uint8_t>(), b, y.data_ptr<float>(), M, N, K);
   });
   return y;
 }
