@@ -156,6 +156,9 @@ def test_tiles_hold_the_weights_bit_for_bit(kernels, fmt):
     blocks = blocks_of(torch.randn(37, 96, generator=g), fmt)
     tiles = kernels.gguf_q8_pack(blocks, FMT_ARG[fmt])
     assert tiles.shape[0] == 3 and tiles.dtype == torch.uint8
+    # 16 columns x 3 blocks a tile: the blocks' own bytes for Q4_1 (16 x 20) and Q4_1F (16 x 24), a
+    # byte a weight plus fp16 scales for Q8_0 and Q5_0
+    assert tiles.shape[1] == 3 * {"q4_1": 320, "q4_1f": 384, "q8_0": 576, "q5_0": 544}[fmt]
     if fmt == "q4_1f":
         want = dequantize_q4_1f(blocks, 96)
     else:

@@ -18,10 +18,11 @@
 // a row-by-row dot product needed a horizontal sum per column. A tile block is laid out as
 //   nibble formats (Q4_1, Q4_1F): 4 x 16 dwords, dword [p][n] = bytes 4p..4p+3 of column n's 16
 //     nibble bytes; byte k holds weight 4p+k (low nibble, group p) and 16+4p+k (high nibble, group
-//     p+4), ggml's own order, so the tile is the same size as the blocks and two shifts unpack it;
+//     p+4), ggml's own order, so two shifts unpack them;
 //   byte formats (Q8_0 as int8, Q5_0 as 0..31): 8 x 16 dwords, dword [g][n] = weights 4g..4g+3;
-//   then d_w [16] float and aux [16]: the offset m_w as float (Q5_0: -16 d_w), or for Q8_0
-//     128 * sum(q_w) as int32 (for the unsigned-x form below).
+//   then d_w [16] and aux [16] as the file stores them (fp16; Q4_1F float32): the offset m_w, or for
+//     Q8_0 sum(q_w) as int16 (for the unsigned-x form below); Q5_0 has no aux (m_w = -16 d_w).
+// A tile takes the blocks' bytes (Q4_1, Q4_1F), 1.06x (Q8_0) or 1.55x (Q5_0, a byte a weight).
 //
 // Instruction sets are chosen at run time (never assumed from the build flags, so a portable build
 // still gets them): AVX-512 VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd), else scalar. Both
@@ -66,9 +67,13 @@ constexpr int64_t block_bytes(Format fmt) {
 // Q4_1's nibbles (0..15): kept packed two to a byte in the tiles; the 16-bit sums of the AVX2
 // kernel hold a whole block of them.
 constexpr bool nibbles(Format fmt) { return fmt == kQ4_1 || fmt == kQ4_1F; }
-// Bytes of one tile block: the weights, then d_w and aux (16 x 4 bytes each).
+// Bytes of one tile block: the weights, then 16 d_w and 16 aux values (the file's fp16, or
+// Q4_1F's float32; Q5_0 has no aux: its offset is -16 d_w).
 constexpr int64_t tile_weight_bytes(Format fmt) { return nibbles(fmt) ? 4 * TILE_N * 4 : 8 * TILE_N * 4; }
-constexpr int64_t tile_block_bytes(Format fmt) { return tile_weight_bytes(fmt) + 2 * TILE_N * 4; }
+constexpr int64_t scale_bytes(Format fmt) { return fmt == kQ4_1F ? 4 : 2; }
+constexpr int64_t tile_block_bytes(Format fmt) {
+  return tile_weight_bytes(fmt) + (fmt == kQ5_0 ? 1 : 2) * TILE_N * scale_bytes(fmt);
+}
 enum Path : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kVnni = 2 };
 
 inline float half_bits_to_float(const uint8_t* p) {
@@ -208,21 +213,16 @@ void with_format(int64_t fmt, Fn&& fn) {
 // columns past N of the last tile stay zero with zero scales.
 template <Format fmt>
 void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
-  constexpr int64_t WB = tile_weight_bytes(fmt);
-  float dw = 0.f, offset = 0.f;
+  constexpr int64_t WB = tile_weight_bytes(fmt), SB = scale_bytes(fmt);
+  uint8_t* scale = tb + WB + n * SB;
+  uint8_t* aux = tb + WB + TILE_N * SB + n * SB;
   if constexpr (nibbles(fmt)) {
-    const uint8_t* qs = blk + (fmt == kQ4_1 ? 4 : 8);
-    if constexpr (fmt == kQ4_1) {
-      dw = half_bits_to_float(blk);
-      offset = half_bits_to_float(blk + 2);
-    } else {
-      std::memcpy(&dw, blk, 4);
-      std::memcpy(&offset, blk + 4, 4);
-    }
+    std::memcpy(scale, blk, SB);  // d, then m: fp16 (Q4_1) or float32 (Q4_1F)
+    std::memcpy(aux, blk + SB, SB);
+    const uint8_t* qs = blk + 2 * SB;
     for (int p = 0; p < 4; ++p) std::memcpy(tb + (p * TILE_N + n) * 4, qs + 4 * p, 4);
   } else if constexpr (fmt == kQ5_0) {
-    dw = half_bits_to_float(blk);
-    offset = -16.f * dw;
+    std::memcpy(scale, blk, 2);
     uint32_t qh;
     std::memcpy(&qh, blk + 2, 4);
     const uint8_t* qs = blk + 6;
@@ -231,17 +231,14 @@ void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
       tb[((j / 4) * TILE_N + n) * 4 + j % 4] = static_cast<uint8_t>(low | (((qh >> j) & 1) << 4));
     }
   } else {
-    dw = half_bits_to_float(blk);
-    int32_t sum = 0;
+    std::memcpy(scale, blk, 2);
+    int16_t sum = 0;  // |sum| <= 32 * 128
     for (int j = 0; j < QK; ++j) {
       tb[((j / 4) * TILE_N + n) * 4 + j % 4] = blk[2 + j];
-      sum += static_cast<int8_t>(blk[2 + j]);
+      sum = static_cast<int16_t>(sum + static_cast<int8_t>(blk[2 + j]));
     }
-    const int32_t aux = 128 * sum;  // for the (x + 128) form of the VNNI kernel
-    std::memcpy(tb + WB + TILE_N * 4 + n * 4, &aux, 4);
+    std::memcpy(aux, &sum, 2);
   }
-  std::memcpy(tb + WB + n * 4, &dw, 4);
-  if constexpr (fmt != kQ8_0) std::memcpy(tb + WB + TILE_N * 4 + n * 4, &offset, 4);
 }
 
 template <Format fmt>
@@ -272,15 +269,20 @@ inline int tile_weight(const uint8_t* tb, int64_t n, int j) {
 // d_w and the offset m_w (Q8_0: none) of column n in a tile block.
 template <Format fmt>
 inline float tile_scale(const uint8_t* tb, int64_t n) {
+  const uint8_t* at = tb + tile_weight_bytes(fmt) + n * scale_bytes(fmt);
+  if constexpr (fmt != kQ4_1F) return half_bits_to_float(at);
   float v;
-  std::memcpy(&v, tb + tile_weight_bytes(fmt) + n * 4, 4);
+  std::memcpy(&v, at, 4);
   return v;
 }
 template <Format fmt>
 inline float tile_offset(const uint8_t* tb, int64_t n) {
   if constexpr (fmt == kQ8_0) return 0.f;
+  if constexpr (fmt == kQ5_0) return -16.f * tile_scale<fmt>(tb, n);
+  const uint8_t* at = tb + tile_weight_bytes(fmt) + (TILE_N + n) * scale_bytes(fmt);
+  if constexpr (fmt == kQ4_1) return half_bits_to_float(at);
   float v;
-  std::memcpy(&v, tb + tile_weight_bytes(fmt) + TILE_N * 4 + n * 4, 4);
+  std::memcpy(&v, at, 4);
   return v;
 }
 
@@ -411,14 +413,22 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
         }
       }
     }
-    const __m512 dw = _mm512_loadu_ps(wb + WB);
-    const __m512i aux = _mm512_loadu_si512(wb + WB + TILE_N * 4);
+    const uint8_t* scales = wb + WB;
+    const __m512 dw = fmt == kQ4_1F ? _mm512_loadu_ps(scales)
+                                    : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+    __m512 mw;
+    __m512i aux;  // Q8_0: 128 * sum(q_w)
+    if constexpr (fmt == kQ8_0)
+      aux = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32))), 7);
+    else if constexpr (fmt == kQ4_1F) mw = _mm512_loadu_ps(scales + 64);
+    else if constexpr (fmt == kQ4_1) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
+    else mw = _mm512_mul_ps(dw, _mm512_set1_ps(-16.f));
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[b * R + r]));
       if constexpr (fmt != kQ8_0) {
         fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), scale, fa[r]);
-        fa[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(aux), _mm512_set1_ps(sx[b * R + r]), fa[r]);
+        fa[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx[b * R + r]), fa[r]);
       } else {
         fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[r], aux)), scale, fa[r]);
       }
@@ -462,8 +472,16 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
       stride = 32;
     }
     const int32_t* xb = x4 + b * 8 * R;
-    const __m256 dw = _mm256_loadu_ps(reinterpret_cast<const float*>(tb + WB) + h * 8);
-    const __m256 mw = _mm256_loadu_ps(reinterpret_cast<const float*>(tb + WB + TILE_N * 4) + h * 8);
+    const uint8_t* scales = tb + WB;
+    __m256 dw, mw;  // Q8_0 needs no offset here: the sign moves onto x
+    if constexpr (fmt == kQ4_1F) {
+      dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
+      mw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
+    } else {
+      dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + h * 16)));
+      mw = fmt == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 + h * 16)))
+                        : _mm256_mul_ps(dw, _mm256_set1_ps(-16.f));
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       __m256i sum;
