@@ -62,6 +62,12 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return [rng.integers(1000, vocab - 1000, length).tolist() for _ in range(n)]
 
 
+def table_buffers(module) -> list:
+    """The tensors of an embedding's lookup table (not a submodule: it may be the logits head)."""
+    table = getattr(module, "table", None)
+    return list(table.buffers()) if hasattr(table, "buffers") else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -90,7 +96,7 @@ def main() -> None:
     model = llm.engine.runner.model
     seen, tensors = set(), 0
     for m in model.modules():
-        for t in [*m._parameters.values(), *m._buffers.values(), getattr(m, "blocks", None)]:
+        for t in [*m._parameters.values(), *m._buffers.values(), *table_buffers(m)]:
             if hasattr(t, "data_ptr") and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 tensors += t.numel() * t.element_size()

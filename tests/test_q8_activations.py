@@ -146,6 +146,32 @@ def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
     assert (err <= 1e-5 * mag + 1e-7).all(), f"max error {err.max():.3g}, relative {(err / mag).max():.3g}"
 
 
+def extreme_blocks(fmt: str, n: int, k: int) -> torch.Tensor:
+    """Every weight at its format's largest magnitude (Q4_1 15, Q5_0 31, Q8_0 -128, which only a
+    file can hold), so the kernels' 16-bit and int16 partial sums are at their limits."""
+    half = lambda v: np.array([v], dtype=np.float16).view(np.uint8)  # noqa: E731
+    one = {"q4_1": np.concatenate([half(0.01), half(-0.1), np.full(16, 0xFF, np.uint8)]),
+           "q4_1f": np.concatenate([np.array([0.01, -0.1], np.float32).view(np.uint8), np.full(16, 0xFF, np.uint8)]),
+           "q5_0": np.concatenate([half(0.01), np.full(4, 0xFF, np.uint8), np.full(16, 0xFF, np.uint8)]),
+           "q8_0": np.concatenate([half(0.01), np.full(32, 0x80, np.uint8)])}[fmt]
+    return torch.from_numpy(np.tile(one, (n, k // 32)))
+
+
+@pytest.mark.parametrize("path", sorted(Q8_PATHS))
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", [32, 64])
+def test_kernel_at_the_limits_of_its_partial_sums(kernels, path, fmt, k):
+    _path_or_skip(kernels, path)
+    blocks = extreme_blocks(fmt, 21, k)
+    for rows in (1, 6):
+        x = torch.full((rows, k), 3.0)
+        x[::2] *= -1  # x quantizes to +-127 in every position
+        y = q8_linear(kernels, x, blocks, fmt, None, path)
+        ref, mag = reference(x, blocks, fmt, None)
+        err = np.abs(y.double().numpy() - ref)
+        assert (err <= 1e-5 * mag + 1e-7).all(), f"max error {err.max():.3g}"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_tiles_hold_the_weights_bit_for_bit(kernels, fmt):
     """Packed into tiles (37 outputs: the last tile has 5 columns), every row reads back as the
@@ -215,7 +241,7 @@ def test_q8_is_close_to_float_activations(kernels, fmt):
 
 
 def test_q5_0_prefill_rows_take_8_bit_activations_too(kernels):
-    """Q5_0's prefill rows (more than 4) go through the q8 tiles, as its decode rows stream."""
+    """Q5_0's prefill rows (more than 4) go through the q8 tiles too."""
     g = torch.Generator().manual_seed(6)
     blocks = blocks_of(torch.randn(40, 160, generator=g), "q5_0")
     exact = GgufLinear(blocks, "q5_0", 160, None, kernels)

@@ -215,10 +215,9 @@ template <Format fmt>
 void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
   constexpr int64_t WB = tile_weight_bytes(fmt), SB = scale_bytes(fmt);
   uint8_t* scale = tb + WB + n * SB;
-  uint8_t* aux = tb + WB + TILE_N * SB + n * SB;
   if constexpr (nibbles(fmt)) {
     std::memcpy(scale, blk, SB);  // d, then m: fp16 (Q4_1) or float32 (Q4_1F)
-    std::memcpy(aux, blk + SB, SB);
+    std::memcpy(scale + TILE_N * SB, blk + SB, SB);
     const uint8_t* qs = blk + 2 * SB;
     for (int p = 0; p < 4; ++p) std::memcpy(tb + (p * TILE_N + n) * 4, qs + 4 * p, 4);
   } else if constexpr (fmt == kQ5_0) {
@@ -237,7 +236,7 @@ void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
       tb[((j / 4) * TILE_N + n) * 4 + j % 4] = blk[2 + j];
       sum = static_cast<int16_t>(sum + static_cast<int8_t>(blk[2 + j]));
     }
-    std::memcpy(aux, &sum, 2);
+    std::memcpy(scale + TILE_N * SB, &sum, 2);
   }
 }
 
@@ -607,8 +606,8 @@ void check_tiles(const torch::Tensor& tiles, int64_t fmt, int64_t N, int64_t K) 
 // [ceil(N / 16), K / 32 * tile block bytes] uint8 (the layout at the top of this file).
 torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt) {
   check_format(fmt);
-  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
-              "GGUF weights must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() &&
+              weight.dim() == 2, "GGUF weights must be a contiguous 2-D uint8 CPU tensor");
   const int64_t N = weight.size(0), bytes = block_bytes(static_cast<Format>(fmt));
   TORCH_CHECK(weight.size(1) % bytes == 0, "weight rows are not whole blocks of format ", fmt);
   const int64_t nb = weight.size(1) / bytes;
@@ -628,8 +627,9 @@ torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, 
   check_x(x);
   const int64_t K = x.size(1), M = x.size(0);
   check_tiles(tiles, fmt, N, K);
-  TORCH_CHECK(bias.numel() == 0 || (bias.scalar_type() == torch::kFloat32 && bias.numel() == N && bias.is_contiguous()),
-              "bias must be empty or [N] float32");
+  TORCH_CHECK(bias.numel() == 0 || (bias.device().is_cpu() && bias.scalar_type() == torch::kFloat32 &&
+                                    bias.numel() == N && bias.is_contiguous()),
+              "bias must be empty or [N] float32 on the CPU");
   const Path p = resolve_path(path);
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
@@ -646,7 +646,8 @@ torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, 
 // A tied embedding looks its tokens up here from the logits head's tiles.
 torch::Tensor gguf_q8_weight_rows(torch::Tensor tiles, int64_t fmt, int64_t N, int64_t K, torch::Tensor rows) {
   check_tiles(tiles, fmt, N, K);
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.dim() == 1, "rows must be a 1-D int64 tensor");
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kInt64 && rows.dim() == 1,
+              "rows must be a 1-D int64 CPU tensor");
   rows = rows.contiguous();
   const int64_t R = rows.size(0), nb = K / QK;
   const int64_t* ids = rows.data_ptr<int64_t>();
@@ -668,6 +669,8 @@ torch::Tensor gguf_q8_weight_rows(torch::Tensor tiles, int64_t fmt, int64_t N, i
           for (int j = 0; j < QK; ++j) {
             const int q = tile_weight<F>(tb, n, j);
             if constexpr (F == kQ5_0) ob[j] = static_cast<float>(q - 16) * d;
+            // q * d is exact (4 bits times an fp16 d; Q4_1F's d is an fp16 times a 6-bit scale), so
+            // whether the compiler fuses the add or not, this rounds once, as the dequantizers do.
             else ob[j] = static_cast<float>(q) * d + m;
           }
         }
