@@ -42,9 +42,9 @@ class Gemma3DecoderLayer(nn.Module):
         else:
             x, residual = ops.add_rms_norm(h, residual, self.input_layernorm)
         cos, sin = rope[self.local]
-        a = self.post_attention_layernorm(self.self_attn(x, cos, sin, backend, ops))
+        a = self.post_attention_layernorm(self.self_attn.forward(x, cos, sin, backend, ops))
         x, residual = ops.add_rms_norm(a, residual, self.pre_feedforward_layernorm)
-        return self.post_feedforward_layernorm(self.mlp(x, ops)), residual
+        return self.post_feedforward_layernorm(self.mlp.forward(x, ops)), residual
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
@@ -78,5 +78,5 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             rope[True] = rotary_tables(self.local_cos[positions].to(h.dtype), self.local_sin[positions].to(h.dtype))
         residual = None
         for layer in self.layers:
-            h, residual = layer(h, residual, rope, backend, self.ops)
+            h, residual = layer.forward(h, residual, rope, backend, self.ops)  # as LlamaForCausalLM
         return self.ops.add_rms_norm(h, residual, self.norm)[0]
