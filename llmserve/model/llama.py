@@ -34,6 +34,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Projection(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, storage)
         self.o_proj = Projection(self.q_size, cfg.hidden_size, False, storage)
+        self.qk_norm = cfg.qk_norm  # a plain flag: hasattr on a module raises inside __getattr__ when absent
         if cfg.qk_norm:
             self.q_norm = norm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = norm(self.head_dim, cfg.rms_norm_eps)
@@ -45,7 +46,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         h, kvh = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             qkv[:, :h] = self.q_norm(qkv[:, :h])
             qkv[:, h:h + kvh] = self.k_norm(qkv[:, h:h + kvh])
         if self.rotary_dim == self.head_dim:
