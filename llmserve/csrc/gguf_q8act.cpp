@@ -314,23 +314,21 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* tiles, const float* bias, 
   });
 }
 
+#ifdef Q8_X86
 // ---- x panels: R rows, per block x4[b][g][r] = the 4 quants of row r at weights 4g..4g+3 (plus 128
 // each, for Q8_0 on VNNI), dx[b][r], sx[b][r]; rows past M are zero with zero scales ----
 
 struct Panels {
-  int rows = 0;
   int64_t count = 0;
   std::unique_ptr<int32_t[]> x4;  // [panel][b][8][rows]
   std::unique_ptr<float[]> dx, sx;  // [panel][b][rows]
 };
 
-#ifdef Q8_X86
 // x quantized straight into panels (one pass over x, no [M, K] int8 copy in between), each block as
 // quantize_x quantizes it.
 Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus128) {
   const int64_t nb = K / QK;
   Panels p;
-  p.rows = rows;
   p.count = (M + rows - 1) / rows;
   const int64_t n = p.count * nb * rows;
   p.x4.reset(new int32_t[n * 8]);
@@ -360,9 +358,7 @@ Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus
   });
   return p;
 }
-#endif
 
-#ifdef Q8_X86
 // ---- the register-tiled kernels ----
 
 // Where a kernel call's results go: rows x cols of y (leading dimension ldy) at the tile's first
