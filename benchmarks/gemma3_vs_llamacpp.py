@@ -62,12 +62,6 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return [rng.integers(1000, vocab - 1000, length).tolist() for _ in range(n)]
 
 
-def table_buffers(module) -> list:
-    """The tensors of an embedding's lookup table (not a submodule: it may be the logits head)."""
-    table = getattr(module, "table", None)
-    return list(table.buffers()) if hasattr(table, "buffers") else []
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -82,6 +76,7 @@ def main() -> None:
 
     from llmserve.cli import add_engine_args, engine_kwargs
     from llmserve.entrypoints.llm import LLM
+    from llmserve.model.gguf_quant import model_tensor_bytes
     from llmserve.sampling_params import SamplingParams
 
     gguf = gemma_package.assemble()
@@ -94,12 +89,7 @@ def main() -> None:
                                                    *shlex.split(args.llmserve_flags)]))
     llm = LLM(**kwargs)
     model = llm.engine.runner.model
-    seen, tensors = set(), 0
-    for m in model.modules():
-        for t in [*m._parameters.values(), *m._buffers.values(), *table_buffers(m)]:
-            if hasattr(t, "data_ptr") and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                tensors += t.numel() * t.element_size()
+    tensors = model_tensor_bytes(model)
     kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in llm.engine.runner.kv_pages)
     result["memory"] = {"model_tensors_mb": tensors / 2**20, "kv_cache_mb": kv / 2**20,
                         "rss_growth_mb": rss_mb() - before, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

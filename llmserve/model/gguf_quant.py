@@ -194,3 +194,16 @@ class BlockEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table.weight_rows(ids.reshape(-1)).reshape(*ids.shape, self.dim)
+
+
+def model_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of a model's tensors, each storage counted once: parameters, buffers, and the table a
+    BlockEmbedding reads (not a submodule, since it may be the logits head)."""
+    seen, total = set(), 0
+    for m in model.modules():
+        table = m.table.buffers() if isinstance(m, BlockEmbedding) else ()
+        for t in (*m._parameters.values(), *m._buffers.values(), *table):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
