@@ -1,11 +1,11 @@
-"""Logprob drift of each weight storage mode (and of 8-bit activations) against float32 on a fixed
-prompt set.
+"""Logprob drift of each weight storage mode (and of 8-bit activations, and of narrower KV caches)
+against float32 on a fixed prompt set.
 
 For each mode, the same token sequences (each prompt followed by float32's greedy continuation)
 are scored with prompt_logprobs; the drift is the difference of the logprobs the modes give those
 tokens. Also reports how many greedy continuations stay identical to float32's.
 
-    .venv/bin/python benchmarks/quant_drift.py [--model PATH] [--tokens 32]
+    .venv/bin/python benchmarks/quant_drift.py [--model PATH] [--tokens 32] [--modes float32,fp8 kv,...]
 """
 from __future__ import annotations
 
@@ -30,13 +30,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--modes", default=None, help="comma-separated mode names (default: all; float32 always first)")
     args = ap.parse_args()
 
     # "auto" keeps the published GGUF blocks (Q4_1/Q8_0 for SmolLM2): the same weights as float32.
     # "q8 act" keeps them too, and quantizes the activations of those layers to 8 bits (--activations q8).
     modes = {"float32": dict(quantization="none"), "auto": dict(quantization="auto"),
              "q8 act": dict(quantization="auto", activations="q8"), "bf16": dict(quantization="bf16"),
-             "int8": dict(quantization="int8"), "q8_0": dict(quantization="q8_0"), "q4_1": dict(quantization="q4_1")}
+             "int8": dict(quantization="int8"), "q8_0": dict(quantization="q8_0"), "q4_1": dict(quantization="q4_1"),
+             # The KV cache narrower than float32 (--kv-cache-dtype), over the published blocks.
+             "f16 kv": dict(quantization="auto", kv_cache_dtype="float16"),
+             "fp8 kv": dict(quantization="auto", kv_cache_dtype="fp8_e4m3"),
+             "e5m2 kv": dict(quantization="auto", kv_cache_dtype="fp8_e5m2"),
+             "q8+fp8": dict(quantization="auto", activations="q8", kv_cache_dtype="fp8_e4m3")}
+    if args.modes:
+        wanted = ["float32"] + [m.strip() for m in args.modes.split(",") if m.strip() != "float32"]
+        unknown = [m for m in wanted if m not in modes]
+        if unknown:
+            raise SystemExit(f"unknown modes {unknown}; known: {list(modes)}")
+        modes = {m: modes[m] for m in wanted}
     greedy = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     score = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     reference: list[list[int]] = []

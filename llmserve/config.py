@@ -7,7 +7,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "deadline")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "bf16", "q4_1", "q8_0")  # None means "none"
 ACTIVATIONS = ("float32", "q8")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)

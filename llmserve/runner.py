@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmserve.attention.backend import AttentionBackend, KVCaches, TorchAttention
+from llmserve.attention.kv_dtype import bits, to_cache
 from llmserve.attention.metadata import AttentionBatch, AttentionLayer, StateBatch
 from llmserve.engine.block_pool import Block
 from llmserve.engine.kv_policy import SCORED_POLICIES, attention_scores, keyformer_scores, keyformer_tau
@@ -130,8 +131,8 @@ class ModelRunner:
         bs = self.block_size
         slots = (torch.tensor(block_ids, device=self.device)[:, None] * bs + torch.arange(bs, device=self.device)).flatten()
         for k, v in self.kv_pages:
-            k.index_fill_(0, slots, 0)
-            v.index_fill_(0, slots, 0)
+            bits(k).index_fill_(0, slots, 0)
+            bits(v).index_fill_(0, slots, 0)
 
     def wipe_state_slots(self, slots: list[int]) -> None:
         """Zero the state of freed slots (under wipe_kv_on_free)."""
@@ -150,8 +151,8 @@ class ModelRunner:
             return
         s, d = torch.from_numpy(src).to(self.device), torch.from_numpy(dst).to(self.device)
         for k, v in self.kv_pages:
-            k.index_copy_(0, d, k.index_select(0, s))
-            v.index_copy_(0, d, v.index_select(0, s))
+            bits(k).index_copy_(0, d, bits(k).index_select(0, s))
+            bits(v).index_copy_(0, d, bits(v).index_select(0, s))
 
     def read_block(self, block_id: int) -> bytes:
         """One block's K and V in every page, as bytes (for the disk tier)."""
@@ -166,8 +167,8 @@ class ModelRunner:
         kv = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(k.dtype).reshape(shape).to(self.device)
         slots = torch.from_numpy(self._slots([block_id], 0, self.block_size)).to(self.device)
         for (k, v), page in zip(self.kv_pages, kv):
-            k.index_copy_(0, slots, page[0])
-            v.index_copy_(0, slots, page[1])
+            bits(k).index_copy_(0, slots, bits(page[0]))
+            bits(v).index_copy_(0, slots, bits(page[1]))
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> np.ndarray:
         pos = np.arange(start, end)
@@ -183,7 +184,9 @@ class ModelRunner:
             dropped = torch.from_numpy(np.repeat(ids < 0, self.block_size)[:num_tokens]).to(self.device)
             pages = self.kv_pages[:len(self.layout.group_layers[g])]
             kv = torch.stack([torch.stack((k[slots], v[slots])) for k, v in pages]) if pages else torch.empty(0)
-            groups.append(kv.masked_fill_(dropped[None, None, :, None, None], 0).cpu() if pages else kv)
+            if pages:
+                bits(kv).masked_fill_(dropped[None, None, :, None, None], 0)
+            groups.append(kv.cpu())
         states = [t[state_slot].cpu() for pair in self.state_caches for t in pair] if state_slot is not None else []
         return ExportedKV(num_tokens, groups, states)
 
@@ -198,8 +201,8 @@ class ModelRunner:
             index = torch.from_numpy(keep).to(self.device)
             group_kv = group_kv.to(self.device)
             for (k, v), layer in zip(self.kv_pages, group_kv):
-                k.index_copy_(0, slots, layer[0].index_select(0, index).to(k.dtype))
-                v.index_copy_(0, slots, layer[1].index_select(0, index).to(v.dtype))
+                bits(k).index_copy_(0, slots, bits(to_cache(layer[0].index_select(0, index), k.dtype)))
+                bits(v).index_copy_(0, slots, bits(to_cache(layer[1].index_select(0, index), v.dtype)))
         if state_slot is not None:
             for cache, state in zip((t for pair in self.state_caches for t in pair), kv.states):
                 cache[state_slot] = state.to(self.device, cache.dtype)

@@ -7,12 +7,17 @@ import math
 import pytest
 import torch
 
+from llmserve.attention.kv_dtype import to_cache
+
 NAN = float("nan")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """An integer view, so cache contents compare bit for bit (NaN included)."""
-    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+    return t.view({4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 def make_batch(seqs, *, H, KVH, D, block_size, dtype=torch.float32, fused=False, window=0, shared=None, seed=0,
@@ -73,8 +78,8 @@ def reference(q, k, v, k_cache, v_cache, slot_mapping, query_start_loc, seq_lens
     """Dense attention in float32: write the step's K/V, gather each sequence's context through its
     block table, mask (causal, window), soft-cap, softmax."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    k_cache[slot_mapping] = k.to(k_cache.dtype)  # rounded into a narrower cache
-    v_cache[slot_mapping] = v.to(v_cache.dtype)
+    k_cache[slot_mapping] = to_cache(k, k_cache.dtype)  # rounded into a narrower cache
+    v_cache[slot_mapping] = to_cache(v, v_cache.dtype)
     T, H, D = q.shape
     G = H // k_cache.shape[1]
     out = torch.zeros(T, H, D)
@@ -131,7 +136,7 @@ def test_queries_and_prefixes(kernels, D, heads, block_size):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("cache_dtype", [None, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [None, torch.float16, *FP8])
 @pytest.mark.parametrize("heads", [(9, 3), (8, 8), (16, 2)], ids=lambda h: f"H{h[0]}KVH{h[1]}")
 def test_many_decodes_take_whole_rows(kernels, threads, cache_dtype, heads):
     """Enough decodes for every thread: each sequence's KV heads go in one task (whole cache rows);
@@ -186,12 +191,12 @@ def test_half_precision_caches(kernels, dtype, D):
           cap=3.0, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, *FP8])
 @pytest.mark.parametrize("D", [64, 80])
 def test_float_queries_over_narrow_caches(kernels, cache_dtype, D):
-    """--kv-cache-dtype: float32 K/V rounded into the cache as torch's .to() rounds (bit for bit),
-    then attention in float32 over the widened values, as tight as the float32 cache (D=64 takes
-    the vector decode path, D=80 the general one)."""
+    """--kv-cache-dtype: float32 K/V rounded into the cache as torch's .to() rounds (bit for bit;
+    the 8-bit formats saturating), then attention in float32 over the widened values, as tight as
+    the float32 cache (D=64 takes the vector decode path, D=80 the general one)."""
     seqs = [(1, 40), (5, 60), (33, 17), (1, 0), (64, 0), (1, 300)]
     check(kernels, make_batch(seqs, H=9, KVH=3, D=D, block_size=16, fused=True, cache_dtype=cache_dtype))
     check(kernels, make_batch(seqs, H=8, KVH=2, D=D, block_size=16, window=20, cache_dtype=cache_dtype),
@@ -199,6 +204,9 @@ def test_float_queries_over_narrow_caches(kernels, cache_dtype, D):
     # Values a rounding must get right: ties to even, overflow to inf, subnormals, NaN.
     batch = make_batch([(4, 3), (1, 9)], H=4, KVH=2, D=D, block_size=16, cache_dtype=cache_dtype)
     special = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8, 70000.0, -1e-7, 3e-39, NAN, 2.0 ** -24])
+    if cache_dtype in FP8:  # ties at 3 (e4m3) and 2 (e5m2) mantissa bits, saturation, subnormals
+        special = torch.tensor([1 + 2 ** -4, -(1 + 3 * 2 ** -4), 1 + 2 ** -3, 1 + 3 * 2 ** -3, 460.0, -1e5, 70000.0,
+                                2.0 ** -10, 3 * 2.0 ** -10, 2.0 ** -17, 3 * 2.0 ** -17, NAN, -0.0, 2.0 ** -7])
     batch["k"].view(-1)[: special.numel()] = special
     batch["v"].view(-1)[-special.numel():] = special
     args = dict(batch)
@@ -206,7 +214,7 @@ def test_float_queries_over_narrow_caches(kernels, cache_dtype, D):
     kernels.paged_attention(*args.values(), bs, 0.125, 0, 0.0)
     slots = batch["slot_mapping"]
     for got, src in ((batch["k_cache"][slots], batch["k"]), (batch["v_cache"][slots], batch["v"])):
-        want = src.to(cache_dtype)
+        want = to_cache(src, cache_dtype)
         nan = want.isnan()  # NaN's payload is not specified (torch's own paths differ): NaN stays NaN
         assert torch.equal(got.isnan(), nan)
         assert torch.equal(_bits(got)[~nan], _bits(want)[~nan])

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmserve.attention.kv_dtype import bits, to_cache
 from llmserve.attention.metadata import AttentionBatch, AttentionLayer
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [num_slots, kv_heads, head_dim]
@@ -80,8 +81,8 @@ class TorchAttention:
         k_cache, v_cache = self.kv_caches[layer.index]
         slot_mapping, decode_ctx, chunks = self._groups[layer.group]
         # A cache may be narrower than the activations (--kv-cache-dtype): stored rounded, read widened.
-        k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        bits(k_cache).index_copy_(0, slot_mapping, bits(to_cache(k, k_cache.dtype)))
+        bits(v_cache).index_copy_(0, slot_mapping, bits(to_cache(v, v_cache.dtype)))
         out = torch.empty_like(q)
         nd = self.batch.num_decodes
         if nd:

@@ -7,8 +7,12 @@
 // query heads. Tasks are sorted by estimated cost (longest first) and pulled from a shared counter
 // by the pool's threads, so one long chunk beside many short decodes still keeps every core busy.
 //
-// The cache may be stored narrower than the queries (float32 queries over a bfloat16 or float16
-// cache, --kv-cache-dtype): K/V are widened to float as they are read, all arithmetic is float32.
+// The cache may be stored narrower than the queries (float32 queries over a bfloat16, float16 or
+// 8-bit float cache, --kv-cache-dtype): K/V are widened to float as they are read, all arithmetic is
+// float32. The 8-bit formats are torch's float8_e4m3fn and float8_e5m2, with no scale (as vLLM's
+// fp8 cache without calibrated scales): both widen through the float16 converter, e5m2 being
+// float16's upper byte and e4m3 a float16 pattern at 2^-8 of its value (that factor is applied to
+// the query and the output rather than to every value read).
 //
 // Decode tasks with float32 queries (AVX2, head size % 32 == 0, <= 8 query heads per KV head) take a
 // two-pass path (all scores, one softmax, then V with the accumulators in registers), with
@@ -84,7 +88,32 @@ inline __m256 tanh8(__m256 x) {
   return _mm256_or_ps(t, _mm256_and_ps(sign, x));
 }
 
-// Eight cache values widened to float32 (bfloat16 is float32's upper half; float16 through F16C).
+#endif
+
+template <typename T>
+constexpr bool is_fp8() {
+  return std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, c10::Float8_e5m2>;
+}
+
+// What the vector loads below return for a cache value of 1: e4m3 widens to its value x 2^-8.
+template <typename T>
+constexpr float cache_unit() {
+  return std::is_same_v<T, c10::Float8_e4m3fn> ? 256.f : 1.f;
+}
+
+#ifdef LLMSERVE_VEC_AVX2
+// Eight 8-bit floats as float16 bit patterns: each byte moved to the upper half of its 16 bits
+// (e5m2 is then float16 exactly); e4m3's four exponent bits are shifted into float16's five
+// (sign copied down by the arithmetic shift, then cleared), which reads as its value x 2^-8.
+template <typename T>
+inline __m128i fp8_as_half(__m128i bytes_in_low_half) {
+  const __m128i h = _mm_unpacklo_epi8(_mm_setzero_si128(), bytes_in_low_half);
+  if constexpr (std::is_same_v<T, c10::Float8_e5m2>) return h;
+  return _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(static_cast<short>(0xBFFF)));
+}
+
+// Eight cache values widened to float32 (bfloat16 is float32's upper half; float16 through F16C;
+// 8-bit floats through float16, e4m3 at cache_unit's scale).
 template <typename T>
 inline __m256 load8(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
@@ -92,8 +121,23 @@ inline __m256 load8(const T* p) {
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (is_fp8<T>()) {
+    return _mm256_cvtph_ps(fp8_as_half<T>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   } else {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+// Sixteen cache values: one 16-byte load for the 8-bit formats, two load8 otherwise.
+template <typename T>
+inline void load16(const T* p, __m256& lo, __m256& hi) {
+  if constexpr (is_fp8<T>()) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    lo = _mm256_cvtph_ps(fp8_as_half<T>(b));
+    hi = _mm256_cvtph_ps(fp8_as_half<T>(_mm_unpackhi_epi64(b, b)));
+  } else {
+    lo = load8(p);
+    hi = load8(p + 8);
   }
 }
 #endif
@@ -105,7 +149,7 @@ constexpr bool vector_readable() {
 #ifdef __F16C__
   return true;
 #else
-  return !std::is_same_v<T, c10::Half>;
+  return !std::is_same_v<T, c10::Half> && !is_fp8<T>();
 #endif
 #else
   return false;
@@ -192,7 +236,8 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
         __m256 a[G], b[G];
         for (int h = 0; h < G; ++h) a[h] = b[h] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
-          const __m256 k0 = load8(kg + d), k1 = load8(kg + d + 8);
+          __m256 k0, k1;
+          load16(kg + d, k0, k1);
           for (int h = 0; h < G; ++h) {
             a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h * D + d), k0, a[h]);
             b[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + h * D + d + 8), k1, b[h]);
@@ -229,8 +274,9 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
         const ct* vb = v_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row + g * D + c;
         for (int64_t j = 0; j < cnt; ++j, ++tt) {
           const ct* vp = vb + j * row;
-          const __m256 v0 = load8(vp), v1 = load8(vp + 8);
-          const __m256 v2 = load8(vp + 16), v3 = load8(vp + 24);
+          __m256 v0, v1, v2, v3;
+          load16(vp, v0, v1);
+          load16(vp + 16, v2, v3);
           for (int h = 0; h < G; ++h) {
             const __m256 p = _mm256_broadcast_ss(sg + h * padded + tt);
             acc[h][0] = _mm256_fmadd_ps(p, v0, acc[h][0]);
@@ -242,7 +288,7 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
         pos += cnt;
       }
       for (int h = 0; h < G; ++h) {
-        const __m256 inv = _mm256_set1_ps(1.f / sums[g * G + h]);
+        const __m256 inv = _mm256_set1_ps(cache_unit<ct>() / sums[g * G + h]);
         for (int i = 0; i < 4; ++i)
           _mm256_storeu_ps(out + (g * G + h) * D + c + 8 * i, _mm256_mul_ps(acc[h][i], inv));
       }
@@ -411,8 +457,13 @@ template <typename ct>
 inline void widen(const ct* src, float* dst, int64_t n) {
   int64_t i = 0;
 #ifdef LLMSERVE_VEC_AVX2
-  if constexpr (vector_readable<ct>())
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  if constexpr (vector_readable<ct>()) {
+    const __m256 unit = _mm256_set1_ps(cache_unit<ct>());
+    for (; i + 8 <= n; i += 8) {
+      const __m256 x = load8(src + i);
+      _mm256_storeu_ps(dst + i, cache_unit<ct>() == 1.f ? x : _mm256_mul_ps(x, unit));
+    }
+  }
 #endif
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
@@ -724,7 +775,8 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
           const int64_t heads = task.nkv * G;
           sc.q.resize(heads * D);
           const float* src = q + row0 * sh.q_stride + task.g * G * D;
-          for (int64_t j = 0; j < heads * D; ++j) sc.q[j] = src[j] * sh.scale;
+          const float qscale = sh.scale * cache_unit<ct>();  // K is read at cache_unit's scale
+          for (int64_t j = 0; j < heads * D; ++j) sc.q[j] = src[j] * qscale;
           sc.scores.resize(heads * round_up(len - start, 8));
           sc.part.resize(heads * 8);
           sc.sums.resize(heads);
@@ -748,11 +800,26 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
   });
 }
 
-// n values of src rounded to the cache's type (to nearest, ties to even, as torch's .to() rounds).
+// The largest finite value of an 8-bit cache format: what is stored for anything larger (e4m3's
+// conversion saturates by itself; e5m2's would give infinity, which one outlier would spread
+// through a whole softmax).
+template <typename ct>
+constexpr float fp8_max() {
+  return std::is_same_v<ct, c10::Float8_e5m2> ? 57344.f : 448.f;
+}
+
+// n values of src rounded to the cache's type (to nearest, ties to even, as torch's .to() rounds;
+// the 8-bit formats saturate at their largest finite value).
 template <typename qt, typename ct>
 inline void store_row(const qt* src, ct* dst, int64_t n) {
   if constexpr (std::is_same_v<qt, ct>) {
     std::memcpy(dst, src, n * sizeof(ct));
+  } else if constexpr (is_fp8<ct>()) {
+    constexpr float top = fp8_max<ct>();
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = static_cast<float>(src[i]);
+      dst[i] = static_cast<ct>(x > top ? top : x < -top ? -top : x);  // NaN stays NaN
+    }
   } else {
     int64_t i = 0;
 #if defined(LLMSERVE_VEC_AVX2) && defined(__F16C__)
@@ -798,7 +865,9 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   auto supported = [](c10::ScalarType t) {
     return t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kFloat16;
   };
-  TORCH_CHECK(supported(dtype) && supported(cache_dtype), "paged_attention supports float32, bfloat16 and float16");
+  const bool fp8_cache = cache_dtype == torch::kFloat8_e4m3fn || cache_dtype == torch::kFloat8_e5m2;
+  TORCH_CHECK(supported(dtype) && (supported(cache_dtype) || fp8_cache),
+              "paged_attention supports float32, bfloat16 and float16 (and 8-bit float caches)");
   TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "q, k and v must share a dtype");
   TORCH_CHECK(v_cache.scalar_type() == cache_dtype, "the K and V caches must share a dtype");
   TORCH_CHECK(cache_dtype == dtype || dtype == torch::kFloat32,
@@ -871,6 +940,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   else if (dtype == torch::kFloat16) go(c10::Half{}, c10::Half{});
   else if (cache_dtype == torch::kBFloat16) go(float{}, c10::BFloat16{});
   else if (cache_dtype == torch::kFloat16) go(float{}, c10::Half{});
+  else if (cache_dtype == torch::kFloat8_e4m3fn) go(float{}, c10::Float8_e4m3fn{});
+  else if (cache_dtype == torch::kFloat8_e5m2) go(float{}, c10::Float8_e5m2{});
   else go(float{}, float{});
   return out;
 }

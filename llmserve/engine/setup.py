@@ -12,6 +12,7 @@ import torch
 
 from llmserve.attention.backend import TorchAttention
 from llmserve.attention.cpu_paged import CpuPagedAttention
+from llmserve.attention.kv_dtype import FLOAT_DTYPES, FP8_DTYPES
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
 from llmserve.kernels import cpu_kernels
@@ -66,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return FLOAT_DTYPES[name]
 
 
 def _model_len(config: EngineConfig, arch: ArchConfig) -> int:
@@ -219,10 +220,11 @@ def _check_state_model(config: EngineConfig) -> None:
 
 
 def _kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The KV cache's dtype: the model's, or a narrower one under float32 compute."""
+    """The KV cache's dtype: the model's, or a narrower one under float32 compute (8-bit floats
+    only there)."""
     if name == "auto":
         return dtype
-    kv_dtype = resolve_dtype(name, torch.device("cpu"))
+    kv_dtype = FP8_DTYPES.get(name) or FLOAT_DTYPES[name]
     if kv_dtype != dtype and dtype != torch.float32:
         raise InvalidRequestError(f"kv_cache_dtype {name} needs float32 compute or the same dtype as the model "
                                   f"(dtype is {str(dtype).removeprefix('torch.')})")

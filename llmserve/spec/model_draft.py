@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmserve.attention.kv_dtype import bits
 from llmserve.attention.metadata import AttentionBatch
 from llmserve.engine.request import Request
 from llmserve.errors import InvalidRequestError
@@ -96,8 +97,8 @@ class ModelDraftProposer(Proposer):
         bs = self.block_size
         slots = (torch.tensor(block_ids, device=self.device)[:, None] * bs + torch.arange(bs, device=self.device)).flatten()
         for k, v in self.kv_caches:
-            k.index_fill_(0, slots, 0)
-            v.index_fill_(0, slots, 0)
+            bits(k).index_fill_(0, slots, 0)
+            bits(v).index_fill_(0, slots, 0)
 
     def _start(self, req: Request) -> int:
         """The first position the draft must (re)compute for req."""
