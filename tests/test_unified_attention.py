@@ -220,6 +220,33 @@ def test_float_queries_over_narrow_caches(kernels, cache_dtype, D):
         assert torch.equal(_bits(got)[~nan], _bits(want)[~nan])
 
 
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_fp8_stores_round_as_torch_over_every_magnitude(kernels, cache_dtype):
+    """The vector store (round to odd into float16, then to nearest even) against torch's own
+    conversion: magnitudes from below the smallest subnormal to past saturation, both signs,
+    and the exact midpoints between neighbouring 8-bit values, where ties go to even."""
+    g = torch.Generator().manual_seed(7)
+    T, KVH, D = 64, 2, 64
+    batch = make_batch([(T, 0)], H=2, KVH=KVH, D=D, block_size=16, cache_dtype=cache_dtype)
+    n = T * KVH * D
+    sweep = torch.exp2(torch.empty(n // 2).uniform_(-22, 18, generator=g))
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(cache_dtype).float()
+    finite = codes[codes.isfinite()].unique()
+    ties = (finite[1:] + finite[:-1]) / 2  # every midpoint between neighbours
+    values = torch.cat([sweep, ties, finite])
+    values = values[torch.randperm(len(values), generator=g)][:n // 2]
+    sign = torch.where(torch.rand(n // 2, generator=g) < 0.5, -1.0, 1.0)
+    batch["k"].view(-1)[:n // 2] = values * sign
+    batch["k"].view(-1)[n // 2:] = torch.cat([ties, finite, sweep])[:n - n // 2]
+    batch["v"].copy_(batch["k"].flip(0))
+    args = dict(batch)
+    bs = args.pop("block_size")
+    kernels.paged_attention(*args.values(), bs, 0.125, 0, 0.0)
+    slots = batch["slot_mapping"]
+    for got, src in ((batch["k_cache"][slots], batch["k"]), (batch["v_cache"][slots], batch["v"])):
+        assert torch.equal(_bits(got), _bits(to_cache(src, cache_dtype)))
+
+
 def test_narrow_cache_needs_float_queries(kernels):
     batch = make_batch([(3, 5)], H=4, KVH=2, D=64, block_size=16, dtype=torch.bfloat16, cache_dtype=torch.float16)
     args = dict(batch)

@@ -102,12 +102,11 @@ constexpr float cache_unit() {
 }
 
 #ifdef LLMSERVE_VEC_AVX2
-// Eight 8-bit floats as float16 bit patterns: each byte moved to the upper half of its 16 bits
-// (e5m2 is then float16 exactly); e4m3's four exponent bits are shifted into float16's five
-// (sign copied down by the arithmetic shift, then cleared), which reads as its value x 2^-8.
+// Eight 8-bit floats as float16 bit patterns, from each byte moved to the upper half of its 16
+// bits (h): e5m2 is then float16 exactly; e4m3's four exponent bits are shifted into float16's
+// five (sign copied down by the arithmetic shift, then cleared), which reads as its value x 2^-8.
 template <typename T>
-inline __m128i fp8_as_half(__m128i bytes_in_low_half) {
-  const __m128i h = _mm_unpacklo_epi8(_mm_setzero_si128(), bytes_in_low_half);
+inline __m128i fp8_as_half(__m128i h) {
   if constexpr (std::is_same_v<T, c10::Float8_e5m2>) return h;
   return _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(static_cast<short>(0xBFFF)));
 }
@@ -122,7 +121,8 @@ inline __m256 load8(const T* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   } else if constexpr (is_fp8<T>()) {
-    return _mm256_cvtph_ps(fp8_as_half<T>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtph_ps(fp8_as_half<T>(_mm_unpacklo_epi8(_mm_setzero_si128(), b)));
   } else {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
@@ -133,8 +133,8 @@ template <typename T>
 inline void load16(const T* p, __m256& lo, __m256& hi) {
   if constexpr (is_fp8<T>()) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    lo = _mm256_cvtph_ps(fp8_as_half<T>(b));
-    hi = _mm256_cvtph_ps(fp8_as_half<T>(_mm_unpackhi_epi64(b, b)));
+    lo = _mm256_cvtph_ps(fp8_as_half<T>(_mm_unpacklo_epi8(_mm_setzero_si128(), b)));
+    hi = _mm256_cvtph_ps(fp8_as_half<T>(_mm_unpackhi_epi8(_mm_setzero_si128(), b)));
   } else {
     lo = load8(p);
     hi = load8(p + 8);
@@ -808,6 +808,34 @@ constexpr float fp8_max() {
   return std::is_same_v<ct, c10::Float8_e5m2> ? 57344.f : 448.f;
 }
 
+#if defined(LLMSERVE_VEC_AVX2) && defined(__F16C__)
+// Eight floats to an 8-bit format, rounded as torch rounds: saturated to the largest finite value,
+// scaled into float16's range (e4m3 by 2^-8, as its loads read it), rounded to float16 by
+// round-to-odd (truncate, then set the last bit if anything was dropped: a second rounding from
+// there is exact), then to nearest even on the bits the format drops; NaN stays NaN.
+template <typename ct>
+inline void store8_fp8(const float* src, ct* dst) {
+  constexpr bool e4m3 = std::is_same_v<ct, c10::Float8_e4m3fn>;
+  constexpr int drop = e4m3 ? 7 : 8;  // float16 mantissa bits the format does not keep
+  const __m256 top = _mm256_set1_ps(fp8_max<ct>());
+  __m256 x = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), top), _mm256_min_ps(top, _mm256_loadu_ps(src)));
+  if constexpr (e4m3) x = _mm256_mul_ps(x, _mm256_set1_ps(1.f / 256.f));
+  const __m128i t = _mm256_cvtps_ph(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  const __m256 dropped = _mm256_cmp_ps(_mm256_cvtph_ps(t), x, _CMP_NEQ_UQ);
+  const __m128i sticky = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(dropped)),
+                                         _mm256_extracti128_si256(_mm256_castps_si256(dropped), 1));
+  const __m128i h = _mm_or_si128(t, _mm_and_si128(sticky, _mm_set1_epi16(1)));
+  // NaN's float16 patterns are capped first so the rounding below cannot carry past them.
+  __m128i mag = _mm_min_epu16(_mm_and_si128(h, _mm_set1_epi16(0x7FFF)), _mm_set1_epi16(0x7E00));
+  const __m128i odd = _mm_and_si128(_mm_srli_epi16(mag, drop), _mm_set1_epi16(1));
+  mag = _mm_srli_epi16(_mm_add_epi16(mag, _mm_add_epi16(_mm_set1_epi16((1 << (drop - 1)) - 1), odd)), drop);
+  if constexpr (e4m3) mag = _mm_min_epu16(mag, _mm_set1_epi16(0x7F));  // NaN: 0x7F
+  const __m128i sign = _mm_srli_epi16(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))), 8);
+  const __m128i bytes = _mm_packus_epi16(_mm_or_si128(mag, sign), _mm_setzero_si128());
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), bytes);
+}
+#endif
+
 // n values of src rounded to the cache's type (to nearest, ties to even, as torch's .to() rounds;
 // the 8-bit formats saturate at their largest finite value).
 template <typename qt, typename ct>
@@ -816,7 +844,12 @@ inline void store_row(const qt* src, ct* dst, int64_t n) {
     std::memcpy(dst, src, n * sizeof(ct));
   } else if constexpr (is_fp8<ct>()) {
     constexpr float top = fp8_max<ct>();
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t i = 0;
+#if defined(LLMSERVE_VEC_AVX2) && defined(__F16C__)
+    if constexpr (std::is_same_v<qt, float>)
+      for (; i + 8 <= n; i += 8) store8_fp8(src + i, dst + i);
+#endif
+    for (; i < n; ++i) {
       const float x = static_cast<float>(src[i]);
       dst[i] = static_cast<ct>(x > top ? top : x < -top ? -top : x);  // NaN stays NaN
     }
