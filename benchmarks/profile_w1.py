@@ -13,6 +13,11 @@ a microsecond a call). "Python" is the rest of the step: scheduling, the update 
 batch bookkeeping, norms and other small ops. A step that carries any prefill chunk counts as
 prefill, one with decodes only as decode.
 
+The decoder layers run as one C++ call where the model allows it (model/decoder_stack.py), which
+cannot be timed by part: by default it is turned off here and the Python layers run (the same
+kernels, bit for bit the same results, plus the Python between them). With --decoder-stack it
+stays on and its calls are timed whole, as "decoder stack" (the head and sampler still by part).
+
 Peaks, measured here in the same run: float32 FMA throughput (a large oneDNN matmul on all
 threads: the practical compute ceiling) and memory read bandwidth (summing a 1 GiB tensor).
 """
@@ -23,6 +28,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -79,10 +85,12 @@ def main() -> None:
                     help="a per-request seed (each request then draws with its own generator); unset: as W1")
     ap.add_argument("--activations", default="float32", choices=["float32", "q8"],
                     help="q8: 8-bit activations on the GGUF layers (the opt-in fast path)")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "bfloat16"],
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "bfloat16", "fp8", "fp8_e5m2"],
                     help="the KV cache's storage dtype (auto: the model's)")
     ap.add_argument("--model", default=None, help="a model folder or GGUF file (default: the embedded model)")
     ap.add_argument("--by-format", action="store_true", help="split the projections by their weight format")
+    ap.add_argument("--decoder-stack", action="store_true",
+                    help="keep the layers' one C++ call (timed whole) instead of timing the Python layers by part")
     ap.add_argument("--json", default="bench-results/profile_w1.json")
     args = ap.parse_args()
 
@@ -98,6 +106,13 @@ def main() -> None:
             timers.wrap(m, "_compute", part, lambda x, k=out_features: 2.0 * x.shape[0] * x.shape[1] * k)
     backend = engine.runner.backend
     timers.wrap(backend, "forward", "attention")
+    model.use_decoder_stack = args.decoder_stack
+    if args.decoder_stack:
+        llm.generate([[11] * 4], SamplingParams(max_tokens=1), use_tqdm=False)  # builds the stack
+        if model._stack is None:
+            raise SystemExit("this model's layers do not run as a decoder stack")
+        model._stack = SimpleNamespace(forward=model._stack.forward)  # a C++ object takes no new attributes
+        timers.wrap(model._stack, "forward", "decoder stack")
     timers.wrap(engine.runner, "sampler", "sampler")
 
     g = torch.Generator().manual_seed(0)
@@ -130,7 +145,7 @@ def main() -> None:
     report = {"peaks": peaks, "wall_s": wall, "workload": args.workload, "lengths": {
                   "prompt_tokens": sum(a for a, _ in lengths), "output_tokens": sum(b for _, b in lengths)},
               "preemptions": engine.scheduler.num_preemptions,
-              "activations": args.activations, "threads": torch.get_num_threads(), "phases": {}}
+              "activations": args.activations, "decoder_stack": args.decoder_stack, "threads": torch.get_num_threads(), "phases": {}}
     print(f"peaks: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s (oneDNN 2048^3), read {peaks['read_gbs']:.1f} GB/s; "
           f"{torch.get_num_threads()} threads; wall {wall:.1f} s, {engine.scheduler.num_preemptions} preemptions")
     for phase, parts in phases.items():

@@ -36,6 +36,16 @@ class CpuPagedAttention:
             self._logits.append(logits[self._scored])
         return out
 
+    def stack_args(self) -> tuple | None:
+        """What a DecoderStack's forward takes of the step beside the hidden states (csrc/decoder_stack.h),
+        or None in a step that reports decode attention logits, which the stack does not."""
+        if self._scored is not None:
+            return None
+        b = self.batch
+        groups = [b.group(g) for g in range(1 + len(b.other_groups))]
+        return ([k for k, _ in self.kv_caches], [v for _, v in self.kv_caches], [s for s, _ in groups],
+                [t for _, t in groups], b.query_start_loc, b.seq_lens, b.block_size)
+
     def take_decode_logits(self) -> torch.Tensor | None:
         """[layers, scored rows, heads, length] of the last forward pass (-inf past a row's context)."""
         logits, self._logits = self._logits, []

@@ -1,27 +1,8 @@
 // The Python module of llmserve's CPU kernels.
 #include <torch/extension.h>
 
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
-                              torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor query_start_loc,
-                              torch::Tensor seq_lens, torch::Tensor block_tables, int64_t block_size, double scale,
-                              int64_t sliding_window, double soft_cap, std::optional<torch::Tensor> decode_logits);
-torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor scale, torch::Tensor bias);
-torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
-torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
-torch::Tensor gguf_dequantize_portable(torch::Tensor weight, int64_t fmt, int64_t K);
-torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt);
-torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, int64_t N, torch::Tensor bias,
-                             int64_t path);
-torch::Tensor gguf_q8_weight_rows(torch::Tensor tiles, int64_t fmt, int64_t N, int64_t K, torch::Tensor rows);
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> gguf_quantize_activations(torch::Tensor x, int64_t path);
-std::vector<int64_t> gguf_q8_paths();
-torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
-torch::Tensor silu_mul(torch::Tensor x);
-void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t num_heads);
-std::tuple<torch::Tensor, torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor temperature, torch::Tensor u,
-                                                     std::optional<torch::Tensor> top_k, std::optional<torch::Tensor> top_p,
-                                                     std::optional<torch::Tensor> min_p, bool vec);
-torch::Tensor argmax_rows(torch::Tensor logits, bool vec);
+#include "decoder_stack.h"
+#include "kernels.h"
 
 // Every kernel releases the GIL while it runs: the server's event loop (SSE writes, new requests)
 // then runs beside the engine thread instead of waiting for it at every switch interval.
@@ -61,4 +42,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "the first index of each row's largest value (float32 CPU logits)",
         py::arg("logits"), py::arg("vec") = true, nogil);
   m.def("rotary_", &rotary_, "rotate the first heads of a [T, heads, D] tensor in place (float32)", nogil);
+  py::class_<StackProjection>(m, "StackProjection", "a GGUF projection of a DecoderStack")
+      .def(py::init([](torch::Tensor weight, torch::Tensor bias, int64_t fmt, int64_t out_features, bool q8,
+                       int64_t path) {
+             TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
+                         "a stack projection's weight must be contiguous 2-D uint8 blocks or tiles");
+             return StackProjection{weight, bias, fmt, out_features, q8, path};
+           }),
+           py::arg("weight"), py::arg("bias"), py::arg("fmt"), py::arg("out_features"), py::arg("q8"),
+           py::arg("path"));
+  py::class_<StackLayer>(m, "StackLayer", "one Llama decoder layer of a DecoderStack")
+      .def(py::init([](torch::Tensor input_norm, double input_eps, torch::Tensor post_norm, double post_eps,
+                       StackProjection qkv, StackProjection o, StackProjection gate_up, StackProjection down,
+                       int64_t cache, int64_t group, double scale, int64_t sliding_window, double soft_cap) {
+             return StackLayer{input_norm, post_norm, input_eps, post_eps, qkv, o, gate_up, down,
+                               cache, group, scale, sliding_window, soft_cap};
+           }),
+           py::arg("input_norm"), py::arg("input_eps"), py::arg("post_norm"), py::arg("post_eps"), py::arg("qkv"),
+           py::arg("o"), py::arg("gate_up"), py::arg("down"), py::arg("cache"), py::arg("group"), py::arg("scale"),
+           py::arg("sliding_window"), py::arg("soft_cap"));
+  py::class_<DecoderStack>(m, "DecoderStack",
+                           "a Llama model's decoder layers and final norm run in one call, bit for bit the "
+                           "Python layers' kernels in their order")
+      .def(py::init<int64_t, int64_t, int64_t, torch::Tensor, double>(), py::arg("num_heads"),
+           py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("final_norm"), py::arg("final_eps"))
+      .def("add_layer", &DecoderStack::add_layer)
+      .def_property_readonly("num_layers", &DecoderStack::num_layers)
+      .def("forward", &DecoderStack::forward, py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("k_caches"),
+           py::arg("v_caches"), py::arg("slot_mappings"), py::arg("block_tables"), py::arg("query_start_loc"),
+           py::arg("seq_lens"), py::arg("block_size"), nogil);
 }

@@ -12,10 +12,11 @@ from torch import nn
 from llmserve.attention.backend import AttentionBackend
 from llmserve.attention.metadata import AttentionLayer
 from llmserve.model.arch_config import ArchConfig
+from llmserve.model.decoder_stack import build_decoder_stack
 from llmserve.model.layers import RMSNorm, apply_rotary, rotary_tables
 from llmserve.model.gguf_quant import BLOCK_FORMATS, BlockEmbedding, GgufLinear
 from llmserve.model.linear import Projection, WeightStorage
-from llmserve.model.ops import TorchOps
+from llmserve.model.ops import CpuFusedOps, TorchOps
 from llmserve.model.rope import rope_cos_sin
 from llmserve.model.specs import FullAttentionSpec, LayerSpec
 
@@ -110,6 +111,11 @@ class LlamaForCausalLM(nn.Module):
         self.max_model_len = max_model_len
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # The decoder layers as one C++ call where they allow it (model/decoder_stack.py); False
+        # keeps the Python layers (tests compare the two, profiles time the parts).
+        self.use_decoder_stack = True
+        self._stack: object | None = None
+        self._stack_built = False
 
     def kv_cache_specs(self) -> list[LayerSpec]:
         cfg = self.cfg
@@ -154,12 +160,28 @@ class LlamaForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids)
         # transformers rounds cos/sin to the model dtype before rotating; so do we.
         cos, sin = rotary_tables(self.rope_cos[positions].to(h.dtype), self.rope_sin[positions].to(h.dtype))
+        stack = self._decoder_stack(backend)
+        args = None if stack is None else backend.stack_args()  # None in steps that report attention logits
+        if args:
+            t = h.shape[0]
+            return stack.forward(h, cos.reshape(t, -1), sin.reshape(t, -1), *args)
         residual = None
         # .forward, not __call__: nn.Module's call machinery (hooks, which nothing here registers)
         # is a measurable share of a one-row decode step, three calls a layer.
         for layer in self.layers:
             h, residual = layer.forward(h, residual, cos, sin, backend, self.ops)
         return self.ops.add_rms_norm(h, residual, self.norm)[0]
+
+    def _decoder_stack(self, backend: AttentionBackend):
+        if not self.use_decoder_stack or not hasattr(backend, "stack_args"):
+            return None
+        if not self._stack_built:  # at the first step: the runner sets each layer's KV group after loading
+            kernels = self.ops.k if isinstance(self.ops, CpuFusedOps) and type(self).layer_class is DecoderLayer else None
+            cfg = self.cfg
+            self._stack = build_decoder_stack(kernels, self.layers, self.norm, cfg.num_heads, cfg.num_kv_heads,
+                                              cfg.head_dim)
+            self._stack_built = True
+        return self._stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()
