@@ -436,8 +436,8 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
     if (r < out.rows) _mm512_mask_storeu_ps(out.y + r * out.ldy, cols, _mm512_add_ps(fa[r], bias));
 }
 
-// The AVX2 kernel covers 8 of the tile's 16 columns (half h) per call: 16 ymm registers do not hold
-// two halves' accumulators. A block is summed one row at a time (weights reloaded from L1): summed
+// The AVX2 kernel for Q8_0, Q5_0 and one-row panels covers 8 of the tile's 16 columns (half h) per
+// call: 16 ymm registers do not hold two halves' accumulators. A block is summed one row at a time (weights reloaded from L1): summed
 // for all rows at once, GCC reassociated the integer adds into one tree of 48 products and spilled
 // most of them. Nibbles are widened to bytes once per block into a small buffer for that. Q4_1
 // products are at most 2 * 15 * 127 per 16-bit lane, so a block's 8 groups add up in 16 bits
@@ -520,6 +520,89 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
     if (r < out.rows) _mm256_maskstore_ps(out.y + r * out.ldy + h * 8, mask, _mm256_add_ps(fa[r], bias));
 }
 
+// AVX2 for the nibble formats (Q4_1, Q4_1F) and panels of 2 or more rows: both halves of a tile
+// per call, so each block's weights are loaded and unpacked once per panel and each x broadcast
+// serves 16 columns (the per-half kernel above loads every weight once per row and broadcasts x
+// twice). The 16-bit sums of R rows x 2 halves stay in registers for a block; the float
+// accumulators live in L1 (touched once a block). The integer sums are exact and the float steps
+// are the per-half kernel's in the same order, so the results are bit for bit the same. One row
+// keeps the per-half kernel, which ran faster there.
+template <Format fmt, int R>
+Q8_AVX2 void tile_kernel_avx2_nibbles(const uint8_t* tile, const int32_t* x4, const float* dx, const float* sx,
+                                      int64_t nb, const Out& out) {
+  static_assert(nibbles(fmt), "nibble formats only");
+  constexpr int64_t TB = tile_block_bytes(fmt), WB = tile_weight_bytes(fmt);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float acc[R][16];
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(acc[r], _mm256_setzero_ps());
+    _mm256_store_ps(acc[r] + 8, _mm256_setzero_ps());
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = tile + b * TB;
+    const int32_t* xb = x4 + b * 8 * R;
+    __m256i s16[R][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) s16[r][0] = s16[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      // group g < 4: low nibbles of dword row g; g >= 4: high nibbles of dword row g - 4.
+      const uint8_t* wp = wb + (g & 3) * 64;
+      __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+      __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32));
+      if (g >= 4) {
+        w0 = _mm256_srli_epi16(w0, 4);
+        w1 = _mm256_srli_epi16(w1, 4);
+      }
+      w0 = _mm256_and_si256(w0, mask);
+      w1 = _mm256_and_si256(w1, mask);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_set1_epi32(xb[g * R + r]);
+        s16[r][0] = _mm256_add_epi16(s16[r][0], _mm256_maddubs_epi16(w0, xv));
+        s16[r][1] = _mm256_add_epi16(s16[r][1], _mm256_maddubs_epi16(w1, xv));
+        // Keep each sum a chain in its register: left free, GCC reassociates the adds of all rows
+        // into trees and spills.
+        asm("" : "+x"(s16[r][0]), "+x"(s16[r][1]));
+      }
+    }
+    const uint8_t* scales = wb + WB;
+    __m256 dw[2], mw[2];
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (fmt == kQ4_1F) {
+        dw[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
+        mw[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
+      } else {
+        dw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + h * 16)));
+        mw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 + h * 16)));
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m256 dxr = _mm256_set1_ps(dx[b * R + r]), sxr = _mm256_set1_ps(sx[b * R + r]);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r][h], ones));
+        __m256 a = _mm256_load_ps(acc[r] + h * 8);
+        a = _mm256_fmadd_ps(sum, _mm256_mul_ps(dw[h], dxr), a);
+        a = _mm256_fmadd_ps(mw[h], sxr, a);
+        _mm256_store_ps(acc[r] + h * 8, a);
+      }
+    }
+  }
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(out.cols - h * 8), lanes);
+    const __m256 bias = out.bias ? _mm256_maskload_ps(out.bias + h * 8, m) : _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      if (r < out.rows) _mm256_maskstore_ps(out.y + r * out.ldy + h * 8, m, _mm256_add_ps(_mm256_load_ps(acc[r] + h * 8), bias));
+  }
+}
+
 // Every tile against every panel of R rows; threads split the tiles, so each tile's weights are
 // read from memory once and stay in L1 while the panels stream past.
 template <Format fmt, Path P, int R>
@@ -539,6 +622,8 @@ void run_tiles(const uint8_t* tiles, const Panels& panels, const float* bias, fl
                       bias ? bias + n0 : nullptr};
         if constexpr (P == kVnni) {
           tile_kernel_vnni<fmt, R>(tile, x4, dx, sx, nb, out);
+        } else if constexpr (nibbles(fmt) && R > 1) {
+          tile_kernel_avx2_nibbles<fmt, R>(tile, x4, dx, sx, nb, out);
         } else {
           tile_kernel_avx2<fmt, R>(tile, 0, x4, dx, sx, nb, out);
           if (cols > 8) tile_kernel_avx2<fmt, R>(tile, 1, x4, dx, sx, nb, out);
