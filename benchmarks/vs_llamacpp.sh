@@ -7,6 +7,7 @@
 #
 #   benchmarks/vs_llamacpp.sh                          # llama-bench, W1 batched-bench, W2 served, 60 chat
 #   benchmarks/vs_llamacpp.sh --only-batched-bench     # build if needed, then only the W1 batched-bench step
+#   benchmarks/vs_llamacpp.sh --only-chat              # build if needed, then only the served chat pair
 #   benchmarks/vs_llamacpp.sh --concurrency 60 --num-prompts 120   # two waves
 #   LLMSERVE_ARGS="--quantization none" benchmarks/vs_llamacpp.sh
 #
@@ -24,6 +25,7 @@ CONCURRENCY=60
 NUM_PROMPTS=60
 W2_PROMPTS=8
 ONLY_BATCHED=0
+ONLY_CHAT=0
 PORT_LLAMA=8091
 PORT_OURS=8092
 while [ $# -gt 0 ]; do
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
         --num-prompts) NUM_PROMPTS=$2; shift 2 ;;
         --w2-prompts) W2_PROMPTS=$2; shift 2 ;;
         --only-batched-bench) ONLY_BATCHED=1; shift ;;
+        --only-chat) ONLY_CHAT=1; shift ;;
         *) echo "unknown flag $1" >&2; exit 2 ;;
     esac
 done
@@ -93,10 +96,11 @@ if [ "$ONLY_BATCHED" = 1 ]; then
     exit 0
 fi
 
-echo "== llama-bench (llama.cpp's own single-stream numbers: pp128 = prompt tok/s, tg128 = generated tok/s)"
-"$LLAMA_DIR/build/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p 128 -n 128 -r 3 | tee "$OUT/llama-bench.txt"
-
-batched_bench_w1
+if [ "$ONLY_CHAT" = 0 ]; then
+    echo "== llama-bench (llama.cpp's own single-stream numbers: pp128 = prompt tok/s, tg128 = generated tok/s)"
+    "$LLAMA_DIR/build/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p 128 -n 128 -r 3 | tee "$OUT/llama-bench.txt"
+    batched_bench_w1
+fi
 
 wait_ready() {  # url
     for _ in $(seq 1 300); do
@@ -145,9 +149,11 @@ for key, better in (("request_throughput", "higher"), ("output_throughput", "hig
 EOF
 }
 
-echo "== W2: single stream, 128 prompt tokens -> 128 output tokens, served"
-SLOTS=1 run_pair w2 --workload random --input-len 128 --output-len 128 --range-ratio 0 \
-    --num-prompts "$W2_PROMPTS" --max-concurrency 1 --ignore-eos
+if [ "$ONLY_CHAT" = 0 ]; then
+    echo "== W2: single stream, 128 prompt tokens -> 128 output tokens, served"
+    SLOTS=1 run_pair w2 --workload random --input-len 128 --output-len 128 --range-ratio 0 \
+        --num-prompts "$W2_PROMPTS" --max-concurrency 1 --ignore-eos
+fi
 
 echo "== serving: $CONCURRENCY chat-shaped requests at once ($NUM_PROMPTS in all)"
 SLOTS=$CONCURRENCY run_pair chat --workload chat --num-prompts "$NUM_PROMPTS" --max-concurrency "$CONCURRENCY" \
