@@ -436,9 +436,23 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
     if (r < out.rows) _mm512_mask_storeu_ps(out.y + r * out.ldy, cols, _mm512_add_ps(fa[r], bias));
 }
 
+// d_w and m_w of half h (columns 8h..8h+7) of a tile block whose scales start at `scales` (Q8_0's
+// m_w is unused: the sign moves onto x).
+template <Format fmt>
+Q8_AVX2 inline void half_scales_avx2(const uint8_t* scales, int h, __m256& dw, __m256& mw) {
+  if constexpr (fmt == kQ4_1F) {
+    dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
+    mw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
+  } else {
+    dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + h * 16)));
+    mw = fmt == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 + h * 16)))
+                      : _mm256_mul_ps(dw, _mm256_set1_ps(-16.f));
+  }
+}
+
 // The AVX2 kernel for Q8_0, Q5_0 and one-row panels covers 8 of the tile's 16 columns (half h) per
-// call: 16 ymm registers do not hold two halves' accumulators. A block is summed one row at a time (weights reloaded from L1): summed
-// for all rows at once, GCC reassociated the integer adds into one tree of 48 products and spilled
+// call: 16 ymm registers do not hold two halves' accumulators. A block is summed one row at a time
+// (weights reloaded from L1): summed for all rows at once, GCC reassociated the integer adds into one tree of 48 products and spilled
 // most of them. Nibbles are widened to bytes once per block into a small buffer for that. Q4_1
 // products are at most 2 * 15 * 127 per 16-bit lane, so a block's 8 groups add up in 16 bits
 // (< 32767) and widen once; Q5_0's (2 * 31 * 127) widen every 4 groups.
@@ -468,15 +482,8 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
     }
     const int32_t* xb = x4 + b * 8 * R;
     const uint8_t* scales = tb + WB;
-    __m256 dw, mw;  // Q8_0 needs no offset here: the sign moves onto x
-    if constexpr (fmt == kQ4_1F) {
-      dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
-      mw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
-    } else {
-      dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + h * 16)));
-      mw = fmt == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 + h * 16)))
-                        : _mm256_mul_ps(dw, _mm256_set1_ps(-16.f));
-    }
+    __m256 dw, mw;
+    half_scales_avx2<fmt>(scales, h, dw, mw);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       __m256i sum;
@@ -569,16 +576,8 @@ Q8_AVX2 void tile_kernel_avx2_nibbles(const uint8_t* tile, const int32_t* x4, co
     }
     const uint8_t* scales = wb + WB;
     __m256 dw[2], mw[2];
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      if constexpr (fmt == kQ4_1F) {
-        dw[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
-        mw[h] = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
-      } else {
-        dw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + h * 16)));
-        mw[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 + h * 16)));
-      }
-    }
+    half_scales_avx2<fmt>(scales, 0, dw[0], mw[0]);
+    half_scales_avx2<fmt>(scales, 1, dw[1], mw[1]);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m256 dxr = _mm256_set1_ps(dx[b * R + r]), sxr = _mm256_set1_ps(sx[b * R + r]);
@@ -599,7 +598,8 @@ Q8_AVX2 void tile_kernel_avx2_nibbles(const uint8_t* tile, const int32_t* x4, co
     const __m256 bias = out.bias ? _mm256_maskload_ps(out.bias + h * 8, m) : _mm256_setzero_ps();
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
-      if (r < out.rows) _mm256_maskstore_ps(out.y + r * out.ldy + h * 8, m, _mm256_add_ps(_mm256_load_ps(acc[r] + h * 8), bias));
+      if (r < out.rows)
+        _mm256_maskstore_ps(out.y + r * out.ldy + h * 8, m, _mm256_add_ps(_mm256_load_ps(acc[r] + h * 8), bias));
   }
 }
 
