@@ -1,0 +1,209 @@
+"""What this CPU's vector units can do, measured, beside what the kernels built on them get.
+
+    .venv/bin/python benchmarks/isa_peaks.py [--threads N] [--seconds 0.5] [--no-kernels]
+
+Peaks, from a small C loop of independent instructions compiled here (the C compiler `cc`, or $CC)
+and run on every thread at once:
+  - fp32 FMA: vfmadd231ps on 8 floats (16 flops an instruction), the ceiling of a float32 GEMM
+    such as oneDNN's or vLLM's CPU path;
+  - int8 vpmaddubsw: 32 byte products an instruction (summed in pairs to 16 bits), AVX2's only
+    8-bit multiply;
+  - int8 vpmaddubsw + vpaddw: the same with the 16-bit add that must follow each one to keep a sum
+    (AVX2 has no multiply-accumulate for bytes): the ceiling of the q8 kernels' inner loop;
+  - int8 vpdpbusd (AVX-512 VNNI, where the CPU has it): 64 products a zmm instruction, summed into
+    32 bits in the same instruction.
+Products count as 2 ops, as the kernels' GOP/s do. Then, unless --no-kernels, the kernels on the
+same threads: oneDNN's float32 GEMM (2048^3) and the q8 kernels (csrc/gguf_q8act.cpp) on Q4_1 and
+Q8_0 weights (576 -> 1536, 512 rows), each as a share of its peak.
+
+The ratio "int8 (with its adds) / fp32 FMA" bounds what 8-bit activations can gain over a float32
+engine whose GEMMs run near the FMA peak: on a CPU whose byte multiply issues on one port where
+FMAs issue on two, 32 products an instruction are only twice 8 FMAs on two ports, before the adds.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+# Each loop runs 12 independent chains (more than latency x ports of any of these instructions), so
+# it measures throughput; asm volatile keeps the compiler from folding or dropping the work.
+SOURCE = r"""
+#include <immintrin.h>
+#define R12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+__attribute__((target("avx2,fma"))) long fp32_fma(long iters) {
+  __m256 b = _mm256_set1_ps(1.0f), c = _mm256_set1_ps(0.0f);
+#define DECL(i) __m256 a##i = _mm256_set1_ps((float)i);
+  R12(DECL)
+#undef DECL
+  for (long n = 0; n < iters; ++n) {
+#define OP(i) asm volatile("vfmadd231ps %1, %2, %0" : "+x"(a##i) : "x"(b), "x"(c));
+    R12(OP)
+#undef OP
+  }
+  return iters * 12;
+}
+
+__attribute__((target("avx2"))) long int8_maddubs(long iters) {
+  __m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5);
+#define DECL(i) __m256i a##i;
+  R12(DECL)
+#undef DECL
+  for (long n = 0; n < iters; ++n) {
+#define OP(i) asm volatile("vpmaddubsw %1, %2, %0" : "=x"(a##i) : "x"(w), "x"(x));
+    R12(OP)
+#undef OP
+  }
+  return iters * 12;
+}
+
+__attribute__((target("avx2"))) long int8_maddubs_add(long iters) {
+  __m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5), t;
+#define DECL(i) __m256i a##i = _mm256_setzero_si256();
+  R12(DECL)
+#undef DECL
+  for (long n = 0; n < iters; ++n) {
+#define OP(i) asm volatile("vpmaddubsw %2, %3, %1\n\tvpaddw %1, %0, %0" : "+x"(a##i), "=&x"(t) : "x"(w), "x"(x));
+    R12(OP)
+#undef OP
+  }
+  return iters * 12;
+}
+
+__attribute__((target("avx512f,avx512vnni"))) long int8_vnni(long iters) {
+  __m512i w = _mm512_set1_epi8(3), x = _mm512_set1_epi8(5);
+#define DECL(i) __m512i a##i = _mm512_setzero_si512();
+  R12(DECL)
+#undef DECL
+  for (long n = 0; n < iters; ++n) {
+#define OP(i) asm volatile("vpdpbusd %1, %2, %0" : "+v"(a##i) : "v"(w), "v"(x));
+    R12(OP)
+#undef OP
+  }
+  return iters * 12;
+}
+"""
+
+# name -> (C function, ops per instruction (a product or an FMA is 2 ops), CPU flags it needs)
+LOOPS = {
+    "fp32 FMA (vfmadd231ps ymm)": ("fp32_fma", 16, {"avx2", "fma"}),
+    "int8 vpmaddubsw ymm": ("int8_maddubs", 64, {"avx2"}),
+    "int8 vpmaddubsw + vpaddw ymm": ("int8_maddubs_add", 64, {"avx2"}),
+    "int8 vpdpbusd zmm (VNNI)": ("int8_vnni", 128, {"avx512f", "avx512vnni"}),
+}
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def build(workdir: Path) -> ctypes.CDLL:
+    src, lib = workdir / "isa_peaks.c", workdir / "isa_peaks.so"
+    src.write_text(SOURCE)
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    dll = ctypes.CDLL(str(lib))
+    for fn, _, _ in LOOPS.values():
+        getattr(dll, fn).argtypes, getattr(dll, fn).restype = [ctypes.c_long], ctypes.c_long
+    return dll
+
+
+def on_threads(fn, iters: int, threads: int) -> float:
+    """Seconds for `threads` threads each running fn(iters) at once (ctypes drops the GIL)."""
+    start = threading.Barrier(threads + 1)
+    workers = [threading.Thread(target=lambda: (start.wait(), fn(iters))) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - t0
+
+
+def peak_gops(fn, ops: int, threads: int, seconds: float) -> float:
+    """Best of 3 runs sized to about `seconds` each, in G ops a second over all threads."""
+    iters = 100_000
+    while (elapsed := on_threads(fn, iters, 1)) < 0.05:
+        iters *= 4
+    iters = max(1, int(iters * seconds / elapsed))
+    best = min(on_threads(fn, iters, threads) for _ in range(3))
+    return iters * 12 * ops * threads / best / 1e9
+
+
+def kernel_gops(threads: int) -> dict[str, float]:
+    """oneDNN's float32 GEMM and the q8 kernels, as GOP/s (2 ops a product) on `threads` threads."""
+    from llmserve.kernels import cpu_kernels
+    from llmserve.model.gguf_quant import quantize
+
+    torch.set_num_threads(threads)
+
+    def best_rate(fn, ops: float) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return ops / min(times) / 1e9
+
+    out = {}
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    out["oneDNN float32 GEMM 2048^3"] = best_rate(
+        lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), 2 * 2048 ** 3)
+    kernels = cpu_kernels()
+    if kernels is None:
+        return out
+    g = torch.Generator().manual_seed(0)
+    k, n, rows = 576, 1536, 512
+    x = torch.randn(rows, k, generator=g)
+    for fmt, name in ((0, "q4_1"), (1, "q8_0")):
+        tiles = kernels.gguf_q8_pack(quantize(torch.randn(n, k, generator=g) * 0.05, name), fmt)
+        out[f"q8 kernel, {name.upper()} weights, {k}->{n} x {rows} rows"] = best_rate(
+            lambda t=tiles, f=fmt: kernels.gguf_linear_q8(x, t, f, n, torch.empty(0), -1), 2.0 * rows * n * k)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--seconds", type=float, default=0.5, help="about how long each peak loop runs")
+    ap.add_argument("--no-kernels", action="store_true", help="the instruction peaks only")
+    args = ap.parse_args()
+
+    flags = cpu_flags()
+    with tempfile.TemporaryDirectory() as tmp:
+        dll = build(Path(tmp))
+        peaks = {name: peak_gops(getattr(dll, fn), ops, args.threads, args.seconds)
+                 for name, (fn, ops, needs) in LOOPS.items() if needs <= flags}
+    print(f"{args.threads} thread(s); G ops a second (an FMA or a product = 2 ops)")
+    for name, gops in peaks.items():
+        print(f"  peak {name:32} {gops:8.1f}")
+    fma = peaks["fp32 FMA (vfmadd231ps ymm)"]
+    pair = peaks["int8 vpmaddubsw + vpaddw ymm"]
+    print(f"  int8 with its adds / fp32 FMA: {pair / fma:.2f}x")
+    if args.no_kernels:
+        return
+    vnni = peaks.get("int8 vpdpbusd zmm (VNNI)")
+    for name, gops in kernel_gops(args.threads).items():
+        if "float32" in name:
+            peak, of = fma, "fp32 FMA"
+        else:  # the q8 kernels run their VNNI path where the CPU has one
+            peak, of = (vnni, "VNNI") if vnni else (pair, "int8 + add")
+        print(f"  {name:48} {gops:8.1f}  ({100 * gops / peak:.0f}% of the {of} peak)")
+
+
+if __name__ == "__main__":
+    main()
