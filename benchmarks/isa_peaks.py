@@ -11,7 +11,10 @@ and run on every thread at once:
   - int8 vpmaddubsw + vpaddw: the same with the 16-bit add that must follow each one to keep a sum
     (AVX2 has no multiply-accumulate for bytes): the ceiling of the q8 kernels' inner loop;
   - int8 vpdpbusd (AVX-512 VNNI, where the CPU has it): 64 products a zmm instruction, summed into
-    32 bits in the same instruction.
+    32 bits in the same instruction;
+  - the AVX2 q8 kernel's own instruction mix for a row and a block of a 16-column tile (16 of those
+    products-and-adds, then the widening, conversion and float scaling of the sums), free of loads
+    and dependencies: what that kernel could reach if nothing but its arithmetic cost anything.
 Products count as 2 ops, as the kernels' GOP/s do. Then, unless --no-kernels, the kernels on the
 same threads: oneDNN's float32 GEMM (2048^3) and the q8 kernels (csrc/gguf_q8act.cpp) on Q4_1 and
 Q8_0 weights (576 -> 1536, 512 rows), each as a share of its peak.
@@ -78,6 +81,27 @@ __attribute__((target("avx2"))) long int8_maddubs_add(long iters) {
   return iters * 12;
 }
 
+// The AVX2 q8 kernel's instruction mix for one row of a panel and one block of a 16-column tile
+// (csrc/gguf_q8act.cpp, tile_kernel_avx2_nibbles): 16 products-and-adds, then widening (vpmaddwd),
+// conversion and the float scaling of both 8-column halves. Counted as its 16 x 32 products.
+__attribute__((target("avx2,fma"))) long q8_kernel_mix(long iters) {
+  __m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5), s0 = w, s1 = w, s2 = w, s3 = w, t0, t1, t2, t3, i0, i1;
+  __m256 b = _mm256_set1_ps(1.0f), c = _mm256_set1_ps(0.0f), f0 = b, f1 = b, f2 = b, f3 = b, g0, g1, h0, h1;
+  for (long n = 0; n < iters; ++n) {
+#define MA(s, t) asm volatile("vpmaddubsw %2, %3, %1\n\tvpaddw %1, %0, %0" : "+x"(s), "=&x"(t) : "x"(w), "x"(x));
+#define ROW4 MA(s0, t0) MA(s1, t1) MA(s2, t2) MA(s3, t3)
+    ROW4 ROW4 ROW4 ROW4
+#undef ROW4
+#undef MA
+    asm volatile("vpmaddwd %2, %3, %0\n\tvpmaddwd %2, %4, %1" : "=&x"(i0), "=&x"(i1) : "x"(x), "x"(s0), "x"(s1));
+    asm volatile("vcvtdq2ps %2, %0\n\tvcvtdq2ps %3, %1" : "=&x"(g0), "=&x"(g1) : "x"(s2), "x"(s3));
+    asm volatile("vmulps %2, %3, %0\n\tvmulps %2, %3, %1" : "=&x"(h0), "=&x"(h1) : "x"(b), "x"(c));
+    asm volatile("vfmadd231ps %4, %5, %0\n\tvfmadd231ps %4, %5, %1\n\tvfmadd231ps %4, %5, %2\n\tvfmadd231ps %4, %5, %3"
+                 : "+x"(f0), "+x"(f1), "+x"(f2), "+x"(f3) : "x"(b), "x"(c));
+  }
+  return iters;
+}
+
 __attribute__((target("avx512f,avx512vnni"))) long int8_vnni(long iters) {
   __m512i w = _mm512_set1_epi8(3), x = _mm512_set1_epi8(5);
 #define DECL(i) __m512i a##i = _mm512_setzero_si512();
@@ -92,12 +116,13 @@ __attribute__((target("avx512f,avx512vnni"))) long int8_vnni(long iters) {
 }
 """
 
-# name -> (C function, ops per instruction (a product or an FMA is 2 ops), CPU flags it needs)
+# name -> (C function, ops per unit it returns (a product or an FMA is 2 ops), CPU flags it needs)
 LOOPS = {
     "fp32 FMA (vfmadd231ps ymm)": ("fp32_fma", 16, {"avx2", "fma"}),
     "int8 vpmaddubsw ymm": ("int8_maddubs", 64, {"avx2"}),
     "int8 vpmaddubsw + vpaddw ymm": ("int8_maddubs_add", 64, {"avx2"}),
     "int8 vpdpbusd zmm (VNNI)": ("int8_vnni", 128, {"avx512f", "avx512vnni"}),
+    "AVX2 q8 kernel mix (a row x 16 cols)": ("q8_kernel_mix", 16 * 64, {"avx2", "fma"}),
 }
 
 
@@ -140,7 +165,8 @@ def peak_gops(fn, ops: int, threads: int, seconds: float) -> float:
         iters *= 4
     iters = max(1, int(iters * seconds / elapsed))
     best = min(on_threads(fn, iters, threads) for _ in range(3))
-    return iters * 12 * ops * threads / best / 1e9
+    units = fn(1)  # what one iteration counts: 12 instructions of a chain loop, or one pass of the mix
+    return iters * units * ops * threads / best / 1e9
 
 
 def kernel_gops(threads: int) -> dict[str, float]:
@@ -194,14 +220,19 @@ def main() -> None:
     fma = peaks["fp32 FMA (vfmadd231ps ymm)"]
     pair = peaks["int8 vpmaddubsw + vpaddw ymm"]
     print(f"  int8 with its adds / fp32 FMA: {pair / fma:.2f}x")
+    if mix:
+        print(f"  AVX2 q8 kernel mix / fp32 FMA: {mix / fma:.2f}x")
     if args.no_kernels:
         return
     vnni = peaks.get("int8 vpdpbusd zmm (VNNI)")
+    mix = peaks.get("AVX2 q8 kernel mix (a row x 16 cols)")
     for name, gops in kernel_gops(args.threads).items():
         if "float32" in name:
             peak, of = fma, "fp32 FMA"
         else:  # the q8 kernels run their VNNI path where the CPU has one
             peak, of = (vnni, "VNNI") if vnni else (pair, "int8 + add")
+            if not vnni and mix and "Q4_1" in name:  # the mix is the Q4_1 (nibble) kernel's
+                of += f"; {100 * gops / mix:.0f}% of its instruction mix's"
         print(f"  {name:48} {gops:8.1f}  ({100 * gops / peak:.0f}% of the {of} peak)")
 
 
