@@ -218,6 +218,7 @@ def main() -> None:
     for name, gops in peaks.items():
         print(f"  peak {name:32} {gops:8.1f}")
     fma = peaks["fp32 FMA (vfmadd231ps ymm)"]
+    mix = peaks.get("AVX2 q8 kernel mix (a row x 16 cols)")
     pair = peaks["int8 vpmaddubsw + vpaddw ymm"]
     print(f"  int8 with its adds / fp32 FMA: {pair / fma:.2f}x")
     if mix:
@@ -225,7 +226,6 @@ def main() -> None:
     if args.no_kernels:
         return
     vnni = peaks.get("int8 vpdpbusd zmm (VNNI)")
-    mix = peaks.get("AVX2 q8 kernel mix (a row x 16 cols)")
     for name, gops in kernel_gops(args.threads).items():
         if "float32" in name:
             peak, of = fma, "fp32 FMA"
