@@ -68,3 +68,26 @@ def test_chat_through_gemmas_turn_format(gemma):
                    SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     text = out[0].outputs[0].text
     assert "Paris" in text or "France" in text
+
+
+def test_q8_activations_take_every_layer_of_the_file(gemma):
+    """Under --activations q8 every layer of the Q4_K_M file computes with 8-bit activations (Q4_K as
+    Q4_1F, Q6_K as Q6_K32, Q5_0 and Q8_0 as they are), and a trained model's greedy text stays
+    close to the exact default's."""
+    from llmserve.model.gguf_quant import GgufLinear
+
+    exact, _ = gemma
+    q8 = LLM(model=str(gemma_package.assemble()), max_model_len=512, activations="q8")
+    layers = [m for m in q8.engine.runner.model.modules() if isinstance(m, GgufLinear)]
+    assert {m.fmt for m in layers} == {"q4_1f", "q6_k32", "q5_0", "q8_0"}
+    assert all(m.activations == "q8" and m.tiles is not None for m in layers)
+    prompts = ["The capital of France is", "Water boils at a temperature of", "The first three prime numbers are",
+               "In 1969, the first people to walk on the Moon"]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    a = exact.generate(prompts, params, use_tqdm=False)
+    b = q8.generate(prompts, params, use_tqdm=False)
+    agreed = 0  # tokens before the first difference
+    for x, y in zip(a, b):
+        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
+        agreed += next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), len(tx))
+    assert agreed >= 0.5 * 4 * 16, f"{agreed} of {4 * 16} greedy tokens before the first difference"

@@ -57,7 +57,7 @@ def test_layer_matches_float_matmul_of_dequantized(kernels, fmt, rows):
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["q5_k", "q6_k"])  # (Q4_K takes them: test_q8_activations.py)
+@pytest.mark.parametrize("fmt", ["q5_k"])  # (Q4_K and Q6_K take them: test_q8_activations.py)
 def test_q8_activations_leave_these_formats_exact(kernels, fmt):
     blocks = random_blocks(fmt, 8, 256, seed=1)
     layer = GgufLinear(blocks, fmt, 256, None, kernels, activations="q8")

@@ -16,14 +16,29 @@ from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, quantize
 from llmserve.sampling_params import SamplingParams
 from tiny_models import llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts
 
-FORMATS = ["q4_1", "q8_0", "q5_0", "q4_1f"]
-FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3}
-BYTES = {"q4_1": 20, "q8_0": 34, "q5_0": 22, "q4_1f": 24}
+FORMATS = ["q4_1", "q8_0", "q5_0", "q4_1f", "q6_k32"]
+FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4}
+BYTES = {"q4_1": 20, "q8_0": 34, "q5_0": 22, "q4_1f": 24, "q6_k32": 38}
 
 
 def blocks_of(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """ggml's quantizer (Q5_0 too, which llmserve only reads from files); Q4_1F (Q4_K's form for
-    the q8 kernels) as Q4_1 blocks with their scales widened to float32."""
+    the q8 kernels) as Q4_1 blocks with their scales widened to float32; Q6_K32 (Q6_K's form for
+    them: a float32 d, an int8 scale per half of 32, quants 0..63 around 32) fitted to the weight,
+    every other block's scales negative (Q6_K's scales are signed)."""
+    if fmt == "q6_k32":
+        n = weight.shape[0]
+        w = weight.numpy().reshape(n, -1, 2, 16)
+        amax = np.abs(w).max(-1) + 1e-6  # [n, nb, 2]
+        d = (amax.max(-1) / (31 * 127)).astype(np.float16).astype(np.float32)
+        sign = np.where(np.arange(d.shape[1]) % 2, -1.0, 1.0)[None, :, None]
+        sc = np.clip(np.rint(amax / (31 * d[..., None])), 1, 127) * sign
+        q = np.clip(np.rint(w / (d[..., None, None] * sc[..., None])) + 32, 0, 63)
+        out = np.empty(d.shape + (38,), dtype=np.uint8)
+        out[..., 0:4] = d[..., None].view(np.uint8)
+        out[..., 4:6] = sc.astype(np.int8).view(np.uint8)
+        out[..., 6:] = q.reshape(n, -1, 32).astype(np.uint8)
+        return torch.from_numpy(out.reshape(n, -1))
     if fmt == "q4_1f":
         b = quantize(weight, "q4_1").numpy().reshape(weight.shape[0], -1, 20)
         out = np.empty(b.shape[:2] + (24,), dtype=np.uint8)
@@ -66,6 +81,11 @@ def parse_blocks(blocks: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, 
         m = b[..., 4:8].copy().view(np.float32)[..., 0].astype(np.float64)
         qs = b[..., 8:]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+    elif fmt == "q6_k32":  # w = d * (sc * (q - 32)): the integer in brackets is the block's weight
+        d = b[..., 0:4].copy().view(np.float32)[..., 0].astype(np.float64)
+        m = np.zeros_like(d)
+        sc = b[..., 4:6].copy().view(np.int8).astype(np.int64)
+        q = np.repeat(sc, 16, axis=-1) * (b[..., 6:].astype(np.int64) - 32)
     elif fmt == "q5_0":  # w = d * (q - 16): as Q4_1 with q in 0..31 and m = -16 d (what the kernels compute)
         m = -16.0 * d
         qh = b[..., 2:6].copy().view(np.uint32)[..., 0].astype(np.int64)
@@ -148,12 +168,15 @@ def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
 
 def extreme_blocks(fmt: str, n: int, k: int) -> torch.Tensor:
     """Every weight at its format's largest magnitude (Q4_1 15, Q5_0 31, Q8_0 -128, which only a
-    file can hold), so the kernels' 16-bit and int16 partial sums are at their limits."""
+    file can hold; Q6_K32 quants 63 with scales -128), so the kernels' 16-bit and int16 partial
+    sums are at their limits."""
     half = lambda v: np.array([v], dtype=np.float16).view(np.uint8)  # noqa: E731
     one = {"q4_1": np.concatenate([half(0.01), half(-0.1), np.full(16, 0xFF, np.uint8)]),
            "q4_1f": np.concatenate([np.array([0.01, -0.1], np.float32).view(np.uint8), np.full(16, 0xFF, np.uint8)]),
            "q5_0": np.concatenate([half(0.01), np.full(4, 0xFF, np.uint8), np.full(16, 0xFF, np.uint8)]),
-           "q8_0": np.concatenate([half(0.01), np.full(32, 0x80, np.uint8)])}[fmt]
+           "q8_0": np.concatenate([half(0.01), np.full(32, 0x80, np.uint8)]),
+           "q6_k32": np.concatenate([np.array([0.01], np.float32).view(np.uint8), np.full(2, 0x80, np.uint8),
+                                     np.full(32, 63, np.uint8)])}[fmt]
     return torch.from_numpy(np.tile(one, (n, k // 32)))
 
 
@@ -183,10 +206,12 @@ def test_tiles_hold_the_weights_bit_for_bit(kernels, fmt):
     tiles = kernels.gguf_q8_pack(blocks, FMT_ARG[fmt])
     assert tiles.shape[0] == 3 and tiles.dtype == torch.uint8
     # 16 columns x 3 blocks a tile: the blocks' own bytes for Q4_1 (16 x 20) and Q4_1F (16 x 24), a
-    # byte a weight plus fp16 scales for Q8_0 and Q5_0
-    assert tiles.shape[1] == 3 * {"q4_1": 320, "q4_1f": 384, "q8_0": 576, "q5_0": 544}[fmt]
+    # byte a weight plus fp16 scales for Q8_0 and Q5_0, plus float32 d and two int16-pair scales for Q6_K32
+    assert tiles.shape[1] == 3 * {"q4_1": 320, "q4_1f": 384, "q8_0": 576, "q5_0": 544, "q6_k32": 704}[fmt]
     if fmt == "q4_1f":
         want = dequantize_q4_1f(blocks, 96)
+    elif fmt == "q6_k32":
+        want = dequantize_q6_k32(blocks, 96)
     else:
         want = kernels.gguf_dequantize(blocks, {"q4_1": 0, "q8_0": 1, "q5_0": 2}[fmt], 96)
     rows = torch.tensor([36, 0, 17, 17, 5])
@@ -220,7 +245,7 @@ def test_paths_listed_and_unavailable_path_refused(kernels):
     with pytest.raises(RuntimeError, match="do not match"):
         kernels.gguf_linear_q8(torch.randn(2, 64), tiles, 1, 17, torch.empty(0), -1)
     with pytest.raises(RuntimeError, match="not format"):
-        kernels.gguf_q8_pack(quantize(torch.randn(4, 64), "q8_0"), 4)
+        kernels.gguf_q8_pack(quantize(torch.randn(4, 64), "q8_0"), 5)
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.gguf_q8_weight_rows(tiles, 1, 4, 64, torch.tensor([4]))
 
@@ -270,6 +295,33 @@ def test_q4_k_runs_as_q4_1f_with_the_same_weights(kernels):
     assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q4_1f", None, -1))
     exact = GgufLinear(blocks, "q4_k", 768, None, kernels)
     assert (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
+
+
+def dequantize_q6_k32(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Q6_K32 blocks' weights in float32 as ggml's Q6_K dequantizer rounds them: (d * scale) * (q - 32)."""
+    b = blocks.numpy().reshape(blocks.shape[0], -1, 38)
+    d = b[..., 0:4].copy().view(np.float32)
+    sc = np.repeat(b[..., 4:6].copy().view(np.int8).astype(np.float32), 16, axis=-1)
+    return torch.from_numpy((d * sc) * (b[..., 6:].astype(np.float32) - np.float32(32))).reshape(-1, k)
+
+
+def test_q6_k_runs_as_q6_k32_with_the_same_weights(kernels):
+    """Under q8 a Q6_K layer's super-blocks become Q6_K32 blocks of 32 that dequantize bit for bit as
+    ggml dequantizes the Q6_K ones, and the layer computes with Q6_K32's q8 kernel."""
+    from test_gguf_kquant import random_blocks
+
+    from llmserve.model.gguf_quant import dequantize, q6_k_as_q6_k32
+
+    blocks = random_blocks("q6_k", 24, 768, seed=9)
+    converted = q6_k_as_q6_k32(blocks)
+    assert converted.shape == (24, 768 // 32 * 38)
+    assert torch.equal(dequantize_q6_k32(converted, 768), dequantize(blocks, "q6_k", 768))
+    layer = GgufLinear(blocks, "q6_k", 768, None, kernels, activations="q8")
+    assert layer.fmt == "q6_k32" and torch.equal(layer.dequantized(), dequantize(blocks, "q6_k", 768))
+    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q6_k32", None, -1))
+    exact = GgufLinear(blocks, "q6_k", 768, None, kernels)
+    assert 0 < (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
 
 
 def test_gguf_linear_module_uses_q8_kernel(kernels):

@@ -7,6 +7,10 @@
 //   Q5_0 x Q8_1: d_w * d_x * sum(q_w * q_x) - 16 d_w * s_x    (q_w in 0..31: Q4_1's form, m_w = -16 d_w)
 //   Q4_1F x Q8_1: Q4_1 with float32 d and m: Q4_K's sub-blocks of 32, d * scale and -dmin * min
 //     multiplied out at load (exactly as ggml dequantizes them), so Q4_K runs Q4_1's kernels
+//   Q6_K32 x Q8_0: Q6_K cut into blocks of 32 (float32 d, the two int8 scales of its sub-blocks of
+//     16, q_w in 0..63 for weights d * sc * (q_w - 32)):
+//     d_w * d_x * (sc_a * sum_a(q_w * q_x) + sc_b * sum_b(q_w * q_x) - 32 * (sc_a * X_a + sc_b * X_b))
+//     with X_a, X_b the sums of each half of x's block; all of it an integer before the one scaling
 // This is lossy (x is rounded to 8 bits) where gguf_gemm.cpp is exact, and cheaper: 32 products are
 // one or two integer instructions instead of four float FMAs plus the widening of the weights.
 //
@@ -21,15 +25,18 @@
 //     p+4), ggml's own order, so two shifts unpack them;
 //   byte formats (Q8_0 as int8, Q5_0 as 0..31): 8 x 16 dwords, dword [g][n] = weights 4g..4g+3;
 //   then d_w [16] and aux [16] as the file stores them (fp16; Q4_1F float32): the offset m_w, or for
-//     Q8_0 sum(q_w) as int16 (for the unsigned-x form below); Q5_0 has no aux (m_w = -16 d_w).
-// A tile takes the blocks' bytes (Q4_1, Q4_1F), 1.06x (Q8_0) or 1.55x (Q5_0, a byte a weight).
+//     Q8_0 sum(q_w) as int16 (for the unsigned-x form below); Q5_0 has no aux (m_w = -16 d_w);
+//     Q6_K32: d_w [16] float32, then sc_a [16] and sc_b [16], each as an int16 pair in a dword (so
+//     one vpmaddwd both widens a sub-block's 16-bit sums and scales them).
+// A tile takes the blocks' bytes (Q4_1, Q4_1F), 1.06x (Q8_0), 1.55x (Q5_0) or 1.4x (Q6_K's 6.6 bits
+// as a byte a weight).
 //
 // Instruction sets are chosen at run time (never assumed from the build flags, so a portable build
 // still gets them): AVX-512 VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd), else scalar. Both
 // multiply unsigned by signed bytes, so Q8_0's signed weights are handled by moving the sign onto x
 // (|w| times sign(w) * x) on AVX2, and on VNNI by adding 128 to x (unsigned) and subtracting
-// 128 * sum(q_w), precomputed per block and column. A `path` argument forces a path (tests run
-// every path this CPU has).
+// 128 * sum(q_w), precomputed per block and column. Q6_K32 has an AVX2 kernel only: CPUs with VNNI
+// run it there. A `path` argument forces a path (tests run every path this CPU has).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -55,14 +62,18 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22, Q4_1F_BYTES = 24;
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22, Q4_1F_BYTES = 24, Q6_K32_BYTES = 38;
 constexpr int64_t TILE_N = 16;                       // output columns of a tile
 constexpr int VNNI_ROWS = 8, AVX2_ROWS = 6;          // rows of x per panel (register budget of each ISA)
 constexpr int SMALL_ROWS = 4;                        // up to this many rows, a panel holds exactly M rows
-enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_1F = 3 };
+enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_1F = 3, kQ6_K32 = 4 };
 
 constexpr int64_t block_bytes(Format fmt) {
-  return fmt == kQ4_1 ? Q4_1_BYTES : fmt == kQ5_0 ? Q5_0_BYTES : fmt == kQ4_1F ? Q4_1F_BYTES : Q8_0_BYTES;
+  return fmt == kQ4_1    ? Q4_1_BYTES
+         : fmt == kQ5_0  ? Q5_0_BYTES
+         : fmt == kQ4_1F ? Q4_1F_BYTES
+         : fmt == kQ6_K32 ? Q6_K32_BYTES
+                          : Q8_0_BYTES;
 }
 // Q4_1's nibbles (0..15): kept packed two to a byte in the tiles; the 16-bit sums of the AVX2
 // kernel hold a whole block of them.
@@ -70,9 +81,9 @@ constexpr bool nibbles(Format fmt) { return fmt == kQ4_1 || fmt == kQ4_1F; }
 // Bytes of one tile block: the weights, then 16 d_w and 16 aux values (the file's fp16, or
 // Q4_1F's float32; Q5_0 has no aux: its offset is -16 d_w).
 constexpr int64_t tile_weight_bytes(Format fmt) { return nibbles(fmt) ? 4 * TILE_N * 4 : 8 * TILE_N * 4; }
-constexpr int64_t scale_bytes(Format fmt) { return fmt == kQ4_1F ? 4 : 2; }
+constexpr int64_t scale_bytes(Format fmt) { return fmt == kQ4_1F || fmt == kQ6_K32 ? 4 : 2; }
 constexpr int64_t tile_block_bytes(Format fmt) {
-  return tile_weight_bytes(fmt) + (fmt == kQ5_0 ? 1 : 2) * TILE_N * scale_bytes(fmt);
+  return tile_weight_bytes(fmt) + (fmt == kQ5_0 ? 1 : fmt == kQ6_K32 ? 3 : 2) * TILE_N * scale_bytes(fmt);
 }
 enum Path : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kVnni = 2 };
 
@@ -203,7 +214,8 @@ void with_format(int64_t fmt, Fn&& fn) {
     case kQ4_1: fn(std::integral_constant<Format, kQ4_1>{}); break;
     case kQ8_0: fn(std::integral_constant<Format, kQ8_0>{}); break;
     case kQ5_0: fn(std::integral_constant<Format, kQ5_0>{}); break;
-    default: fn(std::integral_constant<Format, kQ4_1F>{}); break;
+    case kQ4_1F: fn(std::integral_constant<Format, kQ4_1F>{}); break;
+    default: fn(std::integral_constant<Format, kQ6_K32>{}); break;
   }
 }
 
@@ -220,6 +232,14 @@ void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
     std::memcpy(scale + TILE_N * SB, blk + SB, SB);
     const uint8_t* qs = blk + 2 * SB;
     for (int p = 0; p < 4; ++p) std::memcpy(tb + (p * TILE_N + n) * 4, qs + 4 * p, 4);
+  } else if constexpr (fmt == kQ6_K32) {
+    std::memcpy(scale, blk, 4);  // d, float32
+    for (int s = 0; s < 2; ++s) {  // sub-block s's scale as an int16 pair
+      const uint16_t sc = static_cast<uint16_t>(static_cast<int16_t>(static_cast<int8_t>(blk[4 + s])));
+      const uint32_t pair = sc | (static_cast<uint32_t>(sc) << 16);
+      std::memcpy(tb + WB + (1 + s) * TILE_N * SB + n * 4, &pair, 4);
+    }
+    for (int j = 0; j < QK; ++j) tb[((j / 4) * TILE_N + n) * 4 + j % 4] = blk[6 + j];
   } else if constexpr (fmt == kQ5_0) {
     std::memcpy(scale, blk, 2);
     uint32_t qh;
@@ -269,7 +289,7 @@ inline int tile_weight(const uint8_t* tb, int64_t n, int j) {
 template <Format fmt>
 inline float tile_scale(const uint8_t* tb, int64_t n) {
   const uint8_t* at = tb + tile_weight_bytes(fmt) + n * scale_bytes(fmt);
-  if constexpr (fmt != kQ4_1F) return half_bits_to_float(at);
+  if constexpr (scale_bytes(fmt) == 2) return half_bits_to_float(at);
   float v;
   std::memcpy(&v, at, 4);
   return v;
@@ -282,6 +302,12 @@ inline float tile_offset(const uint8_t* tb, int64_t n) {
   if constexpr (fmt == kQ4_1) return half_bits_to_float(at);
   float v;
   std::memcpy(&v, at, 4);
+  return v;
+}
+// Q6_K32: the int8 scale of sub-block s (weights 16s..16s+15) of column n.
+inline int tile_subscale(const uint8_t* tb, int64_t n, int s) {
+  int16_t v;
+  std::memcpy(&v, tb + tile_weight_bytes(kQ6_K32) + (1 + s) * TILE_N * 4 + n * 4, 2);
   return v;
 }
 
@@ -303,9 +329,13 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* tiles, const float* bias, 
             const uint8_t* tb = tile + b * TB;
             const int8_t* xq = qx.q.data() + m * K + b * QK;
             int32_t sumi = 0;
-            for (int j = 0; j < QK; ++j) sumi += tile_weight<fmt>(tb, n, j) * xq[j];
+            if constexpr (fmt == kQ6_K32) {
+              for (int j = 0; j < QK; ++j) sumi += tile_subscale(tb, n, j / 16) * (tile_weight<fmt>(tb, n, j) - 32) * xq[j];
+            } else {
+              for (int j = 0; j < QK; ++j) sumi += tile_weight<fmt>(tb, n, j) * xq[j];
+            }
             acc += static_cast<float>(sumi) * (tile_scale<fmt>(tb, n) * qx.d[m * nb + b]);
-            if constexpr (fmt != kQ8_0) acc += tile_offset<fmt>(tb, n) * qx.s[m * nb + b];
+            if constexpr (fmt != kQ8_0 && fmt != kQ6_K32) acc += tile_offset<fmt>(tb, n) * qx.s[m * nb + b];
           }
           y[m * N + n0 + n] = acc + (bias ? bias[n0 + n] : 0.f);
         }
@@ -316,17 +346,19 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* tiles, const float* bias, 
 
 #ifdef Q8_X86
 // ---- x panels: R rows, per block x4[b][g][r] = the 4 quants of row r at weights 4g..4g+3 (plus 128
-// each, for Q8_0 on VNNI), dx[b][r], sx[b][r]; rows past M are zero with zero scales ----
+// each, for Q8_0 on VNNI), dx[b][r], sx[b][r], and for Q6_K32 halves[b][r] = the sums of the
+// block's two halves of quants as an int16 pair; rows past M are zero with zero scales ----
 
 struct Panels {
   int64_t count = 0;
   std::unique_ptr<int32_t[]> x4;  // [panel][b][8][rows]
   std::unique_ptr<float[]> dx, sx;  // [panel][b][rows]
+  std::unique_ptr<int32_t[]> halves;  // [panel][b][rows], or none
 };
 
 // x quantized straight into panels (one pass over x, no [M, K] int8 copy in between), each block as
 // quantize_x quantizes it.
-Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus128) {
+Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus128, bool halves) {
   const int64_t nb = K / QK;
   Panels p;
   p.count = (M + rows - 1) / rows;
@@ -334,6 +366,7 @@ Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus
   p.x4.reset(new int32_t[n * 8]);
   p.dx.reset(new float[n]);
   p.sx.reset(new float[n]);
+  if (halves) p.halves.reset(new int32_t[n]);
   at::parallel_for(0, p.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> q(K);
     std::vector<float> d(nb), s(nb);
@@ -345,6 +378,14 @@ Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus
           const int64_t at = (i * nb + b) * rows + r;
           p.dx[at] = m < M ? d[b] : 0.f;  // padding rows: products of zero scales
           p.sx[at] = m < M ? s[b] : 0.f;
+          if (halves) {  // each |sum| <= 16 * 127: an int16
+            int lo = 0, hi = 0;
+            for (int j = 0; m < M && j < 16; ++j) {
+              lo += q[b * QK + j];
+              hi += q[b * QK + 16 + j];
+            }
+            p.halves[at] = static_cast<int32_t>((static_cast<uint32_t>(hi) << 16) | (static_cast<uint32_t>(lo) & 0xFFFFu));
+          }
           for (int g = 0; g < 8; ++g) {
             uint32_t v = 0;
             if (m < M) std::memcpy(&v, q.data() + b * QK + g * 4, 4);
@@ -440,7 +481,10 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
 // m_w is unused: the sign moves onto x).
 template <Format fmt>
 Q8_AVX2 inline void half_scales_avx2(const uint8_t* scales, int h, __m256& dw, __m256& mw) {
-  if constexpr (fmt == kQ4_1F) {
+  if constexpr (fmt == kQ6_K32) {  // no offset: Q6_K's comes out of the integer sum
+    dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
+    mw = _mm256_setzero_ps();
+  } else if constexpr (fmt == kQ4_1F) {
     dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
     mw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
   } else {
@@ -455,10 +499,11 @@ Q8_AVX2 inline void half_scales_avx2(const uint8_t* scales, int h, __m256& dw, _
 // (weights reloaded from L1): summed for all rows at once, GCC reassociated the integer adds into one tree of 48 products and spilled
 // most of them. Nibbles are widened to bytes once per block into a small buffer for that. Q4_1
 // products are at most 2 * 15 * 127 per 16-bit lane, so a block's 8 groups add up in 16 bits
-// (< 32767) and widen once; Q5_0's (2 * 31 * 127) widen every 4 groups.
+// (< 32767) and widen once; Q5_0's (2 * 31 * 127) widen every 4 groups; Q6_K32's (2 * 63 * 127)
+// every 2 groups, through vpmaddwd with their sub-block's scale (the widening and the scaling in one).
 template <Format fmt, int R>
 Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, const float* dx, const float* sx,
-                              int64_t nb, const Out& out) {
+                              const int32_t* halves, int64_t nb, const Out& out) {
   constexpr int64_t TB = tile_block_bytes(fmt), WB = tile_weight_bytes(fmt);
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) uint8_t widened[8 * 32];
@@ -484,6 +529,12 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
     const uint8_t* scales = tb + WB;
     __m256 dw, mw;
     half_scales_avx2<fmt>(scales, h, dw, mw);
+    __m256i sc_a, sc_b, sc_ab;  // Q6_K32: (sc_a, sc_a), (sc_b, sc_b) and (sc_a, sc_b) per column
+    if constexpr (fmt == kQ6_K32) {
+      sc_a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + TILE_N * 4 + h * 32));
+      sc_b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 2 * TILE_N * 4 + h * 32));
+      sc_ab = _mm256_blend_epi16(sc_a, sc_b, 0xAA);
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       __m256i sum;
@@ -505,6 +556,19 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
           hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(w1, _mm256_set1_epi32(xb[(g + 4) * R + r])));
         }
         sum = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
+      } else if constexpr (fmt == kQ6_K32) {
+        sum = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int g = 0; g < 8; g += 2) {
+          const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + g * stride));
+          const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (g + 1) * stride));
+          const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(xb[g * R + r])),
+                                               _mm256_maddubs_epi16(w1, _mm256_set1_epi32(xb[(g + 1) * R + r])));
+          sum = _mm256_add_epi32(sum, _mm256_madd_epi16(s16, g < 4 ? sc_a : sc_b));
+        }
+        // The weights' offset of 32: minus 32 * (sc_a * X_a + sc_b * X_b).
+        const __m256i offset = _mm256_madd_epi16(sc_ab, _mm256_set1_epi32(halves[b * R + r]));
+        sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(offset, 5));
       } else {
         sum = _mm256_setzero_si256();
 #pragma GCC unroll 8
@@ -516,7 +580,7 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
       }
       const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx[b * R + r]));
       fa[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, fa[r]);
-      if constexpr (fmt != kQ8_0) fa[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[b * R + r]), fa[r]);
+      if constexpr (fmt != kQ8_0 && fmt != kQ6_K32) fa[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx[b * R + r]), fa[r]);
     }
   }
   const int cols = std::min(8, out.cols - h * 8);
@@ -618,6 +682,7 @@ void run_tiles(const uint8_t* tiles, const Panels& panels, const float* bias, fl
         const int32_t* x4 = panels.x4.get() + p * nb * 8 * R;
         const float* dx = panels.dx.get() + p * nb * R;
         const float* sx = panels.sx.get() + p * nb * R;
+        const int32_t* halves = panels.halves ? panels.halves.get() + p * nb * R : nullptr;
         const Out out{y + p * R * N + n0, N, static_cast<int>(std::min<int64_t>(R, M - p * R)), cols,
                       bias ? bias + n0 : nullptr};
         if constexpr (P == kVnni) {
@@ -625,8 +690,8 @@ void run_tiles(const uint8_t* tiles, const Panels& panels, const float* bias, fl
         } else if constexpr (nibbles(fmt) && R > 1) {
           tile_kernel_avx2_nibbles<fmt, R>(tile, x4, dx, sx, nb, out);
         } else {
-          tile_kernel_avx2<fmt, R>(tile, 0, x4, dx, sx, nb, out);
-          if (cols > 8) tile_kernel_avx2<fmt, R>(tile, 1, x4, dx, sx, nb, out);
+          tile_kernel_avx2<fmt, R>(tile, 0, x4, dx, sx, halves, nb, out);
+          if (cols > 8) tile_kernel_avx2<fmt, R>(tile, 1, x4, dx, sx, halves, nb, out);
         }
       }
     }
@@ -637,7 +702,7 @@ template <Format fmt, Path P>
 void gemm_isa(const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
   constexpr int full = P == kVnni ? VNNI_ROWS : AVX2_ROWS;
   const int R = M <= SMALL_ROWS ? static_cast<int>(M) : full;
-  const Panels panels = quantize_panels(x, M, K, R, P == kVnni && fmt == kQ8_0);
+  const Panels panels = quantize_panels(x, M, K, R, P == kVnni && fmt == kQ8_0, fmt == kQ6_K32);
   const int64_t nb = K / QK;
   switch (R) {
     case 1: run_tiles<fmt, P, 1>(tiles, panels, bias, y, M, N, nb); break;
@@ -653,8 +718,10 @@ template <Format fmt>
 void gemm_q8(Path path, const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N,
              int64_t K) {
 #ifdef Q8_X86
-  if (path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
-  if (path == kAvx2) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
+  if constexpr (fmt != kQ6_K32) {  // (Q6_K32 has no VNNI kernel: it runs its AVX2 one there)
+    if (path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
+  }
+  if (path == kAvx2 || path == kVnni) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
 #endif
   gemm_scalar<fmt>(quantize_x(x, M, K, path), tiles, bias, y, M, N, K);
 }
@@ -666,8 +733,8 @@ void check_x(const torch::Tensor& x) {
 }
 
 void check_format(int64_t fmt) {
-  TORCH_CHECK(fmt >= kQ4_1 && fmt <= kQ4_1F, "8-bit activations take Q4_1 (0), Q8_0 (1), Q5_0 (2) or Q4_1F (3) "
-              "weights, not format ", fmt);
+  TORCH_CHECK(fmt >= kQ4_1 && fmt <= kQ6_K32, "8-bit activations take Q4_1 (0), Q8_0 (1), Q5_0 (2), Q4_1F (3) or "
+              "Q6_K32 (4) weights, not format ", fmt);
 }
 
 // Tiles as gguf_q8_pack makes them for N outputs of K inputs.
@@ -683,7 +750,8 @@ void check_tiles(const torch::Tensor& tiles, int64_t fmt, int64_t N, int64_t K) 
 }  // namespace
 
 // weight: GGUF blocks [N, K / 32 * block bytes] uint8 (fmt 0 = Q4_1, 1 = Q8_0, 2 = Q5_0, 3 = Q4_1 with
-// float32 d and m, 24 bytes: d, m, the 16 bytes of nibbles). Returns the tiles the q8 kernels read:
+// float32 d and m, 24 bytes: d, m, the 16 bytes of nibbles; 4 = Q6_K32, 38 bytes: float32 d, the two
+// int8 sub-block scales, the 32 quants 0..63 in order). Returns the tiles the q8 kernels read:
 // [ceil(N / 16), K / 32 * tile block bytes] uint8 (the layout at the top of this file).
 torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt) {
   check_format(fmt);
@@ -745,11 +813,14 @@ torch::Tensor gguf_q8_weight_rows(torch::Tensor tiles, int64_t fmt, int64_t N, i
         const uint8_t* tile = t + (ids[i] / TILE_N) * nb * TB;
         for (int64_t b = 0; b < nb; ++b) {
           const uint8_t* tb = tile + b * TB;
-          const float d = tile_scale<F>(tb, n), m = tile_offset<F>(tb, n);
+          const float d = tile_scale<F>(tb, n), m = F == kQ6_K32 ? 0.f : tile_offset<F>(tb, n);
           float* ob = o + i * K + b * QK;
           for (int j = 0; j < QK; ++j) {
             const int q = tile_weight<F>(tb, n, j);
             if constexpr (F == kQ5_0) ob[j] = static_cast<float>(q - 16) * d;
+            // ggml's order: (d * scale) * (q - 32), each product rounded
+            else if constexpr (F == kQ6_K32)
+              ob[j] = (d * static_cast<float>(tile_subscale(tb, n, j / 16))) * static_cast<float>(q - 32);
             // q * d is exact (4 bits times an fp16 d; Q4_1F's d is an fp16 times a 6-bit scale), so
             // whether the compiler fuses the add or not, this rounds once, as the dequantizers do.
             else ob[j] = static_cast<float>(q) * d + m;

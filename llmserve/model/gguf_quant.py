@@ -16,7 +16,9 @@ too, Q8_1, for Q4_1's offset) and the block dot products are integer ones (csrc/
 AVX-512 VNNI or AVX2 chosen at run time, a scalar fallback). Faster, and lossy: x is rounded.
 Q5_0 layers (in Q4_K_M files, the ones whose width is no multiple of 256) take it too, and Q4_K
 layers as "q4_1f": Q4_1 blocks with float32 d and m, each Q4_K sub-block of 32 with its scale and
-min multiplied out at load exactly as ggml dequantizes them (the same weights, in Q4_1's kernels).
+min multiplied out at load exactly as ggml dequantizes them (the same weights, in Q4_1's kernels),
+and Q6_K layers as "q6_k32": its super-blocks cut into blocks of 32 that keep the two int8 scales of
+their sub-blocks of 16, so a block's dot product stays one integer (AVX2 kernel; VNNI CPUs run it).
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ GGUF_FORMATS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantiz
 BLOCK_FORMATS = {**GGUF_FORMATS, "q5_0": gguf.GGMLQuantizationType.Q5_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
                  "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
 _KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}  # the kernels' fmt argument
-Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0", "q4_k")  # the formats 8-bit activations apply to
-_Q8_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3}  # gguf_linear_q8's fmt argument
+Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0", "q4_k", "q6_k")  # the formats 8-bit activations apply to
+_Q8_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4}  # gguf_linear_q8's fmt argument
 Q4_1F_BYTES = 24  # float32 d, float32 m, 16 bytes of nibbles
+Q6_K32_BYTES = 38  # float32 d, two int8 sub-block scales, 32 quants 0..63
 BLOCK_WEIGHTS = 32
 # gguf_linear_q8's `path` argument: -1 picks the best this CPU has (gguf_q8_paths() lists them).
 Q8_PATHS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -90,6 +93,26 @@ def q4_k_as_q4_1f(blocks: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out.reshape(n, -1))
 
 
+def q6_k_as_q6_k32(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks [N, K / 256 * 210] as Q6_K32 blocks [N, K / 32 * 38], the q8 kernels' form:
+    per block of 32, the super-block's d as float32, the int8 scales of its two sub-blocks of 16,
+    and its 32 quants (0..63, weight = d * scale * (q - 32)) in order, as ggml's dequantizer
+    assembles them from the low nibbles and the 2-bit high parts."""
+    n = blocks.shape[0]
+    sb = blocks.numpy().reshape(n, -1, 210)
+    ql = sb[..., 0:128].reshape(n, -1, 2, 64)  # per half of 128 weights
+    qh = sb[..., 128:192].reshape(n, -1, 2, 32)
+    quarters = [(ql[..., 0:32] & 0x0F) | ((qh & 3) << 4), (ql[..., 32:64] & 0x0F) | (((qh >> 2) & 3) << 4),
+                (ql[..., 0:32] >> 4) | (((qh >> 4) & 3) << 4), (ql[..., 32:64] >> 4) | (((qh >> 6) & 3) << 4)]
+    q = np.stack(quarters, axis=3).reshape(n, -1, 32)  # weight 128h + 32c + l: half h, quarter c
+    d = sb[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
+    out = np.empty((n, q.shape[1], Q6_K32_BYTES), dtype=np.uint8)
+    out[..., 0:4] = np.repeat(d, 8, axis=1)[..., None].view(np.uint8)
+    out[..., 4:6] = sb[..., 192:208].reshape(n, -1, 2)
+    out[..., 6:] = q
+    return torch.from_numpy(out.reshape(n, -1))
+
+
 def dequantize_q4_1f(blocks: torch.Tensor, k: int) -> torch.Tensor:
     b = blocks.numpy().reshape(blocks.shape[0], -1, Q4_1F_BYTES)
     d, m = b[..., 0:4].copy().view(np.float32), b[..., 4:8].copy().view(np.float32)
@@ -114,9 +137,9 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
 class GgufLinear(nn.Module):
     """y = x W^T + b with W held as GGUF blocks ([N, K / block weights * block bytes] uint8, ggml's
     layout). activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot
-    products; Q4_1, Q8_0, Q5_0 and Q4_K layers, the others stay exact). Under q8 the blocks are
+    products; Q4_1, Q8_0, Q5_0, Q4_K and Q6_K layers, the others stay exact). Under q8 the blocks are
     repacked once into the tiles the q8 kernels read (a Q4_1 layer's in the same bytes, Q8_0's
-    1.06x, Q5_0's 1.55x), and only the tiles are kept."""
+    1.06x, Q5_0's 1.55x, Q6_K's 1.4x), and only the tiles are kept."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
                  activations: str = "float32") -> None:
@@ -131,6 +154,8 @@ class GgufLinear(nn.Module):
             activations = "float32"
         if activations == "q8" and fmt == "q4_k":  # Q4_1's kernels over Q4_K's sub-blocks (the same weights)
             blocks, fmt = q4_k_as_q4_1f(blocks), "q4_1f"
+        if activations == "q8" and fmt == "q6_k":  # Q6_K cut into blocks of 32 (the same weights)
+            blocks, fmt = q6_k_as_q6_k32(blocks), "q6_k32"
         self.fmt, self.in_features, self.kernels, self.activations = fmt, in_features, kernels, activations
         self.out_features = blocks.shape[0]
         if activations == "q8":
