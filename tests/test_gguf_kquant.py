@@ -57,14 +57,6 @@ def test_layer_matches_float_matmul_of_dequantized(kernels, fmt, rows):
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["q5_k"])  # (Q4_K and Q6_K take them: test_q8_activations.py)
-def test_q8_activations_leave_these_formats_exact(kernels, fmt):
-    blocks = random_blocks(fmt, 8, 256, seed=1)
-    layer = GgufLinear(blocks, fmt, 256, None, kernels, activations="q8")
-    x = torch.randn(3, 256)
-    assert torch.equal(layer(x), GgufLinear(blocks, fmt, 256, None, kernels)(x))
-
-
 def test_bad_blocks_are_refused(kernels):
     with pytest.raises(InvalidRequestError, match="unknown GGUF block format"):
         GgufLinear(random_blocks("q6_k", 2, 256, 0), "q3_k", 256, None, kernels)

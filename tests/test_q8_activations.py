@@ -16,16 +16,29 @@ from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, quantize
 from llmserve.sampling_params import SamplingParams
 from tiny_models import llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts
 
-FORMATS = ["q4_1", "q8_0", "q5_0", "q4_1f", "q6_k32"]
-FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4}
-BYTES = {"q4_1": 20, "q8_0": 34, "q5_0": 22, "q4_1f": 24, "q6_k32": 38}
+FORMATS = ["q4_1", "q8_0", "q5_0", "q4_1f", "q6_k32", "q5_1f"]
+FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4, "q5_1f": 5}
+BYTES = {"q4_1": 20, "q8_0": 34, "q5_0": 22, "q4_1f": 24, "q6_k32": 38, "q5_1f": 40}
 
 
 def blocks_of(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     """ggml's quantizer (Q5_0 too, which llmserve only reads from files); Q4_1F (Q4_K's form for
     the q8 kernels) as Q4_1 blocks with their scales widened to float32; Q6_K32 (Q6_K's form for
     them: a float32 d, an int8 scale per half of 32, quants 0..63 around 32) fitted to the weight,
-    every other block's scales negative (Q6_K's scales are signed)."""
+    every other block's scales negative (Q6_K's scales are signed); Q5_1F (Q5_K's form: float32 d and
+    m, quants 0..31) fitted to the weight, d an fp16 value as Q5_K's d * scale always is (so q * d
+    is exact)."""
+    if fmt == "q5_1f":
+        n = weight.shape[0]
+        w = weight.numpy().reshape(n, -1, 32)
+        lo, hi = w.min(-1), w.max(-1)
+        d = ((hi - lo) / 31 + 1e-6).astype(np.float16).astype(np.float32)
+        q = np.clip(np.rint((w - lo[..., None]) / d[..., None]), 0, 31)
+        out = np.empty(d.shape + (40,), dtype=np.uint8)
+        out[..., 0:4] = d[..., None].view(np.uint8)
+        out[..., 4:8] = lo.astype(np.float32)[..., None].view(np.uint8)
+        out[..., 8:] = q.astype(np.uint8)
+        return torch.from_numpy(out.reshape(n, -1))
     if fmt == "q6_k32":
         n = weight.shape[0]
         w = weight.numpy().reshape(n, -1, 2, 16)
@@ -81,6 +94,10 @@ def parse_blocks(blocks: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, 
         m = b[..., 4:8].copy().view(np.float32)[..., 0].astype(np.float64)
         qs = b[..., 8:]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+    elif fmt == "q5_1f":
+        d = b[..., 0:4].copy().view(np.float32)[..., 0].astype(np.float64)
+        m = b[..., 4:8].copy().view(np.float32)[..., 0].astype(np.float64)
+        q = b[..., 8:].astype(np.int64)
     elif fmt == "q6_k32":  # w = d * (sc * (q - 32)): the integer in brackets is the block's weight
         d = b[..., 0:4].copy().view(np.float32)[..., 0].astype(np.float64)
         m = np.zeros_like(d)
@@ -167,7 +184,7 @@ def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
 
 
 def extreme_blocks(fmt: str, n: int, k: int) -> torch.Tensor:
-    """Every weight at its format's largest magnitude (Q4_1 15, Q5_0 31, Q8_0 -128, which only a
+    """Every weight at its format's largest magnitude (Q4_1 15, Q5_0 and Q5_1F 31, Q8_0 -128, which only a
     file can hold; Q6_K32 quants 63 with scales -128), so the kernels' 16-bit and int16 partial
     sums are at their limits."""
     half = lambda v: np.array([v], dtype=np.float16).view(np.uint8)  # noqa: E731
@@ -175,6 +192,7 @@ def extreme_blocks(fmt: str, n: int, k: int) -> torch.Tensor:
            "q4_1f": np.concatenate([np.array([0.01, -0.1], np.float32).view(np.uint8), np.full(16, 0xFF, np.uint8)]),
            "q5_0": np.concatenate([half(0.01), np.full(4, 0xFF, np.uint8), np.full(16, 0xFF, np.uint8)]),
            "q8_0": np.concatenate([half(0.01), np.full(32, 0x80, np.uint8)]),
+           "q5_1f": np.concatenate([np.array([0.01, -0.1], np.float32).view(np.uint8), np.full(32, 31, np.uint8)]),
            "q6_k32": np.concatenate([np.array([0.01], np.float32).view(np.uint8), np.full(2, 0x80, np.uint8),
                                      np.full(32, 63, np.uint8)])}[fmt]
     return torch.from_numpy(np.tile(one, (n, k // 32)))
@@ -207,9 +225,11 @@ def test_tiles_hold_the_weights_bit_for_bit(kernels, fmt):
     assert tiles.shape[0] == 3 and tiles.dtype == torch.uint8
     # 16 columns x 3 blocks a tile: the blocks' own bytes for Q4_1 (16 x 20) and Q4_1F (16 x 24), a
     # byte a weight plus fp16 scales for Q8_0 and Q5_0, plus float32 d and two int16-pair scales for Q6_K32
-    assert tiles.shape[1] == 3 * {"q4_1": 320, "q4_1f": 384, "q8_0": 576, "q5_0": 544, "q6_k32": 704}[fmt]
+    assert tiles.shape[1] == 3 * {"q4_1": 320, "q4_1f": 384, "q8_0": 576, "q5_0": 544, "q6_k32": 704, "q5_1f": 640}[fmt]
     if fmt == "q4_1f":
         want = dequantize_q4_1f(blocks, 96)
+    elif fmt == "q5_1f":
+        want = dequantize_q5_1f(blocks, 96)
     elif fmt == "q6_k32":
         want = dequantize_q6_k32(blocks, 96)
     else:
@@ -245,7 +265,7 @@ def test_paths_listed_and_unavailable_path_refused(kernels):
     with pytest.raises(RuntimeError, match="do not match"):
         kernels.gguf_linear_q8(torch.randn(2, 64), tiles, 1, 17, torch.empty(0), -1)
     with pytest.raises(RuntimeError, match="not format"):
-        kernels.gguf_q8_pack(quantize(torch.randn(4, 64), "q8_0"), 5)
+        kernels.gguf_q8_pack(quantize(torch.randn(4, 64), "q8_0"), 6)
     with pytest.raises(RuntimeError, match="out of range"):
         kernels.gguf_q8_weight_rows(tiles, 1, 4, 64, torch.tensor([4]))
 
@@ -295,6 +315,32 @@ def test_q4_k_runs_as_q4_1f_with_the_same_weights(kernels):
     assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q4_1f", None, -1))
     exact = GgufLinear(blocks, "q4_k", 768, None, kernels)
     assert (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
+
+
+def dequantize_q5_1f(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Q5_1F blocks' weights in float32: q * d + m (q * d exact, so one rounding, as ggml's Q5_K)."""
+    b = blocks.numpy().reshape(blocks.shape[0], -1, 40)
+    d, m = b[..., 0:4].copy().view(np.float32), b[..., 4:8].copy().view(np.float32)
+    return torch.from_numpy(b[..., 8:].astype(np.float32) * d + m).reshape(-1, k)
+
+
+def test_q5_k_runs_as_q5_1f_with_the_same_weights(kernels):
+    """Under q8 a Q5_K layer's sub-blocks become Q5_1F blocks that dequantize bit for bit as ggml
+    dequantizes the Q5_K ones, and the layer computes with Q5_1F's q8 kernel."""
+    from test_gguf_kquant import random_blocks
+
+    from llmserve.model.gguf_quant import dequantize, q5_k_as_q5_1f
+
+    blocks = random_blocks("q5_k", 24, 768, seed=11)
+    converted = q5_k_as_q5_1f(blocks)
+    assert converted.shape == (24, 768 // 32 * 40)
+    assert torch.equal(dequantize_q5_1f(converted, 768), dequantize(blocks, "q5_k", 768))
+    layer = GgufLinear(blocks, "q5_k", 768, None, kernels, activations="q8")
+    assert layer.fmt == "q5_1f" and torch.equal(layer.dequantized(), dequantize(blocks, "q5_k", 768))
+    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q5_1f", None, -1))
+    exact = GgufLinear(blocks, "q5_k", 768, None, kernels)
+    assert 0 < (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
 
 
 def dequantize_q6_k32(blocks: torch.Tensor, k: int) -> torch.Tensor:

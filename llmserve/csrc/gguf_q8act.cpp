@@ -7,6 +7,7 @@
 //   Q5_0 x Q8_1: d_w * d_x * sum(q_w * q_x) - 16 d_w * s_x    (q_w in 0..31: Q4_1's form, m_w = -16 d_w)
 //   Q4_1F x Q8_1: Q4_1 with float32 d and m: Q4_K's sub-blocks of 32, d * scale and -dmin * min
 //     multiplied out at load (exactly as ggml dequantizes them), so Q4_K runs Q4_1's kernels
+//   Q5_1F x Q8_1: Q4_1F's form with 5-bit q_w (0..31): Q5_K's sub-blocks of 32, as Q4_K's
 //   Q6_K32 x Q8_0: Q6_K cut into blocks of 32 (float32 d, the two int8 scales of its sub-blocks of
 //     16, q_w in 0..63 for weights d * sc * (q_w - 32)):
 //     d_w * d_x * (sc_a * sum_a(q_w * q_x) + sc_b * sum_b(q_w * q_x) - 32 * (sc_a * X_a + sc_b * X_b))
@@ -23,20 +24,21 @@
 //   nibble formats (Q4_1, Q4_1F): 4 x 16 dwords, dword [p][n] = bytes 4p..4p+3 of column n's 16
 //     nibble bytes; byte k holds weight 4p+k (low nibble, group p) and 16+4p+k (high nibble, group
 //     p+4), ggml's own order, so two shifts unpack them;
-//   byte formats (Q8_0 as int8, Q5_0 as 0..31): 8 x 16 dwords, dword [g][n] = weights 4g..4g+3;
-//   then d_w [16] and aux [16] as the file stores them (fp16; Q4_1F float32): the offset m_w, or for
+//   byte formats (Q8_0 as int8, Q5_0 and Q5_1F as 0..31, Q6_K32 as 0..63): 8 x 16 dwords,
+//     dword [g][n] = weights 4g..4g+3;
+//   then d_w [16] and aux [16] as the file stores them (fp16; Q4_1F, Q5_1F float32): the offset m_w, or for
 //     Q8_0 sum(q_w) as int16 (for the unsigned-x form below); Q5_0 has no aux (m_w = -16 d_w);
 //     Q6_K32: d_w [16] float32, then sc_a [16] and sc_b [16], each as an int16 pair in a dword (so
 //     one vpmaddwd both widens a sub-block's 16-bit sums and scales them).
-// A tile takes the blocks' bytes (Q4_1, Q4_1F), 1.06x (Q8_0), 1.55x (Q5_0) or 1.4x (Q6_K's 6.6 bits
-// as a byte a weight).
+// A tile takes the blocks' bytes (Q4_1, Q4_1F), 1.06x (Q8_0), 1.55x (Q5_0), 1.25x (Q5_1F) or 1.4x
+// (Q6_K's 6.6 bits as a byte a weight).
 //
 // Instruction sets are chosen at run time (never assumed from the build flags, so a portable build
 // still gets them): AVX-512 VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd), else scalar. Both
 // multiply unsigned by signed bytes, so Q8_0's signed weights are handled by moving the sign onto x
 // (|w| times sign(w) * x) on AVX2, and on VNNI by adding 128 to x (unsigned) and subtracting
-// 128 * sum(q_w), precomputed per block and column. Q6_K32 has an AVX2 kernel only: CPUs with VNNI
-// run it there. A `path` argument forces a path (tests run every path this CPU has).
+// 128 * sum(q_w), precomputed per block and column. Q5_1F and Q6_K32 have AVX2 kernels only: CPUs
+// with VNNI run those. A `path` argument forces a path (tests run every path this CPU has).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -62,26 +64,30 @@
 namespace {
 
 constexpr int64_t QK = 32;
-constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22, Q4_1F_BYTES = 24, Q6_K32_BYTES = 38;
+constexpr int64_t Q4_1_BYTES = 20, Q8_0_BYTES = 34, Q5_0_BYTES = 22, Q4_1F_BYTES = 24, Q6_K32_BYTES = 38,
+                  Q5_1F_BYTES = 40;
 constexpr int64_t TILE_N = 16;                       // output columns of a tile
 constexpr int VNNI_ROWS = 8, AVX2_ROWS = 6;          // rows of x per panel (register budget of each ISA)
 constexpr int SMALL_ROWS = 4;                        // up to this many rows, a panel holds exactly M rows
-enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_1F = 3, kQ6_K32 = 4 };
+enum Format : int64_t { kQ4_1 = 0, kQ8_0 = 1, kQ5_0 = 2, kQ4_1F = 3, kQ6_K32 = 4, kQ5_1F = 5 };
 
 constexpr int64_t block_bytes(Format fmt) {
   return fmt == kQ4_1    ? Q4_1_BYTES
          : fmt == kQ5_0  ? Q5_0_BYTES
          : fmt == kQ4_1F ? Q4_1F_BYTES
          : fmt == kQ6_K32 ? Q6_K32_BYTES
+         : fmt == kQ5_1F  ? Q5_1F_BYTES
                           : Q8_0_BYTES;
 }
+// The formats with an AVX-512 VNNI kernel (the others run their AVX2 kernel on VNNI CPUs).
+constexpr bool has_vnni_kernel(Format fmt) { return fmt <= kQ4_1F; }
 // Q4_1's nibbles (0..15): kept packed two to a byte in the tiles; the 16-bit sums of the AVX2
 // kernel hold a whole block of them.
 constexpr bool nibbles(Format fmt) { return fmt == kQ4_1 || fmt == kQ4_1F; }
 // Bytes of one tile block: the weights, then 16 d_w and 16 aux values (the file's fp16, or
 // Q4_1F's float32; Q5_0 has no aux: its offset is -16 d_w).
 constexpr int64_t tile_weight_bytes(Format fmt) { return nibbles(fmt) ? 4 * TILE_N * 4 : 8 * TILE_N * 4; }
-constexpr int64_t scale_bytes(Format fmt) { return fmt == kQ4_1F || fmt == kQ6_K32 ? 4 : 2; }
+constexpr int64_t scale_bytes(Format fmt) { return fmt == kQ4_1F || fmt == kQ6_K32 || fmt == kQ5_1F ? 4 : 2; }
 constexpr int64_t tile_block_bytes(Format fmt) {
   return tile_weight_bytes(fmt) + (fmt == kQ5_0 ? 1 : fmt == kQ6_K32 ? 3 : 2) * TILE_N * scale_bytes(fmt);
 }
@@ -215,7 +221,8 @@ void with_format(int64_t fmt, Fn&& fn) {
     case kQ8_0: fn(std::integral_constant<Format, kQ8_0>{}); break;
     case kQ5_0: fn(std::integral_constant<Format, kQ5_0>{}); break;
     case kQ4_1F: fn(std::integral_constant<Format, kQ4_1F>{}); break;
-    default: fn(std::integral_constant<Format, kQ6_K32>{}); break;
+    case kQ6_K32: fn(std::integral_constant<Format, kQ6_K32>{}); break;
+    default: fn(std::integral_constant<Format, kQ5_1F>{}); break;
   }
 }
 
@@ -232,6 +239,10 @@ void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
     std::memcpy(scale + TILE_N * SB, blk + SB, SB);
     const uint8_t* qs = blk + 2 * SB;
     for (int p = 0; p < 4; ++p) std::memcpy(tb + (p * TILE_N + n) * 4, qs + 4 * p, 4);
+  } else if constexpr (fmt == kQ5_1F) {
+    std::memcpy(scale, blk, 4);  // d, then m: float32
+    std::memcpy(scale + TILE_N * SB, blk + 4, 4);
+    for (int j = 0; j < QK; ++j) tb[((j / 4) * TILE_N + n) * 4 + j % 4] = blk[8 + j];
   } else if constexpr (fmt == kQ6_K32) {
     std::memcpy(scale, blk, 4);  // d, float32
     for (int s = 0; s < 2; ++s) {  // sub-block s's scale as an int16 pair
@@ -484,7 +495,7 @@ Q8_AVX2 inline void half_scales_avx2(const uint8_t* scales, int h, __m256& dw, _
   if constexpr (fmt == kQ6_K32) {  // no offset: Q6_K's comes out of the integer sum
     dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
     mw = _mm256_setzero_ps();
-  } else if constexpr (fmt == kQ4_1F) {
+  } else if constexpr (fmt == kQ4_1F || fmt == kQ5_1F) {
     dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
     mw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
   } else {
@@ -499,7 +510,7 @@ Q8_AVX2 inline void half_scales_avx2(const uint8_t* scales, int h, __m256& dw, _
 // (weights reloaded from L1): summed for all rows at once, GCC reassociated the integer adds into one tree of 48 products and spilled
 // most of them. Nibbles are widened to bytes once per block into a small buffer for that. Q4_1
 // products are at most 2 * 15 * 127 per 16-bit lane, so a block's 8 groups add up in 16 bits
-// (< 32767) and widen once; Q5_0's (2 * 31 * 127) widen every 4 groups; Q6_K32's (2 * 63 * 127)
+// (< 32767) and widen once; Q5_0's and Q5_1F's (2 * 31 * 127) widen every 4 groups; Q6_K32's (2 * 63 * 127)
 // every 2 groups, through vpmaddwd with their sub-block's scale (the widening and the scaling in one).
 template <Format fmt, int R>
 Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, const float* dx, const float* sx,
@@ -546,7 +557,7 @@ Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, con
           s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv, _mm256_set1_epi32(xb[g * R + r])));
         }
         sum = _mm256_madd_epi16(s16, ones);
-      } else if constexpr (fmt == kQ5_0) {
+      } else if constexpr (fmt == kQ5_0 || fmt == kQ5_1F) {
         __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
 #pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) {
@@ -718,7 +729,7 @@ template <Format fmt>
 void gemm_q8(Path path, const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N,
              int64_t K) {
 #ifdef Q8_X86
-  if constexpr (fmt != kQ6_K32) {  // (Q6_K32 has no VNNI kernel: it runs its AVX2 one there)
+  if constexpr (has_vnni_kernel(fmt)) {
     if (path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
   }
   if (path == kAvx2 || path == kVnni) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
@@ -733,8 +744,8 @@ void check_x(const torch::Tensor& x) {
 }
 
 void check_format(int64_t fmt) {
-  TORCH_CHECK(fmt >= kQ4_1 && fmt <= kQ6_K32, "8-bit activations take Q4_1 (0), Q8_0 (1), Q5_0 (2), Q4_1F (3) or "
-              "Q6_K32 (4) weights, not format ", fmt);
+  TORCH_CHECK(fmt >= kQ4_1 && fmt <= kQ5_1F, "8-bit activations take Q4_1 (0), Q8_0 (1), Q5_0 (2), Q4_1F (3), "
+              "Q6_K32 (4) or Q5_1F (5) weights, not format ", fmt);
 }
 
 // Tiles as gguf_q8_pack makes them for N outputs of K inputs.
@@ -751,7 +762,8 @@ void check_tiles(const torch::Tensor& tiles, int64_t fmt, int64_t N, int64_t K) 
 
 // weight: GGUF blocks [N, K / 32 * block bytes] uint8 (fmt 0 = Q4_1, 1 = Q8_0, 2 = Q5_0, 3 = Q4_1 with
 // float32 d and m, 24 bytes: d, m, the 16 bytes of nibbles; 4 = Q6_K32, 38 bytes: float32 d, the two
-// int8 sub-block scales, the 32 quants 0..63 in order). Returns the tiles the q8 kernels read:
+// int8 sub-block scales, the 32 quants 0..63 in order; 5 = Q5_1F, 40 bytes: float32 d and m, the 32
+// quants 0..31 in order). Returns the tiles the q8 kernels read:
 // [ceil(N / 16), K / 32 * tile block bytes] uint8 (the layout at the top of this file).
 torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt) {
   check_format(fmt);

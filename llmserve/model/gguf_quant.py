@@ -17,8 +17,10 @@ AVX-512 VNNI or AVX2 chosen at run time, a scalar fallback). Faster, and lossy: 
 Q5_0 layers (in Q4_K_M files, the ones whose width is no multiple of 256) take it too, and Q4_K
 layers as "q4_1f": Q4_1 blocks with float32 d and m, each Q4_K sub-block of 32 with its scale and
 min multiplied out at load exactly as ggml dequantizes them (the same weights, in Q4_1's kernels),
-and Q6_K layers as "q6_k32": its super-blocks cut into blocks of 32 that keep the two int8 scales of
-their sub-blocks of 16, so a block's dot product stays one integer (AVX2 kernel; VNNI CPUs run it).
+Q5_K layers likewise as "q5_1f" (5-bit quants, in the byte kernels Q5_0 runs), and Q6_K layers as
+"q6_k32": its super-blocks cut into blocks of 32 that keep the two int8 scales of their sub-blocks
+of 16, so a block's dot product stays one integer. (Q5_1F and Q6_K32 have AVX2 kernels only; VNNI
+CPUs run those.)
 """
 from __future__ import annotations
 
@@ -37,9 +39,10 @@ GGUF_FORMATS = {"q4_1": gguf.GGMLQuantizationType.Q4_1, "q8_0": gguf.GGMLQuantiz
 BLOCK_FORMATS = {**GGUF_FORMATS, "q5_0": gguf.GGMLQuantizationType.Q5_0, "q4_k": gguf.GGMLQuantizationType.Q4_K,
                  "q5_k": gguf.GGMLQuantizationType.Q5_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
 _KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}  # the kernels' fmt argument
-Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0", "q4_k", "q6_k")  # the formats 8-bit activations apply to
-_Q8_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4}  # gguf_linear_q8's fmt argument
+Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0", "q4_k", "q5_k", "q6_k")  # the formats 8-bit activations apply to
+_Q8_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4, "q5_1f": 5}  # gguf_linear_q8's fmt
 Q4_1F_BYTES = 24  # float32 d, float32 m, 16 bytes of nibbles
+Q5_1F_BYTES = 40  # float32 d, float32 m, 32 quants 0..31
 Q6_K32_BYTES = 38  # float32 d, two int8 sub-block scales, 32 quants 0..63
 BLOCK_WEIGHTS = 32
 # gguf_linear_q8's `path` argument: -1 picks the best this CPU has (gguf_q8_paths() lists them).
@@ -79,18 +82,40 @@ def q4_k_as_q4_1f(blocks: torch.Tensor) -> torch.Tensor:
     32 nibbles in Q4_1's order (byte j: weight j low, weight j + 16 high)."""
     n = blocks.shape[0]
     sb = blocks.numpy().reshape(n, -1, 144)
+    qs = sb[..., 16:].reshape(n, -1, 4, 32)  # 4 chunks of 64 weights: low nibbles first, then high
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1, 8, 32)  # sub-block j = chunk j // 2, nibble j % 2
+    out = np.empty((n, q.shape[1], 8, Q4_1F_BYTES), dtype=np.uint8)
+    _k_quant_scales_into(sb, out)
+    out[..., 8:] = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    return torch.from_numpy(out.reshape(n, -1))
+
+
+def q5_k_as_q5_1f(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K super-blocks [N, K / 256 * 176] as Q5_1F blocks [N, K / 32 * 40]: per sub-block of 32,
+    d * scale and -dmin * min in float32 (as for Q4_K), then its 32 quants (0..31: a nibble and a
+    fifth bit from qh) in order, as ggml's dequantizer assembles them."""
+    n = blocks.shape[0]
+    sb = blocks.numpy().reshape(n, -1, 176)
+    qs = sb[..., 48:].reshape(n, -1, 4, 32)  # 4 chunks of 64 weights: low nibbles first, then high
+    low = np.stack([qs & 0x0F, qs >> 4], axis=3)  # [n, super-block, chunk, nibble, 32]: sub-block 2 chunk + nibble
+    fifth = (sb[..., None, None, 16:48] >> np.arange(8).reshape(4, 2, 1)) & 1  # bit j of qh: sub-block j
+    out = np.empty((n, sb.shape[1], 8, Q5_1F_BYTES), dtype=np.uint8)
+    _k_quant_scales_into(sb, out)
+    out[..., 8:] = (low | (fifth << 4)).reshape(n, -1, 8, 32).astype(np.uint8)
+    return torch.from_numpy(out.reshape(n, -1))
+
+
+def _k_quant_scales_into(sb: np.ndarray, out: np.ndarray) -> None:
+    """Q4_K's and Q5_K's d, dmin and twelve bytes of 6-bit scales and mins (ggml's get_scale_min_k4)
+    as the float32 d * scale and -dmin * min of each sub-block, into bytes 0:4 and 4:8 of out's
+    [N, super-blocks, 8, block bytes]."""
     d = sb[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     dmin = sb[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     sc = sb[..., 4:16].astype(np.int32)
     scale = np.concatenate([sc[..., 0:4] & 63, (sc[..., 8:12] & 0x0F) | ((sc[..., 0:4] >> 6) << 4)], axis=-1)
     mins = np.concatenate([sc[..., 4:8] & 63, (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], axis=-1)
-    qs = sb[..., 16:].reshape(n, -1, 4, 32)  # 4 chunks of 64 weights: low nibbles first, then high
-    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, -1, 8, 32)  # sub-block j = chunk j // 2, nibble j % 2
-    out = np.empty((n, q.shape[1], 8, Q4_1F_BYTES), dtype=np.uint8)
     out[..., 0:4] = (d[..., None] * scale.astype(np.float32)).astype(np.float32)[..., None].view(np.uint8)
     out[..., 4:8] = (-(dmin[..., None] * mins.astype(np.float32))).astype(np.float32)[..., None].view(np.uint8)
-    out[..., 8:] = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-    return torch.from_numpy(out.reshape(n, -1))
 
 
 def q6_k_as_q6_k32(blocks: torch.Tensor) -> torch.Tensor:
@@ -137,9 +162,9 @@ def find_lossless_format(weight: torch.Tensor, formats: tuple[str, ...] = ("q4_1
 class GgufLinear(nn.Module):
     """y = x W^T + b with W held as GGUF blocks ([N, K / block weights * block bytes] uint8, ggml's
     layout). activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot
-    products; Q4_1, Q8_0, Q5_0, Q4_K and Q6_K layers, the others stay exact). Under q8 the blocks are
+    products; Q4_1, Q8_0, Q5_0 and the K-quants, the others stay exact). Under q8 the blocks are
     repacked once into the tiles the q8 kernels read (a Q4_1 layer's in the same bytes, Q8_0's
-    1.06x, Q5_0's 1.55x, Q6_K's 1.4x), and only the tiles are kept."""
+    1.06x, Q5_0's 1.55x, Q5_K's 1.45x, Q6_K's 1.4x), and only the tiles are kept."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
                  activations: str = "float32") -> None:
@@ -154,6 +179,8 @@ class GgufLinear(nn.Module):
             activations = "float32"
         if activations == "q8" and fmt == "q4_k":  # Q4_1's kernels over Q4_K's sub-blocks (the same weights)
             blocks, fmt = q4_k_as_q4_1f(blocks), "q4_1f"
+        if activations == "q8" and fmt == "q5_k":  # as Q4_K, with 5-bit quants
+            blocks, fmt = q5_k_as_q5_1f(blocks), "q5_1f"
         if activations == "q8" and fmt == "q6_k":  # Q6_K cut into blocks of 32 (the same weights)
             blocks, fmt = q6_k_as_q6_k32(blocks), "q6_k32"
         self.fmt, self.in_features, self.kernels, self.activations = fmt, in_features, kernels, activations
