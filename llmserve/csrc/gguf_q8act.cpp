@@ -26,8 +26,8 @@
 //     p+4), ggml's own order, so two shifts unpack them;
 //   byte formats (Q8_0 as int8, Q5_0 and Q5_1F as 0..31, Q6_K32 as 0..63): 8 x 16 dwords,
 //     dword [g][n] = weights 4g..4g+3;
-//   then d_w [16] and aux [16] as the file stores them (fp16; Q4_1F, Q5_1F float32): the offset m_w, or for
-//     Q8_0 sum(q_w) as int16 (for the unsigned-x form below); Q5_0 has no aux (m_w = -16 d_w);
+//   then d_w [16] and aux [16] as the file stores them (fp16; Q4_1F, Q5_1F float32): the offset
+//     m_w, or for Q8_0 sum(q_w) as int16 (for the unsigned-x form below); Q5_0 has no aux (m_w = -16 d_w);
 //     Q6_K32: d_w [16] float32, then sc_a [16] and sc_b [16], each as an int16 pair in a dword (so
 //     one vpmaddwd both widens a sub-block's 16-bit sums and scales them).
 // A tile takes the blocks' bytes (Q4_1, Q4_1F), 1.06x (Q8_0), 1.55x (Q5_0), 1.25x (Q5_1F) or 1.4x
@@ -85,7 +85,8 @@ constexpr bool has_vnni_kernel(Format fmt) { return fmt <= kQ4_1F; }
 // kernel hold a whole block of them.
 constexpr bool nibbles(Format fmt) { return fmt == kQ4_1 || fmt == kQ4_1F; }
 // Bytes of one tile block: the weights, then 16 d_w and 16 aux values (the file's fp16, or
-// Q4_1F's float32; Q5_0 has no aux: its offset is -16 d_w).
+// float32 for Q4_1F and Q5_1F; Q5_0 has no aux: its offset is -16 d_w; Q6_K32 has two: the scale
+// pairs of its sub-blocks).
 constexpr int64_t tile_weight_bytes(Format fmt) { return nibbles(fmt) ? 4 * TILE_N * 4 : 8 * TILE_N * 4; }
 constexpr int64_t scale_bytes(Format fmt) { return fmt == kQ4_1F || fmt == kQ6_K32 || fmt == kQ5_1F ? 4 : 2; }
 constexpr int64_t tile_block_bytes(Format fmt) {
@@ -341,7 +342,8 @@ void gemm_scalar(const QuantizedX& qx, const uint8_t* tiles, const float* bias, 
             const int8_t* xq = qx.q.data() + m * K + b * QK;
             int32_t sumi = 0;
             if constexpr (fmt == kQ6_K32) {
-              for (int j = 0; j < QK; ++j) sumi += tile_subscale(tb, n, j / 16) * (tile_weight<fmt>(tb, n, j) - 32) * xq[j];
+              for (int j = 0; j < QK; ++j)
+                sumi += tile_subscale(tb, n, j / 16) * (tile_weight<fmt>(tb, n, j) - 32) * xq[j];
             } else {
               for (int j = 0; j < QK; ++j) sumi += tile_weight<fmt>(tb, n, j) * xq[j];
             }
@@ -395,7 +397,8 @@ Panels quantize_panels(const float* x, int64_t M, int64_t K, int rows, bool plus
               lo += q[b * QK + j];
               hi += q[b * QK + 16 + j];
             }
-            p.halves[at] = static_cast<int32_t>((static_cast<uint32_t>(hi) << 16) | (static_cast<uint32_t>(lo) & 0xFFFFu));
+            p.halves[at] =
+                static_cast<int32_t>((static_cast<uint32_t>(hi) << 16) | (static_cast<uint32_t>(lo) & 0xFFFFu));
           }
           for (int g = 0; g < 8; ++g) {
             uint32_t v = 0;
@@ -510,8 +513,9 @@ Q8_AVX2 inline void half_scales_avx2(const uint8_t* scales, int h, __m256& dw, _
 // (weights reloaded from L1): summed for all rows at once, GCC reassociated the integer adds into one tree of 48 products and spilled
 // most of them. Nibbles are widened to bytes once per block into a small buffer for that. Q4_1
 // products are at most 2 * 15 * 127 per 16-bit lane, so a block's 8 groups add up in 16 bits
-// (< 32767) and widen once; Q5_0's and Q5_1F's (2 * 31 * 127) widen every 4 groups; Q6_K32's (2 * 63 * 127)
-// every 2 groups, through vpmaddwd with their sub-block's scale (the widening and the scaling in one).
+// (< 32767) and widen once; Q5_0's and Q5_1F's (2 * 31 * 127) widen every 4 groups; Q6_K32's
+// (2 * 63 * 127) every 2 groups, through vpmaddwd with their sub-block's scale (the widening and the
+// scaling in one).
 template <Format fmt, int R>
 Q8_AVX2 void tile_kernel_avx2(const uint8_t* tile, int h, const int32_t* x4, const float* dx, const float* sx,
                               const int32_t* halves, int64_t nb, const Out& out) {
