@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from llmserve.kernels import cpu_features
+
 # Each loop runs 12 independent chains (more than latency x ports of any of these instructions), so
 # it measures throughput; asm volatile keeps the compiler from folding or dropping the work.
 SOURCE = r"""
@@ -126,14 +128,6 @@ LOOPS = {
 }
 
 
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
-
-
 def build(workdir: Path) -> ctypes.CDLL:
     src, lib = workdir / "isa_peaks.c", workdir / "isa_peaks.so"
     src.write_text(SOURCE)
@@ -209,7 +203,7 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true", help="the instruction peaks only")
     args = ap.parse_args()
 
-    flags = cpu_flags()
+    flags = cpu_features()
     with tempfile.TemporaryDirectory() as tmp:
         dll = build(Path(tmp))
         peaks = {name: peak_gops(getattr(dll, fn), ops, args.threads, args.seconds)
