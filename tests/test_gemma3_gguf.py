@@ -74,6 +74,8 @@ def test_q8_activations_take_every_layer_of_the_file(gemma):
     """Under --activations q8 every layer of the Q4_K_M file computes with 8-bit activations (Q4_K as
     Q4_1F, Q6_K as Q6_K32, Q5_0 and Q8_0 as they are), and a trained model's greedy text stays
     close to the exact default's."""
+    from tiny_models import tokens_before_first_difference
+
     from llmserve.model.gguf_quant import GgufLinear
 
     exact, _ = gemma
@@ -86,8 +88,5 @@ def test_q8_activations_take_every_layer_of_the_file(gemma):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     a = exact.generate(prompts, params, use_tqdm=False)
     b = q8.generate(prompts, params, use_tqdm=False)
-    agreed = 0  # tokens before the first difference
-    for x, y in zip(a, b):
-        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
-        agreed += next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), len(tx))
+    agreed = tokens_before_first_difference(a, b)
     assert agreed >= 0.5 * 4 * 16, f"{agreed} of {4 * 16} greedy tokens before the first difference"

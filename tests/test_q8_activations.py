@@ -14,7 +14,8 @@ from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
 from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, quantize
 from llmserve.sampling_params import SamplingParams
-from tiny_models import llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts
+from tiny_models import (llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts,
+                         tokens_before_first_difference)
 
 FORMATS = ["q4_1", "q8_0", "q5_0", "q4_1f", "q6_k32", "q5_1f"]
 FMT_ARG = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4, "q5_1f": 5}
@@ -298,49 +299,11 @@ def test_q5_0_prefill_rows_take_8_bit_activations_too(kernels):
     assert (y - exact(x)).norm() / exact(x).norm() < 0.02
 
 
-def test_q4_k_runs_as_q4_1f_with_the_same_weights(kernels):
-    """Under q8 a Q4_K layer's sub-blocks become Q4_1F blocks that dequantize bit for bit as ggml
-    dequantizes the Q4_K ones, and the layer computes with Q4_1F's q8 kernel."""
-    from test_gguf_kquant import random_blocks
-
-    from llmserve.model.gguf_quant import dequantize, dequantize_q4_1f, q4_k_as_q4_1f
-
-    blocks = random_blocks("q4_k", 24, 768, seed=7)
-    converted = q4_k_as_q4_1f(blocks)
-    assert converted.shape == (24, 768 // 32 * 24)
-    assert torch.equal(dequantize_q4_1f(converted, 768), dequantize(blocks, "q4_k", 768))
-    layer = GgufLinear(blocks, "q4_k", 768, None, kernels, activations="q8")
-    assert layer.fmt == "q4_1f" and torch.equal(layer.dequantized(), dequantize_q4_1f(converted, 768))
-    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q4_1f", None, -1))
-    exact = GgufLinear(blocks, "q4_k", 768, None, kernels)
-    assert (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
-
-
 def dequantize_q5_1f(blocks: torch.Tensor, k: int) -> torch.Tensor:
     """Q5_1F blocks' weights in float32: q * d + m (q * d exact, so one rounding, as ggml's Q5_K)."""
     b = blocks.numpy().reshape(blocks.shape[0], -1, 40)
     d, m = b[..., 0:4].copy().view(np.float32), b[..., 4:8].copy().view(np.float32)
     return torch.from_numpy(b[..., 8:].astype(np.float32) * d + m).reshape(-1, k)
-
-
-def test_q5_k_runs_as_q5_1f_with_the_same_weights(kernels):
-    """Under q8 a Q5_K layer's sub-blocks become Q5_1F blocks that dequantize bit for bit as ggml
-    dequantizes the Q5_K ones, and the layer computes with Q5_1F's q8 kernel."""
-    from test_gguf_kquant import random_blocks
-
-    from llmserve.model.gguf_quant import dequantize, q5_k_as_q5_1f
-
-    blocks = random_blocks("q5_k", 24, 768, seed=11)
-    converted = q5_k_as_q5_1f(blocks)
-    assert converted.shape == (24, 768 // 32 * 40)
-    assert torch.equal(dequantize_q5_1f(converted, 768), dequantize(blocks, "q5_k", 768))
-    layer = GgufLinear(blocks, "q5_k", 768, None, kernels, activations="q8")
-    assert layer.fmt == "q5_1f" and torch.equal(layer.dequantized(), dequantize(blocks, "q5_k", 768))
-    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(12))
-    assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q5_1f", None, -1))
-    exact = GgufLinear(blocks, "q5_k", 768, None, kernels)
-    assert 0 < (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
 
 
 def dequantize_q6_k32(blocks: torch.Tensor, k: int) -> torch.Tensor:
@@ -351,22 +314,35 @@ def dequantize_q6_k32(blocks: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy((d * sc) * (b[..., 6:].astype(np.float32) - np.float32(32))).reshape(-1, k)
 
 
-def test_q6_k_runs_as_q6_k32_with_the_same_weights(kernels):
-    """Under q8 a Q6_K layer's super-blocks become Q6_K32 blocks of 32 that dequantize bit for bit as
-    ggml dequantizes the Q6_K ones, and the layer computes with Q6_K32's q8 kernel."""
+def _k_quant_cases():
+    from llmserve.model.gguf_quant import dequantize_q4_1f, q4_k_as_q4_1f, q5_k_as_q5_1f, q6_k_as_q6_k32
+
+    # K-quant -> (the q8 kernels' form, converter, its bytes per 32 weights, its dequantizer, seed)
+    return {"q4_k": ("q4_1f", q4_k_as_q4_1f, 24, dequantize_q4_1f, 7),
+            "q5_k": ("q5_1f", q5_k_as_q5_1f, 40, dequantize_q5_1f, 11),
+            "q6_k": ("q6_k32", q6_k_as_q6_k32, 38, dequantize_q6_k32, 9)}
+
+
+@pytest.mark.parametrize("kquant", ["q4_k", "q5_k", "q6_k"])
+def test_k_quants_run_in_their_q8_form_with_the_same_weights(kernels, kquant):
+    """Under q8 a K-quant layer's blocks become the q8 kernels' form (Q4_K -> Q4_1F, Q5_K -> Q5_1F,
+    Q6_K -> Q6_K32) that dequantizes bit for bit as ggml dequantizes the file's blocks, and the
+    layer computes with that form's q8 kernel."""
     from test_gguf_kquant import random_blocks
 
-    from llmserve.model.gguf_quant import dequantize, q6_k_as_q6_k32
+    from llmserve.model.gguf_quant import dequantize
 
-    blocks = random_blocks("q6_k", 24, 768, seed=9)
-    converted = q6_k_as_q6_k32(blocks)
-    assert converted.shape == (24, 768 // 32 * 38)
-    assert torch.equal(dequantize_q6_k32(converted, 768), dequantize(blocks, "q6_k", 768))
-    layer = GgufLinear(blocks, "q6_k", 768, None, kernels, activations="q8")
-    assert layer.fmt == "q6_k32" and torch.equal(layer.dequantized(), dequantize(blocks, "q6_k", 768))
-    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(10))
-    assert torch.equal(layer(x), q8_linear(kernels, x, converted, "q6_k32", None, -1))
-    exact = GgufLinear(blocks, "q6_k", 768, None, kernels)
+    fmt, convert, nbytes, dequantize_form, seed = _k_quant_cases()[kquant]
+    blocks = random_blocks(kquant, 24, 768, seed=seed)
+    converted = convert(blocks)
+    assert converted.shape == (24, 768 // 32 * nbytes)
+    want = dequantize(blocks, kquant, 768)
+    assert torch.equal(dequantize_form(converted, 768), want)
+    layer = GgufLinear(blocks, kquant, 768, None, kernels, activations="q8")
+    assert layer.fmt == fmt and torch.equal(layer.dequantized(), want)
+    x = torch.randn(7, 768, generator=torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(layer(x), q8_linear(kernels, x, converted, fmt, None, -1))
+    exact = GgufLinear(blocks, kquant, 768, None, kernels)
     assert 0 < (layer(x) - exact(x)).norm() / exact(x).norm() < 0.02
 
 
@@ -412,10 +388,7 @@ def test_engine_q8_greedy_mostly_matches_float_activations(kernels, published_mo
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     a = exact.generate(prompts, params, use_tqdm=False)
     b = q8.generate(prompts, params, use_tqdm=False)
-    agreed = 0  # tokens before the first difference
-    for x, y in zip(a, b):
-        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
-        agreed += next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), len(tx))
+    agreed = tokens_before_first_difference(a, b)
     assert sum(x.outputs[0].token_ids[0] == y.outputs[0].token_ids[0] for x, y in zip(a, b)) >= 7
     assert agreed >= 0.6 * 8 * 12, f"{agreed} of {8 * 12} greedy tokens before the first difference"
     # Logprobs of float32's continuations, scored by both (the same contexts, so every token counts).

@@ -257,3 +257,13 @@ def move_mid_generation(src, dst, request_id: str, after_tokens: int, *, with_kv
     state = pickle.loads(pickle.dumps(src.export_request(request_id, with_kv=with_kv)))
     dst.import_request(state)
     return state
+
+
+def tokens_before_first_difference(a, b) -> int:
+    """Summed over request pairs (RequestOutputs of the same prompts): how many generated tokens
+    agree before the first difference."""
+    agreed = 0
+    for x, y in zip(a, b):
+        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
+        agreed += next((i for i, (u, v) in enumerate(zip(tx, ty)) if u != v), len(tx))
+    return agreed
