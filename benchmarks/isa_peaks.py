@@ -38,51 +38,42 @@ import torch
 
 from llmserve.kernels import cpu_features
 
-# Each loop runs 12 independent chains (more than latency x ports of any of these instructions), so
-# it measures throughput; asm volatile keeps the compiler from folding or dropping the work.
+# Each chain loop runs 12 independent chains (more than latency x ports of any of these
+# instructions), so it measures throughput; asm volatile keeps the compiler from folding or dropping
+# the work. A loop: its target, the operands it sets up, how chain i starts, one step of chain i.
+CHAIN_LOOP = r"""
+__attribute__((target("{target}"))) long {name}(long iters) {{
+  {setup}
+#define DECL(i) {decl}
+  R12(DECL)
+#undef DECL
+  for (long n = 0; n < iters; ++n) {{
+#define OP(i) {op}
+    R12(OP)
+#undef OP
+  }}
+  return iters * 12;
+}}
+"""
+CHAINS = [
+    dict(name="fp32_fma", target="avx2,fma", setup="__m256 b = _mm256_set1_ps(1.0f), c = _mm256_set1_ps(0.0f);",
+         decl="__m256 a##i = _mm256_set1_ps((float)i);",
+         op='asm volatile("vfmadd231ps %1, %2, %0" : "+x"(a##i) : "x"(b), "x"(c));'),
+    dict(name="int8_maddubs", target="avx2", setup="__m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5);",
+         decl="__m256i a##i;", op='asm volatile("vpmaddubsw %1, %2, %0" : "=x"(a##i) : "x"(w), "x"(x));'),
+    dict(name="int8_maddubs_add", target="avx2",
+         setup="__m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5), t;",
+         decl="__m256i a##i = _mm256_setzero_si256();",
+         op=r'asm volatile("vpmaddubsw %2, %3, %1\n\tvpaddw %1, %0, %0" : "+x"(a##i), "=&x"(t) : "x"(w), "x"(x));'),
+    dict(name="int8_vnni", target="avx512f,avx512vnni",
+         setup="__m512i w = _mm512_set1_epi8(3), x = _mm512_set1_epi8(5);",
+         decl="__m512i a##i = _mm512_setzero_si512();",
+         op='asm volatile("vpdpbusd %1, %2, %0" : "+v"(a##i) : "v"(w), "v"(x));'),
+]
 SOURCE = r"""
 #include <immintrin.h>
 #define R12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-
-__attribute__((target("avx2,fma"))) long fp32_fma(long iters) {
-  __m256 b = _mm256_set1_ps(1.0f), c = _mm256_set1_ps(0.0f);
-#define DECL(i) __m256 a##i = _mm256_set1_ps((float)i);
-  R12(DECL)
-#undef DECL
-  for (long n = 0; n < iters; ++n) {
-#define OP(i) asm volatile("vfmadd231ps %1, %2, %0" : "+x"(a##i) : "x"(b), "x"(c));
-    R12(OP)
-#undef OP
-  }
-  return iters * 12;
-}
-
-__attribute__((target("avx2"))) long int8_maddubs(long iters) {
-  __m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5);
-#define DECL(i) __m256i a##i;
-  R12(DECL)
-#undef DECL
-  for (long n = 0; n < iters; ++n) {
-#define OP(i) asm volatile("vpmaddubsw %1, %2, %0" : "=x"(a##i) : "x"(w), "x"(x));
-    R12(OP)
-#undef OP
-  }
-  return iters * 12;
-}
-
-__attribute__((target("avx2"))) long int8_maddubs_add(long iters) {
-  __m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5), t;
-#define DECL(i) __m256i a##i = _mm256_setzero_si256();
-  R12(DECL)
-#undef DECL
-  for (long n = 0; n < iters; ++n) {
-#define OP(i) asm volatile("vpmaddubsw %2, %3, %1\n\tvpaddw %1, %0, %0" : "+x"(a##i), "=&x"(t) : "x"(w), "x"(x));
-    R12(OP)
-#undef OP
-  }
-  return iters * 12;
-}
-
+""" + "".join(CHAIN_LOOP.format(**c) for c in CHAINS) + r"""
 // The AVX2 q8 kernel's instruction mix for one row of a panel and one block of a 16-column tile
 // (csrc/gguf_q8act.cpp, tile_kernel_avx2_nibbles): 16 products-and-adds, then widening (vpmaddwd),
 // conversion and the float scaling of both 8-column halves. Counted as its 16 x 32 products.
@@ -102,19 +93,6 @@ __attribute__((target("avx2,fma"))) long q8_kernel_mix(long iters) {
                  : "+x"(f0), "+x"(f1), "+x"(f2), "+x"(f3) : "x"(b), "x"(c));
   }
   return iters;
-}
-
-__attribute__((target("avx512f,avx512vnni"))) long int8_vnni(long iters) {
-  __m512i w = _mm512_set1_epi8(3), x = _mm512_set1_epi8(5);
-#define DECL(i) __m512i a##i = _mm512_setzero_si512();
-  R12(DECL)
-#undef DECL
-  for (long n = 0; n < iters; ++n) {
-#define OP(i) asm volatile("vpdpbusd %1, %2, %0" : "+v"(a##i) : "v"(w), "v"(x));
-    R12(OP)
-#undef OP
-  }
-  return iters * 12;
 }
 """
 
