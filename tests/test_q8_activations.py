@@ -137,17 +137,27 @@ def q8_linear(kernels, x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: to
     return kernels.gguf_linear_q8(x, tiles, FMT_ARG[fmt], blocks.shape[0], torch.empty(0) if bias is None else bias, path)
 
 
-def _path_or_skip(kernels, path: int) -> int:
+# Not a kernel path: the VNNI path (2) of the build whose VNNI kernels run over portable AVX-512
+# (vnni_emulation.py), so CPUs without VNNI check those kernels too.
+VNNI_EMULATED = 3
+PATHS = sorted(Q8_PATHS) + [VNNI_EMULATED]
+PATH_IDS = [Q8_PATHS[p] for p in sorted(Q8_PATHS)] + ["avx512-vnni-emulated"]
+
+
+def path_kernels(request, kernels, path: int):
+    """(the kernels module, the path to ask it for) for a test's path; skips a path this CPU lacks."""
+    if path == VNNI_EMULATED:
+        return request.getfixturevalue("vnni_emulated_kernels"), 2
     if path not in kernels.gguf_q8_paths():
         pytest.skip(f"this CPU cannot run the {Q8_PATHS[path]} path")
-    return path
+    return kernels, path
 
 
 # ---- kernels ----
 
-@pytest.mark.parametrize("path", sorted(Q8_PATHS))
-def test_activation_quantization_is_bitwise_the_reference(kernels, path):
-    _path_or_skip(kernels, path)
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_activation_quantization_is_bitwise_the_reference(request, kernels, path):
+    kernels, path = path_kernels(request, kernels, path)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 160, generator=g) * 4
     x[1, 32:64] = 0  # a zero block: d = 0, no division by zero
@@ -166,12 +176,12 @@ def test_activation_quantization_is_bitwise_the_reference(kernels, path):
 SHAPES = [(96, 45), (160, 70), (608, 29)]
 
 
-@pytest.mark.parametrize("path", sorted(Q8_PATHS))
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 64, 300])
 @pytest.mark.parametrize("k,n", SHAPES)
-def test_kernel_matches_integer_reference(kernels, path, fmt, rows, k, n):
-    _path_or_skip(kernels, path)
+def test_kernel_matches_integer_reference(request, kernels, path, fmt, rows, k, n):
+    kernels, path = path_kernels(request, kernels, path)
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     weight = torch.randn(n, k, generator=g)
     bias = torch.randn(n, generator=g) if rows % 2 else None
@@ -199,11 +209,11 @@ def extreme_blocks(fmt: str, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(np.tile(one, (n, k // 32)))
 
 
-@pytest.mark.parametrize("path", sorted(Q8_PATHS))
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("k", [32, 64])
-def test_kernel_at_the_limits_of_its_partial_sums(kernels, path, fmt, k):
-    _path_or_skip(kernels, path)
+def test_kernel_at_the_limits_of_its_partial_sums(request, kernels, path, fmt, k):
+    kernels, path = path_kernels(request, kernels, path)
     blocks = extreme_blocks(fmt, 21, k)
     for rows in (1, 6):
         x = torch.full((rows, k), 3.0)

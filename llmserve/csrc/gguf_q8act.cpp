@@ -37,8 +37,9 @@
 // still gets them): AVX-512 VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd), else scalar. Both
 // multiply unsigned by signed bytes, so Q8_0's signed weights are handled by moving the sign onto x
 // (|w| times sign(w) * x) on AVX2, and on VNNI by adding 128 to x (unsigned) and subtracting
-// 128 * sum(q_w), precomputed per block and column. Q5_1F and Q6_K32 have AVX2 kernels only: CPUs
-// with VNNI run those. A `path` argument forces a path (tests run every path this CPU has).
+// 128 * sum(q_w), precomputed per block and column. A `path` argument forces a path (tests run every
+// path this CPU has, and the VNNI kernels over portable AVX-512 where it has no VNNI:
+// vnni_emulation.h).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -58,7 +59,12 @@
 // Every function that uses an intrinsic carries the target it needs, so this file compiles the same
 // with or without -march=native and the dispatcher decides what runs.
 #define Q8_AVX2 __attribute__((target("avx2,fma,f16c")))
+#ifdef LLMSERVE_EMULATE_VNNI  // tests only: the VNNI kernels over portable AVX-512 (vnni_emulation.h)
+#include "vnni_emulation.h"
+#define Q8_VNNI Q8_AVX2
+#else
 #define Q8_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
 #endif
 
 namespace {
@@ -79,8 +85,6 @@ constexpr int64_t block_bytes(Format fmt) {
          : fmt == kQ5_1F  ? Q5_1F_BYTES
                           : Q8_0_BYTES;
 }
-// The formats with an AVX-512 VNNI kernel (the others run their AVX2 kernel on VNNI CPUs).
-constexpr bool has_vnni_kernel(Format fmt) { return fmt <= kQ4_1F; }
 // Q4_1's nibbles (0..15): kept packed two to a byte in the tiles; the 16-bit sums of the AVX2
 // kernel hold a whole block of them.
 constexpr bool nibbles(Format fmt) { return fmt == kQ4_1 || fmt == kQ4_1F; }
@@ -118,7 +122,9 @@ bool cpu_has_avx2() {
 }
 
 bool cpu_has_vnni() {
-#ifdef Q8_X86
+#if defined(Q8_X86) && defined(LLMSERVE_EMULATE_VNNI)
+  return cpu_has_avx2();
+#elif defined(Q8_X86)
   static const bool has = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512vnni");
@@ -426,20 +432,25 @@ struct Out {
 };
 
 // out[r * 16 + j] = panel row r . tile column j. Per block, int32 sums per (row, column), then
-// scaled by d_w (a vector of 16 columns) times d_x (a broadcast).
+// scaled by d_w (a vector of 16 columns) times d_x (a broadcast). vpdpbusd sums into int32 lanes, so
+// no format needs the AVX2 kernels' intermediate widening; Q6_K32 keeps one sum per sub-block of 16
+// (groups 0..3 and 4..7) and scales each by its int8 scale before the offset of 32 comes off.
 template <Format fmt, int R>
-Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const float* dx, const float* sx, int64_t nb,
-                              const Out& out) {
+Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const float* dx, const float* sx,
+                              const int32_t* halves, int64_t nb, const Out& out) {
   constexpr int64_t TB = tile_block_bytes(fmt), WB = tile_weight_bytes(fmt);
+  constexpr bool sub_blocks = fmt == kQ6_K32;
+  constexpr int kSums = sub_blocks ? 2 : 1;
   __m512 fa[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) fa[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = tile + b * TB;
     const int32_t* xb = x4 + b * 8 * R;
-    __m512i ia[R];
+    __m512i ia[kSums][R];  // [sub-block][row]
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) ia[r] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < kSums; ++s) ia[s][r] = _mm512_setzero_si512();
     if constexpr (nibbles(fmt)) {
       const __m512i mask = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 4
@@ -447,40 +458,58 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
         const __m512i v = _mm512_loadu_si512(wb + p * 64);
         const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) ia[r] = _mm512_dpbusd_epi32(ia[r], lo, _mm512_set1_epi32(xb[p * R + r]));
+        for (int r = 0; r < R; ++r) ia[0][r] = _mm512_dpbusd_epi32(ia[0][r], lo, _mm512_set1_epi32(xb[p * R + r]));
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) ia[r] = _mm512_dpbusd_epi32(ia[r], hi, _mm512_set1_epi32(xb[(p + 4) * R + r]));
+        for (int r = 0; r < R; ++r) ia[0][r] = _mm512_dpbusd_epi32(ia[0][r], hi, _mm512_set1_epi32(xb[(p + 4) * R + r]));
       }
     } else {
 #pragma GCC unroll 8
       for (int g = 0; g < 8; ++g) {
         const __m512i wv = _mm512_loadu_si512(wb + g * 64);
+        const int s = sub_blocks && g >= 4 ? 1 : 0;  // Q6_K32: weights 16..31 are the second sub-block
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const __m512i xv = _mm512_set1_epi32(xb[g * R + r]);
-          if constexpr (fmt != kQ8_0) ia[r] = _mm512_dpbusd_epi32(ia[r], wv, xv);
-          else ia[r] = _mm512_dpbusd_epi32(ia[r], xv, wv);  // (x + 128) unsigned times signed weights
+          if constexpr (fmt != kQ8_0) ia[s][r] = _mm512_dpbusd_epi32(ia[s][r], wv, xv);
+          else ia[s][r] = _mm512_dpbusd_epi32(ia[s][r], xv, wv);  // (x + 128) unsigned times signed weights
         }
       }
     }
     const uint8_t* scales = wb + WB;
-    const __m512 dw = fmt == kQ4_1F ? _mm512_loadu_ps(scales)
-                                    : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+    constexpr bool float_scales = scale_bytes(fmt) == 4;
+    const __m512 dw = float_scales ? _mm512_loadu_ps(scales)
+                                   : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
     __m512 mw;
-    __m512i aux;  // Q8_0: 128 * sum(q_w)
-    if constexpr (fmt == kQ8_0)
+    __m512i aux, sc_a, sc_b, sc_ab;  // Q8_0: 128 * sum(q_w); Q6_K32: the sub-blocks' scales
+    if constexpr (fmt == kQ8_0) {
       aux = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32))), 7);
-    else if constexpr (fmt == kQ4_1F) mw = _mm512_loadu_ps(scales + 64);
-    else if constexpr (fmt == kQ4_1) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
-    else mw = _mm512_mul_ps(dw, _mm512_set1_ps(-16.f));
+    } else if constexpr (fmt == kQ6_K32) {
+      const __m512i pair_a = _mm512_loadu_si512(scales + TILE_N * 4), pair_b = _mm512_loadu_si512(scales + 2 * TILE_N * 4);
+      sc_a = _mm512_srai_epi32(pair_a, 16);  // each dword holds its scale twice: the upper copy, sign-extended
+      sc_b = _mm512_srai_epi32(pair_b, 16);
+      sc_ab = _mm512_mask_blend_epi16(static_cast<__mmask32>(0xAAAAAAAAu), pair_a, pair_b);  // (sc_a, sc_b)
+    } else if constexpr (float_scales) {
+      mw = _mm512_loadu_ps(scales + 64);
+    } else if constexpr (fmt == kQ4_1) {
+      mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
+    } else {
+      mw = _mm512_mul_ps(dw, _mm512_set1_ps(-16.f));
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx[b * R + r]));
-      if constexpr (fmt != kQ8_0) {
-        fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), scale, fa[r]);
-        fa[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx[b * R + r]), fa[r]);
+      if constexpr (fmt == kQ8_0) {
+        fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[0][r], aux)), scale, fa[r]);
+      } else if constexpr (fmt == kQ6_K32) {
+        // sc_a * sum_a + sc_b * sum_b - 32 * (sc_a * X_a + sc_b * X_b), exact in int32
+        const __m512i offset = _mm512_madd_epi16(sc_ab, _mm512_set1_epi32(halves[b * R + r]));
+        const __m512i sum = _mm512_sub_epi32(
+            _mm512_add_epi32(_mm512_mullo_epi32(ia[0][r], sc_a), _mm512_mullo_epi32(ia[1][r], sc_b)),
+            _mm512_slli_epi32(offset, 5));
+        fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, fa[r]);
       } else {
-        fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[r], aux)), scale, fa[r]);
+        fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[0][r]), scale, fa[r]);
+        fa[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sx[b * R + r]), fa[r]);
       }
     }
   }
@@ -701,7 +730,7 @@ void run_tiles(const uint8_t* tiles, const Panels& panels, const float* bias, fl
         const Out out{y + p * R * N + n0, N, static_cast<int>(std::min<int64_t>(R, M - p * R)), cols,
                       bias ? bias + n0 : nullptr};
         if constexpr (P == kVnni) {
-          tile_kernel_vnni<fmt, R>(tile, x4, dx, sx, nb, out);
+          tile_kernel_vnni<fmt, R>(tile, x4, dx, sx, halves, nb, out);
         } else if constexpr (nibbles(fmt) && R > 1) {
           tile_kernel_avx2_nibbles<fmt, R>(tile, x4, dx, sx, nb, out);
         } else {
@@ -733,10 +762,8 @@ template <Format fmt>
 void gemm_q8(Path path, const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N,
              int64_t K) {
 #ifdef Q8_X86
-  if constexpr (has_vnni_kernel(fmt)) {
-    if (path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
-  }
-  if (path == kAvx2 || path == kVnni) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
+  if (path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
+  if (path == kAvx2) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
 #endif
   gemm_scalar<fmt>(quantize_x(x, M, K, path), tiles, bias, y, M, N, K);
 }

@@ -19,8 +19,8 @@ layers as "q4_1f": Q4_1 blocks with float32 d and m, each Q4_K sub-block of 32 w
 min multiplied out at load exactly as ggml dequantizes them (the same weights, in Q4_1's kernels),
 Q5_K layers likewise as "q5_1f" (5-bit quants, in the byte kernels Q5_0 runs), and Q6_K layers as
 "q6_k32": its super-blocks cut into blocks of 32 that keep the two int8 scales of their sub-blocks
-of 16, so a block's dot product stays one integer. (Q5_1F and Q6_K32 have AVX2 kernels only; VNNI
-CPUs run those.)
+of 16, so a block's dot product stays one integer. Every format has a VNNI, an AVX2 and a scalar
+kernel; tests run the VNNI ones over portable AVX-512 on CPUs without VNNI.
 """
 from __future__ import annotations
 

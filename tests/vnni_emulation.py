@@ -1,0 +1,48 @@
+"""The q8 kernels built a second time with their AVX-512 VNNI path over SIMDe's portable AVX-512
+(llmserve/csrc/vnni_emulation.h), so tests check the VNNI kernels' logic on CPUs without VNNI.
+
+Needs SIMDe's headers (Debian's libsimde-dev, which `make install` installs where it can); the
+build is cached under the kernels' JIT cache, named by a digest of its sources and flags."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import ModuleType
+
+from llmserve.kernels import CSRC, LINK_FLAGS, build_lock, cpu_features, jit_cache_root
+
+BINDINGS = Path(__file__).with_name("csrc") / "q8_vnni_emulated.cpp"
+SOURCES = [CSRC / "gguf_q8act.cpp", BINDINGS]
+HEADERS = [CSRC / "kernels.h", CSRC / "vnni_emulation.h"]
+# AVX2 as the host's vectors (SIMDe then builds each 512-bit operation from two of them); never
+# AVX-512 itself, which would make SIMDe's operations native.
+FLAGS = ["-O2", "-fopenmp", "-fno-math-errno", "-mavx2", "-mfma", "-mf16c", "-DLLMSERVE_EMULATE_VNNI",
+         f"-I{CSRC}"]
+SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
+
+
+def why_not_available() -> str | None:
+    """None where the emulated build can be made and is worth making, else the reason."""
+    cpu = cpu_features()
+    if "avx512_vnni" in cpu:
+        return "this CPU runs the real VNNI path"
+    if not {"avx2", "fma", "f16c"} <= cpu:
+        return "the emulated build runs on AVX2 CPUs"
+    if not SIMDE_HEADER.exists():
+        return "SIMDe's headers are not installed (Debian: apt-get install libsimde-dev)"
+    return None
+
+
+def build() -> ModuleType:
+    import torch
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(" ".join(FLAGS).encode() + b"\0" + torch.__version__.encode())
+    build_dir = jit_cache_root() / f"q8_vnni_emulated_{digest.hexdigest()[:16]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(build_dir / "llmserve.lock", 900.0):
+        return load(name=build_dir.name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+                    extra_ldflags=LINK_FLAGS, build_directory=str(build_dir), verbose=False)
