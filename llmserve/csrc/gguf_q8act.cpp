@@ -235,6 +235,9 @@ void with_format(int64_t fmt, Fn&& fn) {
 
 // ---- tiles: packing, and reading a weight back ----
 
+// Where weight j (0..31) of column n sits in a byte format's tile block: dword [j / 4][n], byte j % 4.
+constexpr int64_t byte_at(int64_t n, int j) { return ((j / 4) * TILE_N + n) * 4 + j % 4; }
+
 // Column n (0..15) of a tile block from that column's GGUF block; the tile starts zeroed, so the
 // columns past N of the last tile stay zero with zero scales.
 template <Format fmt>
@@ -249,7 +252,7 @@ void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
   } else if constexpr (fmt == kQ5_1F) {
     std::memcpy(scale, blk, 4);  // d, then m: float32
     std::memcpy(scale + TILE_N * SB, blk + 4, 4);
-    for (int j = 0; j < QK; ++j) tb[((j / 4) * TILE_N + n) * 4 + j % 4] = blk[8 + j];
+    for (int j = 0; j < QK; ++j) tb[byte_at(n, j)] = blk[8 + j];
   } else if constexpr (fmt == kQ6_K32) {
     std::memcpy(scale, blk, 4);  // d, float32
     for (int s = 0; s < 2; ++s) {  // sub-block s's scale as an int16 pair
@@ -257,7 +260,7 @@ void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
       const uint32_t pair = sc | (static_cast<uint32_t>(sc) << 16);
       std::memcpy(tb + WB + (1 + s) * TILE_N * SB + n * 4, &pair, 4);
     }
-    for (int j = 0; j < QK; ++j) tb[((j / 4) * TILE_N + n) * 4 + j % 4] = blk[6 + j];
+    for (int j = 0; j < QK; ++j) tb[byte_at(n, j)] = blk[6 + j];
   } else if constexpr (fmt == kQ5_0) {
     std::memcpy(scale, blk, 2);
     uint32_t qh;
@@ -265,13 +268,13 @@ void pack_column(const uint8_t* blk, int64_t n, uint8_t* tb) {
     const uint8_t* qs = blk + 6;
     for (int j = 0; j < QK; ++j) {
       const int low = j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4;
-      tb[((j / 4) * TILE_N + n) * 4 + j % 4] = static_cast<uint8_t>(low | (((qh >> j) & 1) << 4));
+      tb[byte_at(n, j)] = static_cast<uint8_t>(low | (((qh >> j) & 1) << 4));
     }
   } else {
     std::memcpy(scale, blk, 2);
     int16_t sum = 0;  // |sum| <= 32 * 128
     for (int j = 0; j < QK; ++j) {
-      tb[((j / 4) * TILE_N + n) * 4 + j % 4] = blk[2 + j];
+      tb[byte_at(n, j)] = blk[2 + j];
       sum = static_cast<int16_t>(sum + static_cast<int8_t>(blk[2 + j]));
     }
     std::memcpy(scale + TILE_N * SB, &sum, 2);
@@ -298,7 +301,7 @@ inline int tile_weight(const uint8_t* tb, int64_t n, int j) {
     const uint8_t byte = tb[(((j % 16) / 4) * TILE_N + n) * 4 + j % 4];
     return j < 16 ? byte & 0x0F : byte >> 4;
   } else {
-    const uint8_t byte = tb[((j / 4) * TILE_N + n) * 4 + j % 4];
+    const uint8_t byte = tb[byte_at(n, j)];
     return fmt == kQ8_0 ? static_cast<int8_t>(byte) : byte;
   }
 }
@@ -524,12 +527,9 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
 // m_w is unused: the sign moves onto x).
 template <Format fmt>
 Q8_AVX2 inline void half_scales_avx2(const uint8_t* scales, int h, __m256& dw, __m256& mw) {
-  if constexpr (fmt == kQ6_K32) {  // no offset: Q6_K's comes out of the integer sum
+  if constexpr (scale_bytes(fmt) == 4) {  // float32 d; Q6_K32 has no m (its offset comes out of the integer sum)
     dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
-    mw = _mm256_setzero_ps();
-  } else if constexpr (fmt == kQ4_1F || fmt == kQ5_1F) {
-    dw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales) + h * 8);
-    mw = _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
+    mw = fmt == kQ6_K32 ? _mm256_setzero_ps() : _mm256_loadu_ps(reinterpret_cast<const float*>(scales + 64) + h * 8);
   } else {
     dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + h * 16)));
     mw = fmt == kQ4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 + h * 16)))

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 1 << 30  # 1 GiB of KV cache on CPU unless told otherwise
 CUDA_KV_FRACTION = 0.85  # of the memory free after loading the weights
+Q8_LAYERS = "GGUF block layers (Q4_1, Q8_0, Q5_0, Q4_K, Q5_K, Q6_K)"  # what --activations q8 computes
 
 
 @dataclass
@@ -146,7 +147,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                             activations=config.activations)
     if config.activations == "q8" and storage.fmt not in ("auto",) + tuple(GGUF_FORMATS):
         raise InvalidRequestError(
-            f"--activations q8 applies to GGUF Q4_1/Q8_0 layers, and --quantization {config.quantization or 'none'} "
+            f"--activations q8 applies to {Q8_LAYERS}, and --quantization {config.quantization or 'none'} "
             "stores none: use auto (a GGUF model's own blocks), q4_1 or q8_0")
     ops = CpuFusedOps(kernels) if kernels is not None else TorchOps()
     if MODEL_SOURCE is not None:
@@ -159,8 +160,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     gguf_layers = storage.block_layers
     if config.activations == "q8":
         if not gguf_layers:
-            raise InvalidRequestError("--activations q8 applies to GGUF Q4_1/Q8_0 layers, and this model has "
-                                      "float weights (quantization auto kept none): use --quantization q4_1 or q8_0")
+            raise InvalidRequestError(f"--activations q8 applies to {Q8_LAYERS}, and this model has float weights "
+                                      "(quantization auto kept none): use --quantization q4_1 or q8_0")
         logger.info("activations: q8 (8-bit per block of 32, integer dot products, %s kernels) in %d GGUF layers",
                     q8_path_name(kernels), gguf_layers)
     else:
