@@ -87,10 +87,11 @@ def compile_flags() -> list[str]:
     return flags if portable else flags + ["-march=native"]
 
 
-def sources_digest() -> str:
-    """Names and bytes of csrc/*.cpp and *.h: tells a build from the sources it was made of."""
+def sources_digest(paths: Iterable[Path] | None = None) -> str:
+    """Names and bytes of csrc/*.cpp and *.h (or of `paths`): tells a build from the sources it was
+    made of."""
     digest = hashlib.sha256()
-    for path in kernel_sources() + kernel_headers():
+    for path in kernel_sources() + kernel_headers() if paths is None else paths:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -239,10 +240,22 @@ def _lock_timeout_s() -> float:
     return float(os.environ.get("LLMSERVE_KERNELS_LOCK_TIMEOUT", _LOCK_TIMEOUT_S))
 
 
+def jit_build(build_dir: Path, sources: list[Path], flags: list[str]) -> ModuleType:
+    """torch's JIT build of `sources` into `build_dir`, as a module named after it: one build at a
+    time under our lock, a torch lock left by a killed build cleared first."""
+    from torch.utils.cpp_extension import load
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(build_dir / "llmserve.lock", _lock_timeout_s()):
+        _clear_stale_torch_lock(build_dir)
+        return load(name=build_dir.name, sources=[str(s) for s in sources], extra_cflags=flags,
+                    extra_ldflags=LINK_FLAGS, build_directory=str(build_dir), verbose=False)
+
+
 def _jit_kernels(why: str, notice_level: int = logging.WARNING) -> ModuleType | None:
     """Build (or reuse) the kernels for this CPU with torch's JIT builder; None if that fails.
     `why` says why the installed build is not used, for the one line this logs either way."""
-    from torch.utils.cpp_extension import get_cxx_compiler, load
+    from torch.utils.cpp_extension import get_cxx_compiler
 
     compiler = get_cxx_compiler()
     if shutil.which(compiler) is None:
@@ -253,12 +266,7 @@ def _jit_kernels(why: str, notice_level: int = logging.WARNING) -> ModuleType | 
     logger.log(notice_level, "Not using the installed CPU kernels (%s); using a build for this CPU in %s "
                "(compiled there on first use, once per CPU and source version)", why, build_dir)
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with build_lock(build_dir / "llmserve.lock", _lock_timeout_s()):
-            _clear_stale_torch_lock(build_dir)
-            return load(name=build_dir.name, sources=[str(s) for s in kernel_sources()],
-                        extra_cflags=compile_flags(), extra_ldflags=LINK_FLAGS,
-                        build_directory=str(build_dir), verbose=False)
+        return jit_build(build_dir, kernel_sources(), compile_flags())
     except TimeoutError:
         logger.warning("Gave up waiting for the CPU kernel build lock after %.0fs "
                        "(LLMSERVE_KERNELS_LOCK_TIMEOUT); running plain torch", _lock_timeout_s())

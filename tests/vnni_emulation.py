@@ -9,7 +9,7 @@ import hashlib
 from pathlib import Path
 from types import ModuleType
 
-from llmserve.kernels import CSRC, LINK_FLAGS, build_lock, cpu_features, jit_cache_root
+from llmserve.kernels import CSRC, cpu_features, jit_build, jit_cache_root, sources_digest
 
 BINDINGS = Path(__file__).with_name("csrc") / "q8_vnni_emulated.cpp"
 SOURCES = [CSRC / "gguf_q8act.cpp", BINDINGS]
@@ -35,14 +35,6 @@ def why_not_available() -> str | None:
 
 def build() -> ModuleType:
     import torch
-    from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256()
-    for path in SOURCES + HEADERS:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(" ".join(FLAGS).encode() + b"\0" + torch.__version__.encode())
-    build_dir = jit_cache_root() / f"q8_vnni_emulated_{digest.hexdigest()[:16]}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with build_lock(build_dir / "llmserve.lock", 900.0):
-        return load(name=build_dir.name, sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
-                    extra_ldflags=LINK_FLAGS, build_directory=str(build_dir), verbose=False)
+    key = hashlib.sha256(f"{sources_digest(SOURCES + HEADERS)} {' '.join(FLAGS)} {torch.__version__}".encode())
+    return jit_build(jit_cache_root() / f"q8_vnni_emulated_{key.hexdigest()[:16]}", SOURCES, FLAGS)

@@ -3,9 +3,9 @@
 // layouts, offsets, masks, epilogues) against the same references as the paths it has. It checks
 // what the kernels compute, not the machine code a VNNI CPU runs; real VNNI CPUs test that.
 //
-// SIMDe 0.7 (Debian's libsimde-dev) lacks the conversions, shift and masked moves below; they are written
-// here lane by lane, as Intel's intrinsics guide defines them. Its alias of _mm512_madd_epi16 takes
-// four arguments where the intrinsic takes two: redefined at the end.
+// SIMDe 0.7 (Debian's libsimde-dev) lacks the conversions, shift and masked moves below; they are
+// written here lane by lane, as Intel's intrinsics guide defines them. Its alias of _mm512_madd_epi16
+// takes four arguments where the intrinsic takes two: redefined at the end.
 #pragma once
 
 #define SIMDE_ENABLE_NATIVE_ALIASES
