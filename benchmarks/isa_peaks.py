@@ -6,6 +6,8 @@ Peaks, from a small C loop of independent instructions compiled here (the C comp
 and run on every thread at once:
   - fp32 FMA: vfmadd231ps on 8 floats (16 flops an instruction), the ceiling of a float32 GEMM
     such as oneDNN's or vLLM's CPU path;
+  - fp32 FMA zmm and bf16 vdpbf16ps zmm where the CPU has AVX-512 (and avx512_bf16): 16 FMAs, or
+    32 bfloat16 products summed in pairs into float32, an instruction (vLLM's bfloat16 path);
   - int8 vpmaddubsw: 32 byte products an instruction (summed in pairs to 16 bits), AVX2's only
     8-bit multiply;
   - int8 vpmaddubsw + vpaddw: the same with the 16-bit add that must follow each one to keep a sum
@@ -59,6 +61,14 @@ CHAINS = [
     dict(name="fp32_fma", target="avx2,fma", setup="__m256 b = _mm256_set1_ps(1.0f), c = _mm256_set1_ps(0.0f);",
          decl="__m256 a##i = _mm256_set1_ps((float)i);",
          op='asm volatile("vfmadd231ps %1, %2, %0" : "+x"(a##i) : "x"(b), "x"(c));'),
+    dict(name="fp32_fma_zmm", target="avx512f",
+         setup="__m512 b = _mm512_set1_ps(1.0f), c = _mm512_set1_ps(0.0f);",
+         decl="__m512 a##i = _mm512_set1_ps((float)i);",
+         op='asm volatile("vfmadd231ps %1, %2, %0" : "+v"(a##i) : "v"(b), "v"(c));'),
+    dict(name="bf16_dot_zmm", target="avx512f,avx512bf16",
+         setup="__m512 b = _mm512_set1_ps(1.0f), c = _mm512_set1_ps(0.0f);",
+         decl="__m512 a##i = _mm512_set1_ps((float)i);",
+         op='asm volatile("vdpbf16ps %1, %2, %0" : "+v"(a##i) : "v"(b), "v"(c));'),
     dict(name="int8_maddubs", target="avx2", setup="__m256i w = _mm256_set1_epi8(3), x = _mm256_set1_epi8(5);",
          decl="__m256i a##i;", op='asm volatile("vpmaddubsw %1, %2, %0" : "=x"(a##i) : "x"(w), "x"(x));'),
     dict(name="int8_maddubs_add", target="avx2",
@@ -99,9 +109,11 @@ __attribute__((target("avx2,fma"))) long q8_kernel_mix(long iters) {
 # name -> (C function, ops per unit it returns (a product or an FMA is 2 ops), CPU flags it needs)
 LOOPS = {
     "fp32 FMA (vfmadd231ps ymm)": ("fp32_fma", 16, {"avx2", "fma"}),
+    "fp32 FMA (vfmadd231ps zmm)": ("fp32_fma_zmm", 32, {"avx512f"}),
+    "bf16 dot (vdpbf16ps zmm)": ("bf16_dot_zmm", 64, {"avx512f", "avx512_bf16"}),
     "int8 vpmaddubsw ymm": ("int8_maddubs", 64, {"avx2"}),
     "int8 vpmaddubsw + vpaddw ymm": ("int8_maddubs_add", 64, {"avx2"}),
-    "int8 vpdpbusd zmm (VNNI)": ("int8_vnni", 128, {"avx512f", "avx512vnni"}),
+    "int8 vpdpbusd zmm (VNNI)": ("int8_vnni", 128, {"avx512f", "avx512_vnni"}),
     "AVX2 q8 kernel mix (a row x 16 cols)": ("q8_kernel_mix", 16 * 64, {"avx2", "fma"}),
 }
 
@@ -189,7 +201,8 @@ def main() -> None:
     print(f"{args.threads} thread(s); G ops a second (an FMA or a product = 2 ops)")
     for name, gops in peaks.items():
         print(f"  peak {name:32} {gops:8.1f}")
-    fma = peaks["fp32 FMA (vfmadd231ps ymm)"]
+    # A float32 GEMM uses the widest FMA the CPU has.
+    fma = max(peaks["fp32 FMA (vfmadd231ps ymm)"], peaks.get("fp32 FMA (vfmadd231ps zmm)", 0.0))
     mix = peaks.get("AVX2 q8 kernel mix (a row x 16 cols)")
     pair = peaks["int8 vpmaddubsw + vpaddw ymm"]
     print(f"  int8 with its adds / fp32 FMA: {pair / fma:.2f}x")

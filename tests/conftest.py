@@ -16,12 +16,12 @@ def kernels():
 
 
 @pytest.fixture(scope="session")
-def vnni_emulated_kernels():
-    """The q8 kernels built with their AVX-512 VNNI path over portable AVX-512 (vnni_emulation.py);
-    skips where that cannot be built or where the CPU runs the real VNNI path."""
-    import vnni_emulation
+def emulated_kernels():
+    """The q8 kernels built with their AVX-512 VNNI path over portable AVX-512 and their AMX tile
+    operations emulated (emulated_kernels.py); skips where that cannot be built."""
+    import emulated_kernels as emulated
 
-    why = vnni_emulation.why_not_available()
+    why = emulated.why_not_available(2) and emulated.why_not_available(3)
     if why:
         pytest.skip(why)
-    return vnni_emulation.build()
+    return emulated.build()

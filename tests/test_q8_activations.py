@@ -137,17 +137,22 @@ def q8_linear(kernels, x: torch.Tensor, blocks: torch.Tensor, fmt: str, bias: to
     return kernels.gguf_linear_q8(x, tiles, FMT_ARG[fmt], blocks.shape[0], torch.empty(0) if bias is None else bias, path)
 
 
-# Not a kernel path: the VNNI path (2) of the build whose VNNI kernels run over portable AVX-512
-# (vnni_emulation.py), so CPUs without VNNI check those kernels too.
-VNNI_EMULATED = 3
-PATHS = sorted(Q8_PATHS) + [VNNI_EMULATED]
-PATH_IDS = [Q8_PATHS[p] for p in sorted(Q8_PATHS)] + ["avx512-vnni-emulated"]
+# Not kernel paths: the VNNI (2) and AMX (3) paths of the build that runs them over portable AVX-512
+# and emulated tile operations (emulated_kernels.py), so CPUs without them check those kernels too.
+EMULATED = 100
+PATHS = sorted(Q8_PATHS) + [EMULATED + 2, EMULATED + 3]
+PATH_IDS = [Q8_PATHS[p] for p in sorted(Q8_PATHS)] + ["avx512-vnni-emulated", "amx-emulated"]
 
 
 def path_kernels(request, kernels, path: int):
     """(the kernels module, the path to ask it for) for a test's path; skips a path this CPU lacks."""
-    if path == VNNI_EMULATED:
-        return request.getfixturevalue("vnni_emulated_kernels"), 2
+    if path > EMULATED:
+        import emulated_kernels
+
+        why = emulated_kernels.why_not_available(path - EMULATED)
+        if why:
+            pytest.skip(why)
+        return request.getfixturevalue("emulated_kernels"), path - EMULATED
     if path not in kernels.gguf_q8_paths():
         pytest.skip(f"this CPU cannot run the {Q8_PATHS[path]} path")
     return kernels, path
@@ -215,7 +220,7 @@ def extreme_blocks(fmt: str, n: int, k: int) -> torch.Tensor:
 def test_kernel_at_the_limits_of_its_partial_sums(request, kernels, path, fmt, k):
     kernels, path = path_kernels(request, kernels, path)
     blocks = extreme_blocks(fmt, 21, k)
-    for rows in (1, 6):
+    for rows in (1, 6, 33):  # 33: AMX panels of 16 rows, the last one partial
         x = torch.full((rows, k), 3.0)
         x[::2] *= -1  # x quantizes to +-127 in every position
         y = q8_linear(kernels, x, blocks, fmt, None, path)

@@ -31,7 +31,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "float32 weights of the given output rows [R] int64 of gguf_q8_pack tiles (N outputs, K inputs)", nogil);
   m.def("gguf_quantize_activations", &gguf_quantize_activations,
         "x quantized per block of 32 as gguf_linear_q8 does: (int8 q, scale d, d * sum(q))", nogil);
-  m.def("gguf_q8_paths", &gguf_q8_paths, "the gguf_linear_q8 paths this CPU can run (0 scalar, 1 AVX2, 2 VNNI)");
+  m.def("gguf_q8_paths", &gguf_q8_paths, "the gguf_linear_q8 paths this CPU can run (0 scalar, 1 AVX2, 2 VNNI, 3 AMX)");
   m.def("add_rms_norm_", &add_rms_norm_, "residual += x; return rms_norm(residual) * weight (float32)", nogil);
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (float32)", nogil);
   m.def("sample_rows", &sample_rows,

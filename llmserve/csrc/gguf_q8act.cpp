@@ -39,7 +39,7 @@
 // (|w| times sign(w) * x) on AVX2, and on VNNI by adding 128 to x (unsigned) and subtracting
 // 128 * sum(q_w), precomputed per block and column. A `path` argument forces a path (tests run every
 // path this CPU has, and the VNNI kernels over portable AVX-512 where it has no VNNI:
-// vnni_emulation.h).
+// vnni_emulation.h, and the AMX kernels over emulated tile operations: amx_emulation.h).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -64,6 +64,27 @@
 #define Q8_VNNI Q8_AVX2
 #else
 #define Q8_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
+#ifdef LLMSERVE_EMULATE_AMX  // tests only: the AMX tile operations in plain C++ (amx_emulation.h)
+#include "amx_emulation.h"
+#define Q8_AMX Q8_VNNI
+#define AMX_CONFIGURE(config) amx_emulation::load_config(config)
+#define AMX_RELEASE() amx_emulation::release()
+#define AMX_ZERO(t) amx_emulation::zero(t)
+#define AMX_LOAD(t, base, stride) amx_emulation::load(t, base, stride)
+#define AMX_STORE(t, base, stride) amx_emulation::store(t, base, stride)
+#define AMX_DPBSSD(c, a, b) amx_emulation::dpbssd(c, a, b)
+#else
+#include <sys/syscall.h>
+#include <unistd.h>
+#define Q8_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+// Tile numbers are immediates: each macro takes a literal 0..7.
+#define AMX_CONFIGURE(config) _tile_loadconfig(config)
+#define AMX_RELEASE() _tile_release()
+#define AMX_ZERO(t) _tile_zero(t)
+#define AMX_LOAD(t, base, stride) _tile_loadd(t, base, stride)
+#define AMX_STORE(t, base, stride) _tile_stored(t, base, stride)
+#define AMX_DPBSSD(c, a, b) _tile_dpbssd(c, a, b)
 #endif
 #endif
 
@@ -96,7 +117,7 @@ constexpr int64_t scale_bytes(Format fmt) { return fmt == kQ4_1F || fmt == kQ6_K
 constexpr int64_t tile_block_bytes(Format fmt) {
   return tile_weight_bytes(fmt) + (fmt == kQ5_0 ? 1 : fmt == kQ6_K32 ? 3 : 2) * TILE_N * scale_bytes(fmt);
 }
-enum Path : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kVnni = 2 };
+enum Path : int64_t { kAuto = -1, kScalar = 0, kAvx2 = 1, kVnni = 2, kAmx = 3 };
 
 inline float half_bits_to_float(const uint8_t* p) {
   uint16_t h;
@@ -134,10 +155,31 @@ bool cpu_has_vnni() {
 #endif
 }
 
+// AMX-INT8 (tile multiplies of 16 x 64 by 64 x 16 bytes), which Linux hands out only on request:
+// the process asks once for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+// and the answer covers every thread. The kernels also need VNNI's AVX-512 for their float steps.
+bool cpu_has_amx() {
+#if defined(Q8_X86) && defined(LLMSERVE_EMULATE_AMX)
+  return cpu_has_vnni();
+#elif defined(Q8_X86)
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!cpu_has_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return tile && int8 && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 std::vector<int64_t> available_paths() {
   std::vector<int64_t> paths{kScalar};
   if (cpu_has_avx2()) paths.push_back(kAvx2);
   if (cpu_has_vnni()) paths.push_back(kVnni);
+  if (cpu_has_amx()) paths.push_back(kAmx);
   return paths;
 }
 
@@ -145,7 +187,7 @@ Path resolve_path(int64_t path) {
   const auto paths = available_paths();
   if (path == kAuto) return static_cast<Path>(paths.back());
   TORCH_CHECK(std::find(paths.begin(), paths.end(), path) != paths.end(), "q8 kernel path ", path,
-              " is not available on this CPU (0 = scalar, 1 = AVX2, 2 = AVX-512 VNNI)");
+              " is not available on this CPU (0 = scalar, 1 = AVX2, 2 = AVX-512 VNNI, 3 = AMX)");
   return static_cast<Path>(path);
 }
 
@@ -434,6 +476,21 @@ struct Out {
   const float* bias;
 };
 
+// d_w and m_w of a tile block's 16 columns, whose scales start at `scales` (Q8_0 and Q6_K32 have no
+// m_w: theirs come out of the integer sums).
+template <Format fmt>
+Q8_VNNI inline void block_scales_512(const uint8_t* scales, __m512& dw, __m512& mw) {
+  if constexpr (scale_bytes(fmt) == 4) {
+    dw = _mm512_loadu_ps(scales);
+    mw = fmt == kQ6_K32 ? _mm512_setzero_ps() : _mm512_loadu_ps(scales + 64);
+  } else {
+    dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+    mw = fmt == kQ4_1   ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)))
+         : fmt == kQ5_0 ? _mm512_mul_ps(dw, _mm512_set1_ps(-16.f))
+                        : _mm512_setzero_ps();
+  }
+}
+
 // out[r * 16 + j] = panel row r . tile column j. Per block, int32 sums per (row, column), then
 // scaled by d_w (a vector of 16 columns) times d_x (a broadcast). vpdpbusd sums into int32 lanes, so
 // no format needs the AVX2 kernels' intermediate widening; Q6_K32 keeps one sum per sub-block of 16
@@ -479,10 +536,8 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
       }
     }
     const uint8_t* scales = wb + WB;
-    constexpr bool float_scales = scale_bytes(fmt) == 4;
-    const __m512 dw = float_scales ? _mm512_loadu_ps(scales)
-                                   : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
-    __m512 mw;
+    __m512 dw, mw;
+    block_scales_512<fmt>(scales, dw, mw);
     __m512i aux, sc_a, sc_b, sc_ab;  // Q8_0: 128 * sum(q_w); Q6_K32: the sub-blocks' scales
     if constexpr (fmt == kQ8_0) {
       aux = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32))), 7);
@@ -491,12 +546,6 @@ Q8_VNNI void tile_kernel_vnni(const uint8_t* tile, const int32_t* x4, const floa
       sc_a = _mm512_srai_epi32(pair_a, 16);  // each dword holds its scale twice: the upper copy, sign-extended
       sc_b = _mm512_srai_epi32(pair_b, 16);
       sc_ab = _mm512_mask_blend_epi16(static_cast<__mmask32>(0xAAAAAAAAu), pair_a, pair_b);  // (sc_a, sc_b)
-    } else if constexpr (float_scales) {
-      mw = _mm512_loadu_ps(scales + 64);
-    } else if constexpr (fmt == kQ4_1) {
-      mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
-    } else {
-      mw = _mm512_mul_ps(dw, _mm512_set1_ps(-16.f));
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -756,13 +805,177 @@ void gemm_isa(const float* x, const uint8_t* tiles, const float* bias, float* y,
     default: run_tiles<fmt, P, full>(tiles, panels, bias, y, M, N, nb); break;
   }
 }
+// ---- AMX: 16-row panels, one tile multiply a block ----
+//
+// tdpbssd multiplies 16 rows of x's block (a tile of 16 x 32 bytes) by the tile block's weights as
+// they are packed (8 rows of 16 dwords, each 4 consecutive weights of one column: the layout it takes
+// for its second operand) into 16 x 16 int32 sums, signed bytes on both sides (Q8_0 needs no +128).
+// The sums go back to memory and the block's scales apply as in the VNNI kernel. Nibble tiles are
+// widened to bytes once per tile, for all of K, and serve every panel. Q6_K32 (two scaled sums a
+// block) and panels of few rows keep the VNNI kernels.
+constexpr int AMX_ROWS = 16;
+constexpr int64_t AMX_MIN_ROWS = 16;  // fewer rows than this run the VNNI kernels
+constexpr int64_t WIDENED_BLOCK = 8 * TILE_N * 4;  // a block of a tile as bytes: 8 rows of 64
+
+// x as the AMX kernel reads it: q [panel][b][16 rows][32] int8 (one tile's rows, contiguous), dx and
+// sx [panel][b][16]; rows past M are zero with zero scales.
+struct AmxPanels {
+  int64_t count = 0;
+  std::unique_ptr<int8_t[]> q;
+  std::unique_ptr<float[]> dx, sx;
+};
+
+AmxPanels quantize_amx_panels(const float* x, int64_t M, int64_t K) {
+  const int64_t nb = K / QK;
+  AmxPanels p;
+  p.count = (M + AMX_ROWS - 1) / AMX_ROWS;
+  const int64_t n = p.count * nb * AMX_ROWS;
+  p.q.reset(new int8_t[n * QK]);
+  p.dx.reset(new float[n]);
+  p.sx.reset(new float[n]);
+  at::parallel_for(0, p.count * AMX_ROWS, AMX_ROWS, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> q(K);
+    std::vector<float> d(nb), s(nb);
+    for (int64_t m = begin; m < end; ++m) {
+      if (m < M) {
+        quantize_blocks_avx2(x + m * K, q.data(), d.data(), s.data(), 0, nb);
+      } else {
+        std::fill(q.begin(), q.end(), 0);
+        std::fill(d.begin(), d.end(), 0.f);
+        std::fill(s.begin(), s.end(), 0.f);
+      }
+      const int64_t panel = m / AMX_ROWS, r = m % AMX_ROWS;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t at = (panel * nb + b) * AMX_ROWS + r;
+        std::memcpy(p.q.get() + at * QK, q.data() + b * QK, QK);
+        p.dx[at] = d[b];
+        p.sx[at] = s[b];
+      }
+    }
+  });
+  return p;
+}
+
+// The 64-byte tile configuration (palette 1), two sets of three tiles: tmm0 and tmm3 x (16 rows x 32
+// bytes), tmm1 and tmm4 the weights (8 rows x 64 bytes), tmm2 and tmm5 the sums (16 rows x 16 int32).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {QK, TILE_N * 4, TILE_N * 4, QK, TILE_N * 4, TILE_N * 4};
+  uint8_t rows[16] = {AMX_ROWS, 8, AMX_ROWS, AMX_ROWS, 8, AMX_ROWS};
+};
+
+// A nibble tile's blocks as bytes in the byte formats' layout: dword row p's low nibbles are
+// weights 4p..4p+3 (row p), its high nibbles weights 16+4p.. (row p + 4).
+Q8_AMX void widen_nibble_tile(const uint8_t* tile, int64_t TB, int64_t nb, uint8_t* out) {
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int p = 0; p < 4; ++p) {
+      const __m512i v = _mm512_loadu_si512(tile + b * TB + p * 64);
+      _mm512_storeu_si512(out + b * WIDENED_BLOCK + p * 64, _mm512_and_si512(v, mask));
+      _mm512_storeu_si512(out + b * WIDENED_BLOCK + (p + 4) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+    }
+  }
+}
+
+// One tile's 16 columns against a panel of 16 rows: weights block b at weights + b * wstride (the
+// tile itself, or its widened copy), its scales in the tile. Software-pipelined in three stages, so
+// nothing waits on the step just before it: at step b the tile multiply of block b is issued (tiles
+// 0-2 for even b, 3-5 for odd), the sums of block b - 1 (done by now) are stored, and the float steps
+// read the sums of block b - 2, stored a step earlier (loads that follow a tile store closely wait
+// for it to reach the cache).
+template <Format fmt>
+Q8_AMX void tile_kernel_amx(const uint8_t* weights, int64_t wstride, const uint8_t* tile, const int8_t* xq,
+                            const float* dx, const float* sx, int64_t nb, const Out& out) {
+  static_assert(fmt != kQ6_K32, "Q6_K32 runs the VNNI kernel");
+  constexpr int64_t TB = tile_block_bytes(fmt), WB = tile_weight_bytes(fmt);
+  alignas(64) int32_t sums[2][AMX_ROWS * TILE_N];
+  __m512 fa[AMX_ROWS];
+#pragma GCC unroll 16
+  for (int r = 0; r < AMX_ROWS; ++r) fa[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb + 2; ++b) {
+    if (b < nb) {
+      const int8_t* xb = xq + b * AMX_ROWS * QK;
+      const uint8_t* wb = weights + b * wstride;
+      if (b & 1) {
+        AMX_ZERO(5);
+        AMX_LOAD(3, xb, QK);
+        AMX_LOAD(4, wb, TILE_N * 4);
+        AMX_DPBSSD(5, 3, 4);
+      } else {
+        AMX_ZERO(2);
+        AMX_LOAD(0, xb, QK);
+        AMX_LOAD(1, wb, TILE_N * 4);
+        AMX_DPBSSD(2, 0, 1);
+      }
+    }
+    if (b >= 1 && b <= nb) {
+      if ((b - 1) & 1) AMX_STORE(5, sums[1], TILE_N * 4);
+      else AMX_STORE(2, sums[0], TILE_N * 4);
+    }
+    if (b < 2) continue;
+    const int64_t done = b - 2;
+    __m512 dw, mw;
+    block_scales_512<fmt>(tile + done * TB + WB, dw, mw);
+    const int32_t* sb = sums[done & 1];
+    const float* dxb = dx + done * AMX_ROWS;
+    const float* sxb = sx + done * AMX_ROWS;
+#pragma GCC unroll 16
+    for (int r = 0; r < AMX_ROWS; ++r) {
+      const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dxb[r]));
+      fa[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sb + r * TILE_N)), scale, fa[r]);
+      if constexpr (fmt != kQ8_0) fa[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sxb[r]), fa[r]);
+    }
+  }
+  const __mmask16 cols = static_cast<__mmask16>((1u << out.cols) - 1);
+  const __m512 bias = out.bias ? _mm512_maskz_loadu_ps(cols, out.bias) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+  for (int r = 0; r < AMX_ROWS; ++r)
+    if (r < out.rows) _mm512_mask_storeu_ps(out.y + r * out.ldy, cols, _mm512_add_ps(fa[r], bias));
+}
+
+// Threads split the tiles, as run_tiles does; each thread loads the tile configuration for itself
+// (it is per thread) and releases its tiles when done.
+template <Format fmt>
+void gemm_amx(const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t TB = tile_block_bytes(fmt);
+  const int64_t nb = K / QK;
+  const AmxPanels panels = quantize_amx_panels(x, M, K);
+  at::parallel_for(0, (N + TILE_N - 1) / TILE_N, 1, [&](int64_t begin, int64_t end) {
+    const TileConfig config;
+    AMX_CONFIGURE(&config);
+    std::vector<uint8_t> widened(nibbles(fmt) ? nb * WIDENED_BLOCK : 0);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const uint8_t* tile = tiles + ti * nb * TB;
+      const uint8_t* weights = tile;
+      int64_t wstride = TB;
+      if constexpr (nibbles(fmt)) {
+        widen_nibble_tile(tile, TB, nb, widened.data());
+        weights = widened.data();
+        wstride = WIDENED_BLOCK;
+      }
+      const int64_t n0 = ti * TILE_N;
+      const int cols = static_cast<int>(std::min(TILE_N, N - n0));
+      for (int64_t p = 0; p < panels.count; ++p) {
+        const int64_t at = p * nb * AMX_ROWS;
+        const Out out{y + p * AMX_ROWS * N + n0, N, static_cast<int>(std::min<int64_t>(AMX_ROWS, M - p * AMX_ROWS)),
+                      cols, bias ? bias + n0 : nullptr};
+        tile_kernel_amx<fmt>(weights, wstride, tile, panels.q.get() + at * QK, panels.dx.get() + at,
+                             panels.sx.get() + at, nb, out);
+      }
+    }
+    AMX_RELEASE();
+  });
+}
 #endif  // Q8_X86
 
 template <Format fmt>
 void gemm_q8(Path path, const float* x, const uint8_t* tiles, const float* bias, float* y, int64_t M, int64_t N,
              int64_t K) {
 #ifdef Q8_X86
-  if (path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
+  if constexpr (fmt != kQ6_K32)
+    if (path == kAmx && M >= AMX_MIN_ROWS) return gemm_amx<fmt>(x, tiles, bias, y, M, N, K);
+  if (path == kAmx || path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
   if (path == kAvx2) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
 #endif
   gemm_scalar<fmt>(quantize_x(x, M, K, path), tiles, bias, y, M, N, K);
@@ -812,7 +1025,8 @@ torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt) {
 }
 
 // x: [M, K] float32; tiles: gguf_q8_pack of [N, K] weights in format fmt; bias: [N] float32 or empty;
-// path: -1 = the best this CPU has, else 0 scalar, 1 AVX2, 2 AVX-512 VNNI.
+// path: -1 = the best this CPU has, else 0 scalar, 1 AVX2, 2 AVX-512 VNNI, 3 AMX (VNNI for Q6_K32 and
+// for fewer than 16 rows).
 // Returns [M, N] float32 computed with x quantized to 8 bits per block of 32.
 torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, int64_t N, torch::Tensor bias,
                              int64_t path) {
@@ -891,5 +1105,5 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> gguf_quantize_activation
   return {q, d, s};
 }
 
-// The kernel paths this CPU can run, in increasing order of preference (0 scalar, 1 AVX2, 2 VNNI).
+// The kernel paths this CPU can run, in increasing order of preference (0 scalar, 1 AVX2, 2 VNNI, 3 AMX).
 std::vector<int64_t> gguf_q8_paths() { return available_paths(); }

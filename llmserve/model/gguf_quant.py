@@ -46,7 +46,7 @@ Q5_1F_BYTES = 40  # float32 d, float32 m, 32 quants 0..31
 Q6_K32_BYTES = 38  # float32 d, two int8 sub-block scales, 32 quants 0..63
 BLOCK_WEIGHTS = 32
 # gguf_linear_q8's `path` argument: -1 picks the best this CPU has (gguf_q8_paths() lists them).
-Q8_PATHS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
+Q8_PATHS = {0: "scalar", 1: "avx2", 2: "avx512-vnni", 3: "amx"}
 Q8_AUTO_PATH = -1
 
 

@@ -1,5 +1,6 @@
 // The q8 kernels' entry points, for a test build of gguf_q8act.cpp with LLMSERVE_EMULATE_VNNI
-// (tests/vnni_emulation.py): the same functions as llmserve's own module, VNNI path included.
+// and LLMSERVE_EMULATE_AMX (tests/emulated_kernels.py): the same functions as llmserve's own module,
+// VNNI and AMX paths included.
 #include <torch/extension.h>
 
 #include "kernels.h"
