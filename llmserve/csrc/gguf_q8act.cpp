@@ -814,7 +814,8 @@ void gemm_isa(const float* x, const uint8_t* tiles, const float* bias, float* y,
 // widened to bytes once per tile, for all of K, and serve every panel. Q6_K32 (two scaled sums a
 // block) and panels of few rows keep the VNNI kernels.
 constexpr int AMX_ROWS = 16;
-constexpr int64_t AMX_MIN_ROWS = 16;  // fewer rows than this run the VNNI kernels
+// Fewer rows than this run the VNNI kernels: a nibble tile's widening pays off from three panels on.
+constexpr int64_t amx_min_rows(Format fmt) { return nibbles(fmt) ? 48 : 16; }
 constexpr int64_t WIDENED_BLOCK = 8 * TILE_N * 4;  // a block of a tile as bytes: 8 rows of 64
 
 // x as the AMX kernel reads it: q [panel][b][16 rows][32] int8 (one tile's rows, contiguous), dx and
@@ -974,7 +975,7 @@ void gemm_q8(Path path, const float* x, const uint8_t* tiles, const float* bias,
              int64_t K) {
 #ifdef Q8_X86
   if constexpr (fmt != kQ6_K32)
-    if (path == kAmx && M >= AMX_MIN_ROWS) return gemm_amx<fmt>(x, tiles, bias, y, M, N, K);
+    if (path == kAmx && M >= amx_min_rows(fmt)) return gemm_amx<fmt>(x, tiles, bias, y, M, N, K);
   if (path == kAmx || path == kVnni) return gemm_isa<fmt, kVnni>(x, tiles, bias, y, M, N, K);
   if (path == kAvx2) return gemm_isa<fmt, kAvx2>(x, tiles, bias, y, M, N, K);
 #endif
@@ -1026,7 +1027,7 @@ torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt) {
 
 // x: [M, K] float32; tiles: gguf_q8_pack of [N, K] weights in format fmt; bias: [N] float32 or empty;
 // path: -1 = the best this CPU has, else 0 scalar, 1 AVX2, 2 AVX-512 VNNI, 3 AMX (VNNI for Q6_K32 and
-// for fewer than 16 rows).
+// for few rows: amx_min_rows).
 // Returns [M, N] float32 computed with x quantized to 8 bits per block of 32.
 torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, int64_t N, torch::Tensor bias,
                              int64_t path) {
