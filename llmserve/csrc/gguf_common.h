@@ -59,26 +59,64 @@ void kquant_dequantize(const uint8_t* w, Format fmt, int64_t blocks, float* out,
 // ---- Batches of more than a few rows: a tile of 16 output rows is widened once, stored
 // transposed, tile[k][16], so each step of k is one outer product (16 weights x up to 6 rows of x)
 // with no horizontal sums.
-constexpr int64_t TILE_N = 16, TILE_M = 6;
+// AVX-512 (where the build's CPU has it) doubles the FMA width: panels of up to 14 rows of 16
+// columns, one zmm each (8 rows for small batches, which 14-row panels would pad by a third or more).
+constexpr int64_t TILE_N = 16;
+#ifdef __AVX512F__
+#define LLMSERVE_AVX512 1
+constexpr int64_t TILE_M = 14, SMALL_TILE_M = 8, SMALL_BATCH = 40;
+inline int64_t panel_rows(int64_t M) { return M < SMALL_BATCH ? SMALL_TILE_M : TILE_M; }
+#else
+constexpr int64_t TILE_M = 6;
+inline int64_t panel_rows(int64_t) { return TILE_M; }
+#endif
 
-// x rows packed in panels of 6: panel[k * 6 + r] = x[m0 + r, k] (zero past M), so the kernel's
+// x rows packed in panels of R rows: panel[k * R + r] = x[m0 + r, k] (zero past M), so the kernel's
 // broadcasts read one contiguous stream (three times faster here than six strided ones).
-inline void pack_x(const float* x, int64_t M, int64_t K, float* packed) {
-  const int64_t panels = (M + TILE_M - 1) / TILE_M;
+inline void pack_x(const float* x, int64_t M, int64_t K, int64_t R, float* packed) {
+  const int64_t panels = (M + R - 1) / R;
   for (int64_t p = 0; p < panels; ++p) {
-    float* dst = packed + p * K * TILE_M;
-    for (int64_t r = 0; r < TILE_M; ++r) {
-      const int64_t m = p * TILE_M + r;
-      for (int64_t k = 0; k < K; ++k) dst[k * TILE_M + r] = m < M ? x[m * K + k] : 0.f;
+    float* dst = packed + p * K * R;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = p * R + r;
+      for (int64_t k = 0; k < K; ++k) dst[k * R + r] = m < M ? x[m * K + k] : 0.f;
     }
   }
 }
 
+#ifdef LLMSERVE_AVX512
+// The R x 16 outer-product kernel (R <= 14): each step of k loads the tile's 16 weights once and does
+// one FMA per row with x broadcast from the panel. Every output is the same chain of FMAs over k as in
+// the AVX2 kernel below, so both give the same bits. The accumulators are named for the reason below.
+template <int R>
+inline void kernel_panel(const float* panel, int64_t K, const float* tile, const float* bias, float* y, int64_t N,
+                         int64_t n0, int64_t rows, int64_t cols) {
+#define LLMSERVE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13)
+#define LLMSERVE_DECLARE(r) __m512 c##r = _mm512_setzero_ps();
+#define LLMSERVE_STEP(r) \
+  if constexpr (r < R) c##r = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), w, c##r);
+#define LLMSERVE_STORE(r) \
+  if (r < rows) _mm512_mask_storeu_ps(y + r * N + n0, mask, _mm512_add_ps(c##r, b));
+  LLMSERVE_ROWS(LLMSERVE_DECLARE)
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w = _mm512_loadu_ps(tile + k * TILE_N);
+    const float* a = panel + k * R;
+    LLMSERVE_ROWS(LLMSERVE_STEP)
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
+  LLMSERVE_ROWS(LLMSERVE_STORE)
+#undef LLMSERVE_STORE
+#undef LLMSERVE_STEP
+#undef LLMSERVE_DECLARE
+#undef LLMSERVE_ROWS
+}
+#else
 // The 6 x 16 outer-product kernel: y[r, n0 + j] = panel row r . tile column j (+ bias), for the
 // rows and cols that exist. The 12 accumulators are named variables: held in an array, GCC also
 // stored them to the stack on every step of k, which made the loop three times slower.
-inline void kernel_6x16(const float* panel, int64_t K, const float* tile, const float* bias, float* y, int64_t N,
-                        int64_t n0, int64_t rows, int64_t cols) {
+inline void kernel_panel(const float* panel, int64_t K, const float* tile, const float* bias, float* y, int64_t N,
+                         int64_t n0, int64_t rows, int64_t cols) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t k = 0; k < K; ++k) {
@@ -112,23 +150,32 @@ inline void kernel_6x16(const float* panel, int64_t K, const float* tile, const 
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < cols; ++j) y[r * N + n0 + j] = out[r][j] + (bias ? bias[n0 + j] : 0.f);
 }
+#endif
 
 // y = x W^T (+ bias) over M > STREAM_MAX_ROWS rows: x packed in panels once, then each thread
 // widens one 16-row tile of W at a time (widen(n0, rows, tile) fills tile[k * 16 + j]) and runs
-// the 6 x 16 kernel over every panel.
+// the panel kernel over every panel.
 template <typename Widen>
 void tiled_gemm_over(const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K, Widen widen) {
-  const int64_t tiles = (N + TILE_N - 1) / TILE_N, panels = (M + TILE_M - 1) / TILE_M;
-  std::vector<float> packed(panels * K * TILE_M);
-  pack_x(x, M, K, packed.data());
+  const int64_t R = panel_rows(M), tiles = (N + TILE_N - 1) / TILE_N, panels = (M + R - 1) / R;
+  std::vector<float> packed(panels * K * R);
+  pack_x(x, M, K, R, packed.data());
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(K * TILE_N);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * TILE_N, cols = std::min(TILE_N, N - n0);
       widen(n0, cols, tile.data());
-      for (int64_t p = 0; p < panels; ++p)
-        kernel_6x16(packed.data() + p * K * TILE_M, K, tile.data(), bias, y + p * TILE_M * N, N, n0,
-                    std::min(TILE_M, M - p * TILE_M), cols);
+      for (int64_t p = 0; p < panels; ++p) {
+        const float* panel = packed.data() + p * K * R;
+        float* yp = y + p * R * N;
+        const int64_t rows = std::min(R, M - p * R);
+#ifdef LLMSERVE_AVX512
+        if (R == SMALL_TILE_M) kernel_panel<SMALL_TILE_M>(panel, K, tile.data(), bias, yp, N, n0, rows, cols);
+        else kernel_panel<TILE_M>(panel, K, tile.data(), bias, yp, N, n0, rows, cols);
+#else
+        kernel_panel(panel, K, tile.data(), bias, yp, N, n0, rows, cols);
+#endif
+      }
     }
   });
 }

@@ -11,7 +11,7 @@
 // Up to 4 rows of x (decode of a few sequences) each weight row is streamed once per 4 rows; for
 // Q4_1, sum_i (q_i d + m) x_i = d * sum_i q_i x_i + m * sum_i x_i, with the block sums of x computed
 // once per call. Beyond 4 rows, 16-row tiles are widened once into a transposed float32 tile and a
-// 6 x 16 register-tiled kernel runs over all rows: here it beats float32 oneDNN from 8 to 1024 rows.
+// register-tiled kernel (6 x 16 on AVX2, up to 14 x 16 on AVX-512) runs over all rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>

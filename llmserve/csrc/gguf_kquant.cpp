@@ -14,7 +14,7 @@
 // formats of Q4_K_M files; portable loops otherwise, which tests check too). Up to 4 rows of x, each
 // weight row is dequantized block by block into a small buffer and dotted with every row (decode);
 // beyond that, tiles of 16 weight rows are dequantized once into the transposed tile of
-// gguf_common.h's 6 x 16 kernel, which then runs over all rows.
+// gguf_common.h's panel kernel, which then runs over all rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
