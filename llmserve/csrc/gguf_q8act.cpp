@@ -34,7 +34,8 @@
 // (Q6_K's 6.6 bits as a byte a weight).
 //
 // Instruction sets are chosen at run time (never assumed from the build flags, so a portable build
-// still gets them): AVX-512 VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd), else scalar. Both
+// still gets them): AMX-INT8 for batches of 16 rows or more (tdpbssd on 16-row panels, below),
+// AVX-512 VNNI (vpdpbusd), else AVX2 (vpmaddubsw + vpmaddwd), else scalar. VNNI and AVX2 both
 // multiply unsigned by signed bytes, so Q8_0's signed weights are handled by moving the sign onto x
 // (|w| times sign(w) * x) on AVX2, and on VNNI by adding 128 to x (unsigned) and subtracting
 // 128 * sum(q_w), precomputed per block and column. A `path` argument forces a path (tests run every
