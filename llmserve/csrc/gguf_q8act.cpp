@@ -806,6 +806,7 @@ void gemm_isa(const float* x, const uint8_t* tiles, const float* bias, float* y,
     default: run_tiles<fmt, P, full>(tiles, panels, bias, y, M, N, nb); break;
   }
 }
+
 // ---- AMX: 16-row panels, one tile multiply a block ----
 //
 // tdpbssd multiplies 16 rows of x's block (a tile of 16 x 32 bytes) by the tile block's weights as
