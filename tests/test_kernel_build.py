@@ -145,3 +145,27 @@ def test_the_package_installs_without_a_compiler(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "llmserve/kernels.py" in names
     assert not any("_cpu_kernels" in n for n in names)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the x86 instruction-set levels")
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])
+def test_sources_with_isa_functions_compile_for_cpus_without_those_isas(march):
+    """A source whose functions take their instruction sets by target attribute (AVX2, AVX-512
+    VNNI, AMX) must compile for a CPU that has none of them: -march=native on an AMX machine hides a
+    call to an AMX intrinsic from a function not built for AMX, which fails the build everywhere
+    else (and then every start runs plain torch). -O0: always_inline is honoured at every level."""
+    from torch.utils.cpp_extension import get_cxx_compiler, include_paths
+    import sysconfig
+
+    compiler = get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        pytest.skip("no C++ compiler")
+    sources = [p for p in kernels.kernel_sources() if "__attribute__((target" in p.read_text()]
+    assert sources, "no source declares per-function instruction sets any more: drop this test"
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    for source in sources:
+        done = subprocess.run([compiler, "-std=c++17", "-O0", "-fopenmp", f"-march={march}", *includes,
+                               "-DTORCH_EXTENSION_NAME=isa_probe", "-c", str(source), "-o", os.devnull],
+                              capture_output=True, text=True, timeout=600)
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        assert done.returncode == 0, f"{source.name} for -march={march}:\n" + "\n".join(errors[:10])

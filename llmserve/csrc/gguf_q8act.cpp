@@ -868,6 +868,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {AMX_ROWS, 8, AMX_ROWS, AMX_ROWS, 8, AMX_ROWS};
 };
 
+// The tile configuration and its release, in functions built for AMX: the intrinsics inline only into
+// code compiled for AMX, which the threads' lambda in gemm_amx is not where -march=native lacks it.
+Q8_AMX void amx_configure(const TileConfig& config) { AMX_CONFIGURE(&config); }
+Q8_AMX void amx_release() { AMX_RELEASE(); }
+
 // A nibble tile's blocks as bytes in the byte formats' layout: dword row p's low nibbles are
 // weights 4p..4p+3 (row p), its high nibbles weights 16+4p.. (row p + 4).
 Q8_AMX void widen_nibble_tile(const uint8_t* tile, int64_t TB, int64_t nb, uint8_t* out) {
@@ -945,8 +950,7 @@ void gemm_amx(const float* x, const uint8_t* tiles, const float* bias, float* y,
   const int64_t nb = K / QK;
   const AmxPanels panels = quantize_amx_panels(x, M, K);
   at::parallel_for(0, (N + TILE_N - 1) / TILE_N, 1, [&](int64_t begin, int64_t end) {
-    const TileConfig config;
-    AMX_CONFIGURE(&config);
+    amx_configure(TileConfig{});
     std::vector<uint8_t> widened(nibbles(fmt) ? nb * WIDENED_BLOCK : 0);
     for (int64_t ti = begin; ti < end; ++ti) {
       const uint8_t* tile = tiles + ti * nb * TB;
@@ -967,7 +971,7 @@ void gemm_amx(const float* x, const uint8_t* tiles, const float* bias, float* y,
                              panels.sx.get() + at, nb, out);
       }
     }
-    AMX_RELEASE();
+    amx_release();
   });
 }
 #endif  // Q8_X86
