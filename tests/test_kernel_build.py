@@ -164,7 +164,7 @@ def test_sources_with_isa_functions_compile_for_cpus_without_those_isas(march):
     assert sources, "no source declares per-function instruction sets any more: drop this test"
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
     for source in sources:
-        done = subprocess.run([compiler, "-std=c++17", "-O0", "-fopenmp", f"-march={march}", *includes,
+        done = subprocess.run([compiler, "-std=c++20", "-O0", "-fopenmp", f"-march={march}", *includes,
                                "-DTORCH_EXTENSION_NAME=isa_probe", "-c", str(source), "-o", os.devnull],
                               capture_output=True, text=True, timeout=600)
         errors = [line for line in done.stderr.splitlines() if "error" in line]
