@@ -252,15 +252,23 @@ def jit_build(build_dir: Path, sources: list[Path], flags: list[str]) -> ModuleT
                     extra_ldflags=LINK_FLAGS, build_directory=str(build_dir), verbose=False)
 
 
-def _jit_kernels(why: str, notice_level: int = logging.WARNING) -> ModuleType | None:
-    """Build (or reuse) the kernels for this CPU with torch's JIT builder; None if that fails.
-    `why` says why the installed build is not used, for the one line this logs either way."""
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch builds extensions with (CXX, else c++), or None where it is not on
+    this machine."""
     from torch.utils.cpp_extension import get_cxx_compiler
 
     compiler = get_cxx_compiler()
-    if shutil.which(compiler) is None:
+    return compiler if shutil.which(compiler) else None
+
+
+def _jit_kernels(why: str, notice_level: int = logging.WARNING) -> ModuleType | None:
+    """Build (or reuse) the kernels for this CPU with torch's JIT builder; None if that fails.
+    `why` says why the installed build is not used, for the one line this logs either way."""
+    if cxx_compiler() is None:
+        from torch.utils.cpp_extension import get_cxx_compiler
+
         logger.warning("CPU kernels unavailable: the installed build is not used (%s) and there is no "
-                       "C++ compiler (%s) to build them; running plain torch", why, compiler)
+                       "C++ compiler (%s) to build them; running plain torch", why, get_cxx_compiler())
         return None
     build_dir = jit_build_dir()
     logger.log(notice_level, "Not using the installed CPU kernels (%s); using a build for this CPU in %s "

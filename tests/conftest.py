@@ -9,15 +9,11 @@ def kernels():
     """llmserve's compiled CPU kernels. Tests that need them skip where there is no compiler to
     build them, and fail where there is one and the build failed: a compile error must not turn the
     kernels' tests into skips."""
-    import shutil
-
-    from torch.utils.cpp_extension import get_cxx_compiler
-
-    from llmserve.kernels import cpu_kernels
+    from llmserve.kernels import cpu_kernels, cxx_compiler
 
     k = cpu_kernels()
     if k is None:
-        if shutil.which(get_cxx_compiler()) is None:
+        if cxx_compiler() is None:
             pytest.skip("no C++ toolchain to build the CPU kernels")
         pytest.fail("the CPU kernels did not build with the compiler here (the log above says why)")
     return k

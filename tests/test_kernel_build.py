@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,7 @@ def jit_env(request, monkeypatch) -> dict[str, str]:
 
 
 def test_stale_torch_build_lock_does_not_hang_start(jit_env):
-    from torch.utils.cpp_extension import get_cxx_compiler
-
-    if shutil.which(get_cxx_compiler()) is None:
+    if kernels.cxx_compiler() is None:
         pytest.skip("no C++ compiler to build the CPU kernels")
     proc = _run_loader(jit_env, 900, "stale")  # a cold build on a busy 2-core machine takes minutes
     name, _, build_dir = _loaded(proc)
@@ -154,11 +153,10 @@ def test_sources_with_isa_functions_compile_for_cpus_without_those_isas(march):
     VNNI, AMX) must compile for a CPU that has none of them: -march=native on an AMX machine hides a
     call to an AMX intrinsic from a function not built for AMX, which fails the build everywhere
     else (and then every start runs plain torch). -O0: always_inline is honoured at every level."""
-    from torch.utils.cpp_extension import get_cxx_compiler, include_paths
-    import sysconfig
+    from torch.utils.cpp_extension import include_paths
 
-    compiler = get_cxx_compiler()
-    if shutil.which(compiler) is None:
+    compiler = kernels.cxx_compiler()
+    if compiler is None:
         pytest.skip("no C++ compiler")
     sources = [p for p in kernels.kernel_sources() if "__attribute__((target" in p.read_text()]
     assert sources, "no source declares per-function instruction sets any more: drop this test"
