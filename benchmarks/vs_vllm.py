@@ -15,7 +15,9 @@ variables" and "Performance tips"): OpenMP threads bound to every core this run 
 of a small machine is reserved for its front end), tcmalloc and Intel OpenMP (libiomp5) in
 LD_PRELOAD (vLLM's processes only), and the KV cache space set (VLLM_CPU_KVCACHE_SPACE). A preload
 library that cannot be found stops the run. llmserve gets the same number of threads
-(LLMSERVE_NUM_THREADS). The exact settings go into the summary JSON.
+(LLMSERVE_NUM_THREADS) and the same KV cache space (--kv-cache-memory; its own default is 1 GiB, which
+holds fewer of W1's float32 tokens than W1 keeps at its end, so it would preempt and recompute where
+vLLM does not; --llmserve-kv-space 0 keeps that default). The exact settings go into the summary JSON.
 
 Run it through benchmarks/vs_vllm.sh, which installs vLLM's CPU build in its own venv first:
     benchmarks/vs_vllm.sh                 # both parts, full size (64 x 256 -> 128)
@@ -193,6 +195,7 @@ def offline(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> di
     wl = out / "offline_workload.jsonl"
     write_workload_file(wl, reqs)
     limits = ["--max-model-len", str(args.max_model_len)]
+    ours_limits = limits + llmserve_kv_flags(args)
     dtypes = [d for d in args.vllm_dtypes.split(",") if d]
     print(f"\n== offline: {args.num_requests} requests x {args.input_len} prompt tokens -> exactly "
           f"{args.output_len} output tokens, greedy; llmserve {args.dtype}, vLLM {' and '.join(dtypes)}; best of "
@@ -208,7 +211,7 @@ def offline(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> di
             ours_json = out / f"offline_{tag}_{i}.json"
             run([sys.executable, "-m", "llmserve.cli", "bench", "throughput", "--model", str(folder), "--workload-file",
                  str(wl), "--ignore-eos", "--temperature", "0", "--output-json", str(ours_json), "--disable-tqdm",
-                 "--dtype", args.dtype, *limits, *extra], log=out / f"offline_{tag}_{i}.log", env=ours_env)
+                 "--dtype", args.dtype, *ours_limits, *extra], log=out / f"offline_{tag}_{i}.log", env=ours_env)
             r = json.loads(ours_json.read_text())
             r["load_average_after"] = os.getloadavg()
             r["extra_args"] = extra
@@ -243,6 +246,11 @@ def offline(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> di
                 d: ours["output_tokens_per_second"] / best[f"vLLM {d}"]["output_tokens_per_second"] for d in dtypes}}
 
 
+def llmserve_kv_flags(args) -> list[str]:
+    """llmserve's KV cache budget: --llmserve-kv-space GiB, as vLLM's VLLM_CPU_KVCACHE_SPACE is set."""
+    return ["--kv-cache-memory", str(args.llmserve_kv_space << 30)] if args.llmserve_kv_space else []
+
+
 def serve(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> dict:
     client = [sys.executable, "-m", "llmserve.cli", "bench", "serve", "--tokenizer", str(folder), "--workload",
               args.serve_workload, "--num-prompts", str(args.serve_num_prompts), "--input-len", str(args.input_len),
@@ -266,7 +274,8 @@ def serve(args, folder: Path, out: Path, vllm_env: dict, ours_env: dict) -> dict
                   "--seed", "0"], vllm_env, args.vllm_port),
         "llmserve": ([sys.executable, "-m", "llmserve.cli", "serve", str(folder), "--host", "127.0.0.1", "--port",
                       str(args.llmserve_port), "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
-                      "--served-model-name", "bench-model", *shlex.split(args.serve_llmserve_flags)], ours_env,
+                      "--served-model-name", "bench-model", *llmserve_kv_flags(args),
+                      *shlex.split(args.serve_llmserve_flags)], ours_env,
                      args.llmserve_port),
     }
     print(f"\n== serve: {args.serve_num_prompts} requests ({args.serve_workload}, {args.input_len} -> "
@@ -350,6 +359,9 @@ def main() -> None:
                     help="VLLM_CPU_OMP_THREADS_BIND as given (default: the --threads cores of this run's affinity)")
     ap.add_argument("--vllm-kv-space", type=int, default=int(os.environ.get("VLLM_CPU_KVCACHE_SPACE", 4)),
                     help="VLLM_CPU_KVCACHE_SPACE, whole GiB (vLLM's CPU guide: 4 by default)")
+    ap.add_argument("--llmserve-kv-space", type=int, default=None,
+                    help="llmserve's KV cache space, whole GiB (default: --vllm-kv-space, the same budget; "
+                         "0: llmserve's own default)")
     ap.add_argument("--startup-timeout", type=float, default=1200)
     ap.add_argument("--repeats", type=int, default=2, help="offline runs per engine, alternating; best reported")
     ap.add_argument("--llmserve-variant", action="append", default=[], metavar="NAME=FLAGS",
@@ -359,6 +371,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8 x 64 -> 32 offline, 8 requests served")
     ap.add_argument("--out-dir", default=str(ROOT / "bench-results" / "vs_vllm"))
     args = ap.parse_args()
+    if args.llmserve_kv_space is None:
+        args.llmserve_kv_space = args.vllm_kv_space
     if args.quick:
         args.num_requests, args.input_len, args.output_len, args.serve_num_prompts = 8, 64, 32, 8
     if not Path(args.vllm_python).exists():
@@ -370,14 +384,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     vllm_env, vllm_record = vllm_setup(args)
     ours_env = dict(os.environ, LLMSERVE_NUM_THREADS=str(vllm_record["threads"]))
-    print(f"model folder: {folder}\nllmserve: {args.dtype}, LLMSERVE_NUM_THREADS={vllm_record['threads']}; "
-          f"results in {out}", flush=True)
+    kv = f"{args.llmserve_kv_space} GiB" if args.llmserve_kv_space else "its default"
+    print(f"model folder: {folder}\nllmserve: {args.dtype}, LLMSERVE_NUM_THREADS={vllm_record['threads']}, KV cache "
+          f"{kv}; results in {out}", flush=True)
     import platform
 
     import torch
 
     res: dict = {"model_folder": str(folder), "dtype": args.dtype, "args": vars(args), "vllm_settings": vllm_record,
-                 "llmserve_settings": {"LLMSERVE_NUM_THREADS": str(vllm_record["threads"]), "torch": torch.__version__},
+                 "llmserve_settings": {"LLMSERVE_NUM_THREADS": str(vllm_record["threads"]), "torch": torch.__version__,
+                                       "kv_cache_space_gib": args.llmserve_kv_space or "llmserve's default"},
                  "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
                  "llmserve_code": _git_state(), "load_average_start": os.getloadavg()}
     if args.mode in ("offline", "both"):
