@@ -15,8 +15,8 @@
 // the query and the output rather than to every value read).
 //
 // Decode tasks with float32 queries (AVX2, head size % 32 == 0, <= 8 query heads per KV head) take a
-// two-pass path (all scores, one softmax, then V with the accumulators in registers), with
-// software prefetch into L2 across the scattered blocks; when there are decodes enough for every
+// two-pass path (all scores, one softmax, then V with the accumulators in registers), each pass
+// walking the scattered blocks in order with the next block prefetched; when there are decodes enough for every
 // thread, one task takes all of a sequence's KV heads. Every other task is
 // flash-attention style: the context is walked a tile of keys at a time with an online softmax,
 // tiles that no query of the task may see are never touched, and within a tile each pair of rows
@@ -204,11 +204,12 @@ inline void softmax_in_place(float* s, int64_t n, float& sum) {
 // the memory system streams far better than one head's slice of every row. Scores are reduced 8
 // tokens at a time (one transpose-add instead of 8 horizontal sums; part holds the 8 partial
 // vectors of every head); the weighted sum of V keeps G x 32 accumulators in registers per 32-wide
-// slice of a head. out: nkv * G rows of D floats.
+// slice of a head, walked one block at a time (acc: nkv * G * D floats carry the accumulators from
+// one block to the next). out: nkv * G rows of D floats.
 template <typename ct, int G>
 void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const int32_t* table, int64_t start,
-                 int64_t len, int64_t nkv, const Shape& sh, float* scores, __m256* part, float* sums, float* out,
-                 float* logits) {
+                 int64_t len, int64_t nkv, const Shape& sh, float* scores, __m256* part, float* sums, float* acc,
+                 float* out, float* logits) {
   constexpr int64_t kLine = 64 / sizeof(ct);  // cache values per 64-byte line
   const int64_t D = sh.D, row = sh.row, bs = sh.block_size, n = len - start, padded = round_up(n, 8);
   const int64_t span = nkv * D, heads = nkv * G;  // cache values a token's task reads; query heads
@@ -218,17 +219,14 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
     const int64_t base = (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
     const ct* kb = k_cache + base;
     // The cache is read once per step, from memory, one scattered block after another: fetch the
-    // next block's K ahead (the hardware prefetcher loses the stream at every block jump) and this
-    // block's V for pass 2, both into L2: prefetches into L1 wait for its few miss buffers and
-    // stalled the loop.
+    // next block's K ahead (the hardware prefetcher loses the stream at every block jump).
     const int64_t next = pos + cnt, next_cnt = next < len ? std::min(bs, len - next) : 0;
     const ct* kn = next_cnt ? k_cache + static_cast<int64_t>(table[next / bs]) * bs * row : nullptr;
     for (int64_t j = 0; j < cnt; ++j, ++t) {
       const ct* kp = kb + j * row;
-      for (int64_t l = 0; l < span; l += kLine) {
-        if (j < next_cnt) _mm_prefetch(reinterpret_cast<const char*>(kn + j * row + l), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(v_cache + base + j * row + l), _MM_HINT_T1);
-      }
+      if (j < next_cnt)
+        for (int64_t l = 0; l < span; l += kLine)
+          _mm_prefetch(reinterpret_cast<const char*>(kn + j * row + l), _MM_HINT_T0);
       for (int64_t g = 0; g < nkv; ++g) {
         // Each slice of K is widened once and used by the G heads that share it.
         const ct* kg = kp + g * D;
@@ -262,43 +260,57 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
     if (logits) std::memcpy(logits + hh * sh.logits_len + start, scores + hh * padded, n * sizeof(float));
     softmax_in_place(scores + hh * padded, n, sums[hh]);
   }
-  for (int64_t g = 0; g < nkv; ++g) {
-    const float* sg = scores + g * G * padded;
-    for (int64_t c = 0; c < D; c += 32) {
-      __m256 acc[G][4];
-      for (int h = 0; h < G; ++h)
-        for (int i = 0; i < 4; ++i) acc[h][i] = _mm256_setzero_ps();
-      int64_t tt = 0;
-      for (int64_t pos = start; pos < len;) {
-        const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
-        const ct* vb = v_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row + g * D + c;
-        for (int64_t j = 0; j < cnt; ++j, ++tt) {
-          const ct* vp = vb + j * row;
+  // V the same way, block by block: each (KV head, 32 columns) slice of a block is walked with G x 4
+  // accumulators in registers while the same slice of the next block is fetched ahead. (Walking all
+  // of the context once per slice instead, with V fetched into L2 during pass 1, was slower: the
+  // fetched V did not stay in L2 beside K.) The sums run over the positions in the same order.
+  for (int64_t i = 0; i < heads * D; i += 8) _mm256_storeu_ps(acc + i, _mm256_setzero_ps());
+  int64_t tt = 0;
+  for (int64_t pos = start; pos < len;) {
+    const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
+    const ct* vb = v_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
+    const int64_t next = pos + cnt, next_cnt = next < len ? std::min(bs, len - next) : 0;
+    const ct* vn = next_cnt ? v_cache + static_cast<int64_t>(table[next / bs]) * bs * row : nullptr;
+    for (int64_t g = 0; g < nkv; ++g) {
+      const float* sg = scores + g * G * padded + tt;
+      for (int64_t c = 0; c < D; c += 32) {
+        float* ac = acc + g * G * D + c;
+        __m256 a[G][4];
+        for (int h = 0; h < G; ++h)
+          for (int i = 0; i < 4; ++i) a[h][i] = _mm256_loadu_ps(ac + h * D + 8 * i);
+        for (int64_t j = 0; j < cnt; ++j) {
+          const ct* vp = vb + j * row + g * D + c;
+          if (j < next_cnt)
+            for (int64_t l = 0; l < 32; l += kLine)
+              _mm_prefetch(reinterpret_cast<const char*>(vn + j * row + g * D + c + l), _MM_HINT_T0);
           __m256 v0, v1, v2, v3;
           load16(vp, v0, v1);
           load16(vp + 16, v2, v3);
           for (int h = 0; h < G; ++h) {
-            const __m256 p = _mm256_broadcast_ss(sg + h * padded + tt);
-            acc[h][0] = _mm256_fmadd_ps(p, v0, acc[h][0]);
-            acc[h][1] = _mm256_fmadd_ps(p, v1, acc[h][1]);
-            acc[h][2] = _mm256_fmadd_ps(p, v2, acc[h][2]);
-            acc[h][3] = _mm256_fmadd_ps(p, v3, acc[h][3]);
+            const __m256 p = _mm256_broadcast_ss(sg + h * padded + j);
+            a[h][0] = _mm256_fmadd_ps(p, v0, a[h][0]);
+            a[h][1] = _mm256_fmadd_ps(p, v1, a[h][1]);
+            a[h][2] = _mm256_fmadd_ps(p, v2, a[h][2]);
+            a[h][3] = _mm256_fmadd_ps(p, v3, a[h][3]);
           }
         }
-        pos += cnt;
-      }
-      for (int h = 0; h < G; ++h) {
-        const __m256 inv = _mm256_set1_ps(cache_unit<ct>() / sums[g * G + h]);
-        for (int i = 0; i < 4; ++i)
-          _mm256_storeu_ps(out + (g * G + h) * D + c + 8 * i, _mm256_mul_ps(acc[h][i], inv));
+        for (int h = 0; h < G; ++h)
+          for (int i = 0; i < 4; ++i) _mm256_storeu_ps(ac + h * D + 8 * i, a[h][i]);
       }
     }
+    tt += cnt;
+    pos += cnt;
+  }
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    const __m256 inv = _mm256_set1_ps(cache_unit<ct>() / sums[hh]);
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(out + hh * D + d, _mm256_mul_ps(_mm256_loadu_ps(acc + hh * D + d), inv));
   }
 }
 
 template <typename ct>
 using DecodeFn = void (*)(const float*, const ct*, const ct*, const int32_t*, int64_t, int64_t, int64_t, const Shape&,
-                          float*, __m256*, float*, float*, float*);
+                          float*, __m256*, float*, float*, float*, float*);
 
 template <typename ct>
 DecodeFn<ct> decode_for(int64_t G) {
@@ -780,9 +792,10 @@ void run(const qt* q, const ct* k_cache, const ct* v_cache, const int32_t* qsl, 
           sc.scores.resize(heads * round_up(len - start, 8));
           sc.part.resize(heads * 8);
           sc.sums.resize(heads);
+          sc.acc.resize(heads * D);
           decode_for<ct>(G)(sc.q.data(), k_cache + task.g * D, v_cache + task.g * D, table, start, len, task.nkv, sh,
-                            sc.scores.data(), sc.part.data(), sc.sums.data(), out + (row0 * sh.H + task.g * G) * D,
-                            logits_row(sh, b, task.g));
+                            sc.scores.data(), sc.part.data(), sc.sums.data(), sc.acc.data(),
+                            out + (row0 * sh.H + task.g * G) * D, logits_row(sh, b, task.g));
           continue;
         }
       }
