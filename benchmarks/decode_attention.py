@@ -23,7 +23,8 @@ from sampler import best_ms  # noqa: E402 - the same best-of timing as the sampl
 H, KVH, D, BS = 9, 3, 64, 16
 
 
-def measure(kernels, dtype: torch.dtype, batch: int, context: int, layers: int, hot: bool, repeats: int) -> float:
+def decode_step(dtype: torch.dtype, batch: int, context: int, layers: int, hot: bool):
+    """One decode step's attention calls, as a function of the kernels module (returns each layer's output)."""
     blocks_per = -(-(context + 1) // BS)
     num_blocks = batch * blocks_per
     gen = torch.Generator().manual_seed(0)
@@ -37,11 +38,16 @@ def measure(kernels, dtype: torch.dtype, batch: int, context: int, layers: int, 
     slots = tables[:, (context - 1) // BS].long() * BS + (context - 1) % BS
     q, k, v = torch.randn(batch, H, D), torch.randn(batch, KVH, D), torch.randn(batch, KVH, D)
 
-    def step() -> None:
-        for kc, vc in caches:
-            kernels.paged_attention(q, k, v, kc, vc, slots, qsl, seq_lens, tables, BS, D ** -0.5, 0, 0.0)
+    def step(kernels) -> list[torch.Tensor]:
+        return [kernels.paged_attention(q, k, v, kc, vc, slots, qsl, seq_lens, tables, BS, D ** -0.5, 0, 0.0, None)
+                for kc, vc in caches]
 
-    return best_ms(step, repeats) / 1e3
+    return step
+
+
+def measure(kernels, dtype: torch.dtype, batch: int, context: int, layers: int, hot: bool, repeats: int) -> float:
+    step = decode_step(dtype, batch, context, layers, hot)
+    return best_ms(lambda: step(kernels), repeats) / 1e3
 
 
 def main() -> None:

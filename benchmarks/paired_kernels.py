@@ -65,38 +65,19 @@ def build(src: Path, fn: str, cache: Path) -> object:
 
 def decode_attention_workload(args) -> tuple[Callable[[object], list[torch.Tensor]], str]:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from decode_attention import BS, D, H, KVH
+    from decode_attention import decode_step
 
-    dtype = getattr(torch, args.dtype)
-    batch, context, layers = 64, 320, 30
-    blocks_per = -(-(context + 1) // BS)
-    num_blocks = batch * blocks_per
-    gen = torch.Generator().manual_seed(0)
-    caches = [(torch.randn(num_blocks * BS, KVH, D, generator=gen).to(dtype),
-               torch.randn(num_blocks * BS, KVH, D, generator=gen).to(dtype)) for _ in range(layers)]
-    tables = torch.randperm(num_blocks, generator=gen).to(torch.int32).view(batch, blocks_per)
-    seq_lens = torch.full((batch,), context, dtype=torch.int32)
-    qsl = torch.arange(batch + 1, dtype=torch.int32)
-    slots = tables[:, (context - 1) // BS].long() * BS + (context - 1) % BS
-    q, k, v = (torch.randn(batch, n, D, generator=gen) for n in (H, KVH, KVH))
-
-    def step(mod) -> list[torch.Tensor]:
-        return [mod.paged_attention(q, k, v, kc, vc, slots, qsl, seq_lens, tables, BS, D ** -0.5, 0, 0.0, None)
-                for kc, vc in caches]
-
-    return step, f"decode attention, {batch} x {context} positions, {layers} layers, {args.dtype} cache"
+    step = decode_step(getattr(torch, args.dtype), 64, 320, 30, hot=False)
+    return step, f"decode attention, 64 x 320 positions, 30 layers, {args.dtype} cache"
 
 
 def gguf_linear_workload(args) -> tuple[Callable[[object], list[torch.Tensor]], str]:
+    from llmserve.model.gguf_quant import quantize
+
     gen = torch.Generator().manual_seed(0)
-
-    def q4_1(n: int, k: int) -> torch.Tensor:  # random nibbles, a fixed scale and offset a block
-        blocks = torch.randint(0, 256, (n, k // 32, 20), dtype=torch.uint8, generator=gen)
-        blocks[:, :, :4] = torch.tensor([0.01, -0.05], dtype=torch.float16).view(torch.uint8)
-        return blocks.reshape(n, k // 32 * 20).contiguous()
-
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N): qkv, o, gate_up, down
-    layers = [(q4_1(n, k), torch.randn(args.rows, k, generator=gen)) for _ in range(30) for k, n in shapes]
+    layers = [(quantize(torch.randn(n, k, generator=gen) * 0.05, "q4_1"), torch.randn(args.rows, k, generator=gen))
+              for _ in range(30) for k, n in shapes]
     none = torch.empty(0)
 
     def step(mod) -> list[torch.Tensor]:
