@@ -72,16 +72,23 @@ inline int64_t panel_rows(int64_t) { return TILE_M; }
 #endif
 
 // x rows packed in panels of R rows: panel[k * R + r] = x[m0 + r, k] (zero past M), so the kernel's
-// broadcasts read one contiguous stream (three times faster here than six strided ones).
-inline void pack_x(const float* x, int64_t M, int64_t K, int64_t R, float* packed) {
-  const int64_t panels = (M + R - 1) / R;
-  for (int64_t p = 0; p < panels; ++p) {
+// broadcasts read one contiguous stream (three times faster here than six strided ones). Packs
+// panels [p0, p1), so the threads can share the work.
+inline void pack_x(const float* x, int64_t M, int64_t K, int64_t R, int64_t p0, int64_t p1, float* packed) {
+  for (int64_t p = p0; p < p1; ++p) {
     float* dst = packed + p * K * R;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t m = p * R + r;
       for (int64_t k = 0; k < K; ++k) dst[k * R + r] = m < M ? x[m * K + k] : 0.f;
     }
   }
+}
+
+// A scratch buffer of at least n floats, kept by the calling thread for its later calls: a fresh
+// vector per call is zeroed, and above malloc's mmap threshold its pages are faulted in anew.
+inline float* scratch_floats(std::vector<float>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
 }
 
 #ifdef LLMSERVE_AVX512
@@ -158,22 +165,26 @@ inline void kernel_panel(const float* panel, int64_t K, const float* tile, const
 template <typename Widen>
 void tiled_gemm_over(const float* x, const float* bias, float* y, int64_t M, int64_t N, int64_t K, Widen widen) {
   const int64_t R = panel_rows(M), tiles = (N + TILE_N - 1) / TILE_N, panels = (M + R - 1) / R;
-  std::vector<float> packed(panels * K * R);
-  pack_x(x, M, K, R, packed.data());
+  thread_local std::vector<float> packed_buf;
+  float* packed = scratch_floats(packed_buf, panels * K * R);
+  // Packing is serial work between parallel regions otherwise (a few percent of a prefill step).
+  const int64_t pack_grain = std::max<int64_t>(1, (int64_t{1} << 15) / (K * R));  // small batches pack inline
+  at::parallel_for(0, panels, pack_grain, [&](int64_t begin, int64_t end) { pack_x(x, M, K, R, begin, end, packed); });
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(K * TILE_N);
+    thread_local std::vector<float> tile_buf;
+    float* tile = scratch_floats(tile_buf, K * TILE_N);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * TILE_N, cols = std::min(TILE_N, N - n0);
-      widen(n0, cols, tile.data());
+      widen(n0, cols, tile);
       for (int64_t p = 0; p < panels; ++p) {
-        const float* panel = packed.data() + p * K * R;
+        const float* panel = packed + p * K * R;
         float* yp = y + p * R * N;
         const int64_t rows = std::min(R, M - p * R);
 #ifdef LLMSERVE_AVX512
-        if (R == SMALL_TILE_M) kernel_panel<SMALL_TILE_M>(panel, K, tile.data(), bias, yp, N, n0, rows, cols);
-        else kernel_panel<TILE_M>(panel, K, tile.data(), bias, yp, N, n0, rows, cols);
+        if (R == SMALL_TILE_M) kernel_panel<SMALL_TILE_M>(panel, K, tile, bias, yp, N, n0, rows, cols);
+        else kernel_panel<TILE_M>(panel, K, tile, bias, yp, N, n0, rows, cols);
 #else
-        kernel_panel(panel, K, tile.data(), bias, yp, N, n0, rows, cols);
+        kernel_panel(panel, K, tile, bias, yp, N, n0, rows, cols);
 #endif
       }
     }

@@ -197,6 +197,26 @@ inline void softmax_in_place(float* s, int64_t n, float& sum) {
   }
 }
 
+// One step of a walk over a sequence's scattered blocks from position pos (< len): the cnt
+// consecutive slots of pos's block from pos on, and the first next_cnt slots of the next block
+// (next: nullptr and next_cnt 0 past the end), which the walk fetches ahead.
+template <typename ct>
+struct BlockStep {
+  const ct* here;
+  int64_t cnt;
+  const ct* next;
+  int64_t next_cnt;
+};
+
+template <typename ct>
+inline BlockStep<ct> block_step(const ct* cache, const int32_t* table, int64_t pos, int64_t len, int64_t bs,
+                                int64_t row) {
+  const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos), after = pos + cnt;
+  const int64_t next_cnt = after < len ? std::min(bs, len - after) : 0;
+  return {cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row, cnt,
+          next_cnt ? cache + static_cast<int64_t>(table[after / bs]) * bs * row : nullptr, next_cnt};
+}
+
 #ifdef LLMSERVE_VEC_AVX2
 // The G query heads of each of nkv consecutive KV heads (qf: [nkv * G, D], scaled; the caches and
 // out already offset to the first KV head) against context positions [start, len). With all the KV
@@ -214,14 +234,12 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
   const int64_t D = sh.D, row = sh.row, bs = sh.block_size, n = len - start, padded = round_up(n, 8);
   const int64_t span = nkv * D, heads = nkv * G;  // cache values a token's task reads; query heads
   int64_t t = 0;
-  for (int64_t pos = start; pos < len;) {  // a block's tokens are consecutive slots
-    const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
-    const int64_t base = (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
-    const ct* kb = k_cache + base;
+  for (int64_t pos = start; pos < len;) {
     // The cache is read once per step, from memory, one scattered block after another: fetch the
     // next block's K ahead (the hardware prefetcher loses the stream at every block jump).
-    const int64_t next = pos + cnt, next_cnt = next < len ? std::min(bs, len - next) : 0;
-    const ct* kn = next_cnt ? k_cache + static_cast<int64_t>(table[next / bs]) * bs * row : nullptr;
+    const BlockStep<ct> blk = block_step(k_cache, table, pos, len, bs, row);
+    const int64_t cnt = blk.cnt, next_cnt = blk.next_cnt;
+    const ct *kb = blk.here, *kn = blk.next;
     for (int64_t j = 0; j < cnt; ++j, ++t) {
       const ct* kp = kb + j * row;
       if (j < next_cnt)
@@ -267,10 +285,9 @@ void decode_task(const float* qf, const ct* k_cache, const ct* v_cache, const in
   for (int64_t i = 0; i < heads * D; i += 8) _mm256_storeu_ps(acc + i, _mm256_setzero_ps());
   int64_t tt = 0;
   for (int64_t pos = start; pos < len;) {
-    const int64_t off = pos % bs, cnt = std::min(bs - off, len - pos);
-    const ct* vb = v_cache + (static_cast<int64_t>(table[pos / bs]) * bs + off) * row;
-    const int64_t next = pos + cnt, next_cnt = next < len ? std::min(bs, len - next) : 0;
-    const ct* vn = next_cnt ? v_cache + static_cast<int64_t>(table[next / bs]) * bs * row : nullptr;
+    const BlockStep<ct> blk = block_step(v_cache, table, pos, len, bs, row);
+    const int64_t cnt = blk.cnt, next_cnt = blk.next_cnt;
+    const ct *vb = blk.here, *vn = blk.next;
     for (int64_t g = 0; g < nkv; ++g) {
       const float* sg = scores + g * G * padded + tt;
       for (int64_t c = 0; c < D; c += 32) {
