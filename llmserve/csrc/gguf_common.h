@@ -148,8 +148,17 @@ inline void kernel_panel(const float* panel, int64_t K, const float* tile, const
     c50 = _mm256_fmadd_ps(xv, w0, c50);
     c51 = _mm256_fmadd_ps(xv, w1, c51);
   }
-  alignas(32) float out[TILE_M][TILE_N];
   const __m256 acc[TILE_M][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (rows == TILE_M && cols == TILE_N) {  // a whole tile: vector adds and stores (+ 0 where no bias, as below)
+    const __m256 b0 = bias ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
+    const __m256 b1 = bias ? _mm256_loadu_ps(bias + n0 + 8) : _mm256_setzero_ps();
+    for (int r = 0; r < TILE_M; ++r) {
+      _mm256_storeu_ps(y + r * N + n0, _mm256_add_ps(acc[r][0], b0));
+      _mm256_storeu_ps(y + r * N + n0 + 8, _mm256_add_ps(acc[r][1], b1));
+    }
+    return;
+  }
+  alignas(32) float out[TILE_M][TILE_N];
   for (int r = 0; r < TILE_M; ++r) {
     _mm256_store_ps(out[r], acc[r][0]);
     _mm256_store_ps(out[r] + 8, acc[r][1]);
