@@ -44,6 +44,46 @@ def test_kernel_matches_float_matmul_of_dequantized(kernels, fmt, rows, k, with_
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", [96, 320])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_exact_tiles_give_a_row_the_same_bits_in_any_batch(kernels, fmt, k, with_bias):
+    """Exact Q4_1/Q8_0 layers hold gguf_q8_pack's tiles: a row computed alone, in a batch of up to 8
+    (the few-row kernel, weights widened in registers) or of more (the widened-tile GEMM) comes out
+    bit for bit the same, and from 9 rows on equals the GEMM over GGUF's own blocks (which widens
+    the same weights through transposes)."""
+    g = torch.Generator().manual_seed(k + with_bias)
+    weight = torch.randn(37, k, generator=g)  # 2 whole tiles of 16 and a part
+    bias = torch.randn(37, generator=g) if with_bias else None
+    layer = GgufLinear.from_float(weight, bias, fmt, kernels)
+    assert layer.blocks is None and layer.tiles is not None and layer.activations == "float32"
+    blocks = quantize(weight, fmt)
+    code = {"q4_1": 0, "q8_0": 1}[fmt]
+    no_bias = torch.empty(0) if bias is None else bias
+    x = torch.randn(70, k, generator=g)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    ref = F.linear(x.double(), dequantize(blocks, fmt, k).double(), None if bias is None else bias.double())
+    assert torch.allclose(alone.double(), ref, atol=1e-4, rtol=1e-4)
+    for rows in [2, 3, 4, 5, 6, 7, 8, 9, 12, 70]:
+        y = layer(x[:rows])
+        assert torch.equal(y, alone[:rows]), rows
+        if rows > 8:
+            assert torch.equal(y, kernels.gguf_linear(x[:rows], blocks, code, no_bias)), rows
+
+
+def test_exact_tiles_reject_what_they_do_not_hold(kernels):
+    tiles = kernels.gguf_q8_pack(quantize(torch.randn(20, 64), "q4_1"), 0)
+    x = torch.randn(3, 64)
+    assert kernels.gguf_linear_tiles(x, tiles, 0, 20, torch.empty(0)).shape == (3, 20)
+    for args in [(x, tiles, 2, 20, torch.empty(0)),            # Q5_0 is not an exact-tile format
+                 (x, tiles, 0, 40, torch.empty(0)),            # more outputs than the tiles hold
+                 (torch.randn(3, 96), tiles, 0, 20, torch.empty(0)),  # wider x than the tiles
+                 (x, tiles, 1, 20, torch.empty(0)),            # Q8_0's tile blocks are larger
+                 (x, tiles, 0, 20, torch.randn(19))]:          # a bias of the wrong length
+        with pytest.raises(RuntimeError):
+            kernels.gguf_linear_tiles(*args)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fallback_without_kernels(fmt):
     weight = torch.randn(8, 64)
     layer = GgufLinear.from_float(weight, None, fmt, None)

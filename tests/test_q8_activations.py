@@ -5,6 +5,7 @@ instruction-set path this CPU has; the engine runs a published Q4_1 model close 
 activations; and the flag refuses to start where it would change nothing."""
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from llmserve.cli import build_parser, engine_kwargs
 from llmserve.config import EngineConfig
 from llmserve.errors import InvalidRequestError
-from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, quantize
+from llmserve.model.gguf_quant import Q8_PATHS, GgufLinear, dequantize, quantize
 from llmserve.sampling_params import SamplingParams
 from tiny_models import (llama_config, make_llm, make_model_folder, make_published_gguf_model, random_prompts,
                          tokens_before_first_difference)
@@ -428,9 +429,14 @@ def test_tied_embedding_reads_the_q8_heads_tiles(kernels, tmp_path, monkeypatch)
     q8 = q8_llm.engine.runner.model
     head = q8.lm_head.impl
     assert head.fmt == "q8_0" and head.blocks is None and q8.embed_tokens.table is head
-    assert exact.embed_tokens.table is exact.lm_head.impl and exact.lm_head.impl.tiles is None
+    # The exact head keeps the same tiles (gguf_linear_tiles reads them with float32 activations).
+    assert exact.embed_tokens.table is exact.lm_head.impl and exact.lm_head.impl.activations == "float32"
     ids = torch.arange(exact.cfg.vocab_size).flip(0).reshape(-1, 2)
     assert torch.equal(q8.embed_tokens(ids), exact.embed_tokens(ids))
+    (embd,) = [t for t in gguf.GGUFReader(tmp_path / "tied.gguf").tensors if t.name == "token_embd.weight"]
+    blocks = torch.from_numpy(np.array(embd.data)).reshape(exact.cfg.vocab_size, -1)
+    want = dequantize(blocks, "q8_0", exact.cfg.hidden_size)
+    assert torch.equal(exact.embed_tokens(ids), want[ids])
     out = q8_llm.generate(random_prompts(2, [5, 40], seed=2), SamplingParams(temperature=0, max_tokens=4),
                           use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 4 for o in out)

@@ -24,6 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gguf_q8_pack", &gguf_q8_pack,
         "GGUF Q4_1 (0), Q8_0 (1), Q5_0 (2) or Q4_1F (3) blocks [N, K / 32 * bytes] repacked into the tiles "
         "gguf_linear_q8 reads", nogil);
+  m.def("gguf_linear_tiles", &gguf_linear_tiles,
+        "x @ W^T in float32 with W as gguf_q8_pack tiles of N outputs of Q4_1 (fmt 0) or Q8_0 (1) blocks: the exact "
+        "path over the q8 layout (CPU)", nogil);
   m.def("gguf_linear_q8", &gguf_linear_q8,
         "x @ W^T with W as gguf_q8_pack tiles of N outputs (fmt as gguf_q8_pack) and x quantized to 8 bits per "
         "block of 32; path -1 = best for this CPU, 0 scalar, 1 AVX2, 2 AVX-512 VNNI (CPU)", nogil);
@@ -44,13 +47,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate the first heads of a [T, heads, D] tensor in place (float32)", nogil);
   py::class_<StackProjection>(m, "StackProjection", "a GGUF projection of a DecoderStack")
       .def(py::init([](torch::Tensor weight, torch::Tensor bias, int64_t fmt, int64_t out_features, bool q8,
-                       int64_t path) {
+                       int64_t path, bool tiles) {
              TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.dim() == 2,
                          "a stack projection's weight must be contiguous 2-D uint8 blocks or tiles");
-             return StackProjection{weight, bias, fmt, out_features, q8, path};
+             return StackProjection{weight, bias, fmt, out_features, q8, path, q8 || tiles};
            }),
            py::arg("weight"), py::arg("bias"), py::arg("fmt"), py::arg("out_features"), py::arg("q8"),
-           py::arg("path"));
+           py::arg("path"), py::arg("tiles") = false);
   py::class_<StackLayer>(m, "StackLayer", "one Llama decoder layer of a DecoderStack")
       .def(py::init([](torch::Tensor input_norm, double input_eps, torch::Tensor post_norm, double post_eps,
                        StackProjection qkv, StackProjection o, StackProjection gate_up, StackProjection down,

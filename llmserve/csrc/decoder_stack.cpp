@@ -11,7 +11,8 @@
 #include "kernels.h"
 
 torch::Tensor StackProjection::operator()(const torch::Tensor& x) const {
-  return q8 ? gguf_linear_q8(x, weight, fmt, out_features, bias, path) : gguf_linear(x, weight, fmt, bias);
+  if (q8) return gguf_linear_q8(x, weight, fmt, out_features, bias, path);
+  return tiles ? gguf_linear_tiles(x, weight, fmt, out_features, bias) : gguf_linear(x, weight, fmt, bias);
 }
 
 DecoderStack::DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, torch::Tensor final_norm,

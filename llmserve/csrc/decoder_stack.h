@@ -5,7 +5,8 @@
 
 #include <vector>
 
-// A projection over GGUF blocks (gguf_linear) or the q8 tiles packed from them (gguf_linear_q8).
+// A projection over GGUF blocks (gguf_linear) or the tiles packed from them (gguf_linear_q8, or
+// gguf_linear_tiles for float32 activations).
 struct StackProjection {
   torch::Tensor weight;  // blocks [N, K / 32 * block bytes], or tiles
   torch::Tensor bias;    // [N] float32, or empty
@@ -13,6 +14,7 @@ struct StackProjection {
   int64_t out_features = 0;
   bool q8 = false;
   int64_t path = -1;  // gguf_linear_q8's path (-1: the best this CPU has)
+  bool tiles = false;  // weight holds gguf_q8_pack tiles (always under q8; exact: gguf_linear_tiles)
 
   torch::Tensor operator()(const torch::Tensor& x) const;
 };

@@ -16,6 +16,7 @@ torch::Tensor weight_only_linear(torch::Tensor x, torch::Tensor weight, torch::T
 torch::Tensor gguf_linear(torch::Tensor x, torch::Tensor weight, int64_t fmt, torch::Tensor bias);
 torch::Tensor gguf_dequantize(torch::Tensor weight, int64_t fmt, int64_t K);
 torch::Tensor gguf_dequantize_portable(torch::Tensor weight, int64_t fmt, int64_t K);
+torch::Tensor gguf_linear_tiles(torch::Tensor x, torch::Tensor tiles, int64_t fmt, int64_t N, torch::Tensor bias);
 torch::Tensor gguf_q8_pack(torch::Tensor weight, int64_t fmt);
 torch::Tensor gguf_linear_q8(torch::Tensor x, torch::Tensor tiles, int64_t fmt, int64_t N, torch::Tensor bias,
                              int64_t path);

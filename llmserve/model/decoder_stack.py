@@ -21,9 +21,9 @@ def _projection(kernels, proj: nn.Module):
     impl = getattr(proj, "impl", None)
     if not isinstance(impl, GgufLinear) or impl.kernels is not kernels:
         return None
-    if impl.tiles is not None:
+    if impl.tiles is not None:  # q8, or exact over the same tiles
         return kernels.StackProjection(impl.tiles, impl.bias, _Q8_KERNEL_FORMAT[impl.fmt], impl.out_features,
-                                       True, Q8_AUTO_PATH)
+                                       impl.activations == "q8", Q8_AUTO_PATH, tiles=True)
     if impl.fmt not in _KERNEL_FORMAT:
         return None
     return kernels.StackProjection(impl.blocks, impl.bias, _KERNEL_FORMAT[impl.fmt], impl.out_features, False,

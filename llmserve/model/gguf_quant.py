@@ -41,6 +41,7 @@ BLOCK_FORMATS = {**GGUF_FORMATS, "q5_0": gguf.GGMLQuantizationType.Q5_0, "q4_k":
 _KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_k": 3, "q5_k": 4, "q6_k": 5}  # the kernels' fmt argument
 Q8_ACTIVATION_FORMATS = ("q4_1", "q8_0", "q5_0", "q4_k", "q5_k", "q6_k")  # the formats 8-bit activations apply to
 _Q8_KERNEL_FORMAT = {"q4_1": 0, "q8_0": 1, "q5_0": 2, "q4_1f": 3, "q6_k32": 4, "q5_1f": 5}  # gguf_linear_q8's fmt
+EXACT_TILE_FORMATS = ("q4_1", "q8_0")  # held as gguf_q8_pack tiles under float32 activations too
 Q4_1F_BYTES = 24  # float32 d, float32 m, 16 bytes of nibbles
 Q5_1F_BYTES = 40  # float32 d, float32 m, 32 quants 0..31
 Q6_K32_BYTES = 38  # float32 d, two int8 sub-block scales, 32 quants 0..63
@@ -164,7 +165,9 @@ class GgufLinear(nn.Module):
     layout). activations: "float32" (exact) or "q8" (x quantized per block of 32, integer dot
     products; Q4_1, Q8_0, Q5_0 and the K-quants, the others stay exact). Under q8 the blocks are
     repacked once into the tiles the q8 kernels read (a Q4_1 layer's in the same bytes, Q8_0's
-    1.06x, Q5_0's 1.55x, Q5_K's 1.45x, Q6_K's 1.4x), and only the tiles are kept."""
+    1.06x, Q5_0's 1.55x, Q5_K's 1.45x, Q6_K's 1.4x), and only the tiles are kept. Exact Q4_1 and
+    Q8_0 layers keep the same tiles (gguf_linear_tiles): they widen to float32 without the
+    transposes GGUF's row-major blocks need, and give a row the same bits whatever its batch."""
 
     def __init__(self, blocks: torch.Tensor, fmt: str, in_features: int, bias: torch.Tensor | None, kernels,
                  activations: str = "float32") -> None:
@@ -185,7 +188,9 @@ class GgufLinear(nn.Module):
             blocks, fmt = q6_k_as_q6_k32(blocks), "q6_k32"
         self.fmt, self.in_features, self.kernels, self.activations = fmt, in_features, kernels, activations
         self.out_features = blocks.shape[0]
-        if activations == "q8":
+        exact_tiles = (activations == "float32" and fmt in EXACT_TILE_FORMATS and kernels is not None
+                       and hasattr(kernels, "gguf_linear_tiles"))
+        if activations == "q8" or exact_tiles:
             self.blocks = None
             self.register_buffer("tiles", kernels.gguf_q8_pack(blocks.contiguous(), _Q8_KERNEL_FORMAT[fmt]))
         else:
@@ -223,9 +228,12 @@ class GgufLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.kernels is not None and x2.dtype == torch.float32:
-            if self.tiles is not None:
+            if self.tiles is not None and self.activations == "q8":
                 y = self.kernels.gguf_linear_q8(x2, self.tiles, _Q8_KERNEL_FORMAT[self.fmt], self.out_features,
                                                 self.bias, Q8_AUTO_PATH)
+            elif self.tiles is not None:
+                y = self.kernels.gguf_linear_tiles(x2, self.tiles, _Q8_KERNEL_FORMAT[self.fmt], self.out_features,
+                                                   self.bias)
             else:
                 y = self.kernels.gguf_linear(x2, self.blocks, _KERNEL_FORMAT[self.fmt], self.bias)
         else:
